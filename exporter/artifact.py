@@ -1,0 +1,73 @@
+"""Writing an artifact: built in a hidden temporary folder beside the target and renamed into place when complete.
+
+A failed or interrupted export leaves nothing behind, and an existing artifact is only replaced (with
+`overwrite`) once its replacement is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.manifest import MANIFEST_NAME, Manifest, describe_files
+from fastdiff.runtime.weights import to_storage_layout
+
+
+class ArtifactWriter:
+    def __init__(self, out: Path, overwrite: bool = False) -> None:
+        self.out = Path(out).absolute()
+        if self.out.exists() and not overwrite:
+            raise FastDiffError(f"{self.out} already exists", "pass --overwrite to replace it, or choose another --out")
+        if self.out.exists() and not (self.out / MANIFEST_NAME).is_file():
+            raise FastDiffError(
+                f"{self.out} exists and is not a fastdiff artifact; refusing to replace it",
+                "choose another --out",
+            )
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        except OSError as e:
+            raise FastDiffError(
+                f"cannot write to {self.out.parent}: {e.strerror}", "choose an --out in a writable folder"
+            ) from None
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)  # after commit() it no longer exists
+
+    def path(self, rel: str) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save_weights(self, rel: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Write tensors to one safetensors file; returns the names stored NHWC (see runtime.weights)."""
+        stored, nhwc = {}, []
+        for name, tensor in tensors.items():
+            stored[name], is_nhwc = to_storage_layout(tensor.detach().cpu())
+            if is_nhwc:
+                nhwc.append(name)
+        save_file(stored, self.path(rel), metadata={"format": "pt"})
+        return sorted(nhwc)
+
+    def commit(self, manifest: Manifest) -> Path:
+        manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest.files = describe_files(self.root)
+        manifest.write(self.root)
+        if self.out.exists():  # --overwrite: swap, then drop the old one
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+            self.root.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.root.rename(self.out)
+        return self.out

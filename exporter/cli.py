@@ -1,0 +1,110 @@
+"""`fastdiff-export`: compile a diffusion checkpoint into an artifact folder."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import torch
+
+from fastdiff.runtime.compat import resolve_device
+from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.resolution import parse_resolution
+
+from .export import ExportOptions, export_artifact
+from .passes import PASSES
+from .presets import PRESETS
+
+LAYOUT_PASSES = [p for p in PASSES if p not in ("int8", "fp8")]
+
+
+def _presets_help() -> str:
+    return "; ".join(f"{p.name}: {p.about}" for p in PRESETS.values())
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog=f"Presets: {_presets_help()}.",
+)
+@click.argument("model")
+@click.option(
+    "--res",
+    "resolutions",
+    multiple=True,
+    metavar="SIZE|WxH",
+    help="Resolution to compile, width x height (repeatable). Default: the preset's, else 1024.",
+)
+@click.option("--out", type=click.Path(), help="Artifact folder. Default: artifacts/<model>-<res>-<dtype>-<device>.")
+@click.option("--device", help="cuda or cpu; the artifact runs only on this kind. Default: cuda if present.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Default: bf16 on cuda, fp32 on cpu.")
+@click.option("--batch-size", default=1, show_default=True, type=int, help="Most images per UNet call.")
+@click.option(
+    "--passes",
+    default="sdpa,fuse_qkv",
+    show_default=True,
+    help=f"Comma-separated export passes, from: {', '.join(LAYOUT_PASSES)}; 'none' for none.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8", "fp8"]),
+    default="none",
+    show_default=True,
+    help="torchao dynamic quantization of the UNet's linears (fp8 needs compute capability >= 8.9).",
+)
+@click.option("--max-autotune/--no-max-autotune", default=False, show_default=True, help="Inductor max-autotune.")
+@click.option(
+    "--seed-flags/--no-seed-flags",
+    default=False,
+    show_default=True,
+    help="The seed's Inductor flags (conv_1x1_as_mm, coordinate descent tuning, no epilogue fusion).",
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
+@click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --out once the new one is complete.")
+def main(
+    model: str,
+    resolutions: tuple[str, ...],
+    out: str | None,
+    device: str | None,
+    dtype: str | None,
+    batch_size: int,
+    passes: str,
+    quantize: str,
+    max_autotune: bool,
+    seed_flags: bool,
+    revision: str | None,
+    vae: str | None,
+    overwrite: bool,
+) -> None:
+    """Export MODEL (a preset, a hub id or a local diffusers folder) to compiled UNet and VAE-decoder packages.
+
+    One AOTInductor package is written per component and resolution; the weights sit beside them in one
+    safetensors file per component, with the stock text encoders, tokenizers, scheduler and a manifest.
+    """
+    try:
+        dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        preset = PRESETS.get(model)
+        pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
+        if quantize != "none":
+            pass_list.append(quantize)
+        options = ExportOptions(
+            model=model,
+            resolutions=[parse_resolution(r) for r in resolutions or [preset.resolution if preset else "1024"]],
+            device=dev,
+            dtype=dtype or ("bf16" if dev.type == "cuda" else "fp32"),
+            batch_size=batch_size,
+            passes=pass_list,
+            seed_inductor_flags=seed_flags,
+            max_autotune=max_autotune,
+            revision=revision,
+            vae=vae,
+            out=out,
+            overwrite=overwrite,
+        )
+        export_artifact(options)
+    except FastDiffError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)

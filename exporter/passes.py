@@ -1,0 +1,133 @@
+"""Export passes: each one a function from module to module, switched on by name and testable alone.
+
+They are the optimizations of "Diffusion, Fast" (reduced precision, SDPA, fused QKV projections, channels_last,
+1x1 conv -> linear, torchao dynamic quantization), applied before torch.export so the compiled code inherits them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fastdiff.runtime.errors import FastDiffError
+
+
+def sdpa(model: nn.Module) -> nn.Module:
+    """Attention through torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model.set_attn_processor(AttnProcessor2_0())
+    return model
+
+
+def fuse_qkv(model: nn.Module) -> nn.Module:
+    """One matmul for q, k and v in self-attention (k and v in cross-attention), with SDPA."""
+    model.fuse_qkv_projections()
+    return model
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """NHWC memory layout for convolution weights, so Inductor picks channels_last convolution kernels."""
+    return model.to(memory_format=torch.channels_last)
+
+
+class Conv1x1AsLinear(nn.Module):
+    """A 1x1 convolution computed as a linear layer over the channel dimension (so it can be quantized)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+        self.linear.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight.reshape(conv.out_channels, conv.in_channels))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
+def conv1x1_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every pointwise nn.Conv2d by an equivalent linear layer."""
+    for name, child in list(model.named_children()):
+        if _is_pointwise(child):
+            setattr(model, name, Conv1x1AsLinear(child))
+        else:
+            conv1x1_to_linear(child)
+    return model
+
+
+# The seed's SDXL filter ("Diffusion, Fast", utils/pipeline_utils.py): linears of these (in, out) shapes lost time
+# to int8 dynamic quantization on an A100 and stay in the compute dtype.
+SEED_INT8_SKIP_SHAPES = frozenset(
+    {
+        (1280, 640), (1920, 1280), (1920, 640), (2048, 1280), (2048, 2560), (2560, 1280), (256, 128),
+        (2816, 1280), (320, 640), (512, 1536), (512, 256), (512, 512), (640, 1280), (640, 1920),
+        (640, 320), (640, 5120), (640, 640), (960, 320), (960, 640),
+    }
+)  # fmt: skip
+
+
+def int8_filter(module: nn.Module, fqn: str) -> bool:
+    return (
+        isinstance(module, nn.Linear)
+        and module.in_features > 16
+        and (module.in_features, module.out_features) not in SEED_INT8_SKIP_SHAPES
+    )
+
+
+def fp8_filter(module: nn.Module, fqn: str) -> bool:
+    # float8 matmuls need both dimensions divisible by 16.
+    return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def int8_dynamic(model: nn.Module) -> nn.Module:
+    """torchao dynamic int8 activation x int8 weight quantization of the linears the filter keeps."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=int8_filter)
+    return model
+
+
+def fp8_dynamic(model: nn.Module) -> nn.Module:
+    """torchao dynamic float8 (e4m3, per-row scales) quantization of linears; needs compute capability >= 8.9."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_filter)
+    return model
+
+
+PASSES: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "sdpa": sdpa,
+    "fuse_qkv": fuse_qkv,
+    "conv1x1_to_linear": conv1x1_to_linear,
+    "channels_last": channels_last,
+    "int8": int8_dynamic,
+    "fp8": fp8_dynamic,
+}
+
+
+def apply_passes(model: nn.Module, names: list[str]) -> nn.Module:
+    """Apply the named passes in the canonical order (quantization last, after the layout passes)."""
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
+    if "int8" in names and "fp8" in names:
+        raise FastDiffError("int8 and fp8 quantization exclude each other", "pick one of --quantize int8 or fp8")
+    for name in PASSES:
+        if name in names:
+            model = PASSES[name](model)
+    return model

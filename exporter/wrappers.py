@@ -1,0 +1,58 @@
+"""Modules with flat tensor signatures, the shapes torch.export compiles.
+
+`torch.export` flattens dict inputs in insertion order, so the compiled signatures take plain tensors in a fixed,
+documented order (recorded in the manifest as `inputs`) and the runtime calls them positionally.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+VAE_DECODER_INPUTS = ["latents"]
+
+
+class UNetStep(nn.Module):
+    """One SDXL UNet evaluation: noisy latents and conditioning in, predicted noise out."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+
+
+class VAEDecode(nn.Module):
+    """Denoised latents in, an image in [0, 1] out: unscaling, VAE decode and denormalisation in one graph."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        config = vae.config
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+        self.scaling_factor = float(config.scaling_factor)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        self.has_stats = mean is not None and std is not None
+        if self.has_stats:
+            self.register_buffer("latents_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=True)
+            self.register_buffer("latents_std", torch.tensor(std).view(1, -1, 1, 1), persistent=True)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.has_stats:
+            latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
+        else:
+            latents = latents / self.scaling_factor
+        if self.post_quant_conv is not None:
+            latents = self.post_quant_conv(latents)
+        image = self.decoder(latents)
+        return (image * 0.5 + 0.5).clamp(0, 1)

@@ -1,0 +1,88 @@
+"""Compatibility of an artifact with this process: device kind, GPU architecture, CPU ISA and torch version.
+
+Compiled packages hold machine code for one device kind and architecture, and call into libtorch through an ABI
+that is only stable within one torch minor release, so these must match where the artifact is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import FastDiffError
+from .manifest import Manifest
+
+
+def torch_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def resolve_device(device: str | torch.device | None, manifest: Manifest | None = None) -> torch.device:
+    """The device to run on: the one asked for, else the artifact's device kind."""
+    if device is None:
+        device = manifest.device["type"] if manifest is not None else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FastDiffError(f"unknown device {device!r}", "use cpu or cuda (cuda:N for another GPU)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FastDiffError("--device cuda was asked for, but no CUDA GPU is visible", "use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise FastDiffError(
+                f"{dev} does not exist: {torch.cuda.device_count()} GPU(s) visible", "pick an existing cuda:N"
+            )
+    elif dev.type != "cpu":
+        raise FastDiffError(f"device {dev.type!r} is not supported", "use cpu or cuda")
+    return dev
+
+
+def device_record(device: torch.device) -> dict[str, Any]:
+    """What an artifact compiled for `device` depends on."""
+    record: dict[str, Any] = {"type": device.type, "cpu_isa": torch.backends.cpu.get_cpu_capability()}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        record |= {"name": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
+    else:
+        record |= {"name": "cpu", "capability": None}
+    return record
+
+
+def check_compatible(manifest: Manifest, device: torch.device) -> None:
+    """Raise a FastDiffError naming the mismatch if the artifact cannot run on `device` in this process."""
+    built = manifest.device
+    if built["type"] != device.type:
+        raise FastDiffError(
+            f"this artifact was compiled for {built['type']}, not {device.type}",
+            f"load it with device={built['type']!r}, or export the model again with --device {device.type}",
+        )
+    here = device_record(device)
+    if device.type == "cuda" and built.get("capability") != here["capability"]:
+        raise FastDiffError(
+            f"this artifact was compiled for compute capability {built.get('capability')} ({built.get('name')}), "
+            f"but {here['name']} is {here['capability']}",
+            "export the model again on this kind of GPU",
+        )
+    if device.type == "cpu" and not _cpu_isa_covers(here["cpu_isa"], built.get("cpu_isa")):
+        raise FastDiffError(
+            f"this artifact was compiled for CPUs with {built.get('cpu_isa')}, this CPU has {here['cpu_isa']}",
+            "export the model again on this machine",
+        )
+    built_torch = manifest.versions.get("torch", "")
+    if torch_minor(built_torch) != torch_minor(torch.__version__):
+        raise FastDiffError(
+            f"this artifact was compiled with torch {built_torch}, this process has torch {torch.__version__}",
+            f"install torch {torch_minor(built_torch)}.x, or export the model again with this torch",
+        )
+
+
+_X86_ISA_LADDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def _cpu_isa_covers(here: str, built: str | None) -> bool:
+    if here in _X86_ISA_LADDER and built in _X86_ISA_LADDER:
+        return _X86_ISA_LADDER.index(here) >= _X86_ISA_LADDER.index(built)
+    return here == built

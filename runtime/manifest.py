@@ -1,0 +1,203 @@
+"""The artifact format: `manifest.json` schema, reading, writing and file hashing.
+
+An artifact directory holds one compiled package per component and resolution, one safetensors weight file per
+component shared by all its packages, the stock text encoders, tokenizers and scheduler config, and this manifest.
+The runtime needs nothing else: every model fact it uses is recorded here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FastDiffError
+from .resolution import Resolution, parse_resolution
+
+FORMAT = "fastdiff-artifact"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for an artifact dtype name (fp32, fp16, bf16)."""
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+@dataclass
+class ModelFacts:
+    """What the runtime needs from the model configs, so it needs no diffusers model code."""
+
+    family: str  # "sdxl"
+    latent_channels: int
+    vae_scale_factor: int
+    scaling_factor: float
+    text_max_length: int
+    pooled_dim: int
+    time_ids: list[str]  # the layout of SDXL's micro-conditioning vector
+    force_zeros_for_empty_prompt: bool
+    default_resolution: list[int]  # [width, height]
+    default_guidance_scale: float
+    latents_mean: list[float] | None = None
+    latents_std: list[float] | None = None
+
+
+@dataclass
+class CompiledComponent:
+    """A component compiled per resolution; all its packages bind the same weight file."""
+
+    dtype: str
+    weights: str  # relative path of the safetensors file
+    inputs: list[str]
+    max_batch: int
+    packages: dict[str, str]  # resolution key "WxH" -> relative path of the .pt2
+    # Weights whose compiled code expects channels_last strides are stored physically NHWC (see runtime.weights).
+    channels_last: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    source: dict[str, Any]
+    dtype: str
+    batch_size: int
+    options: dict[str, Any]
+    device: dict[str, Any]  # type, name, capability, cpu_isa
+    versions: dict[str, Any]  # torch, cuda, triton, diffusers, transformers, fastdiff
+    model: ModelFacts
+    unet: CompiledComponent
+    vae_decoder: CompiledComponent
+    stock: dict[str, str]  # text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler -> relative folder
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {size, sha256}
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+
+    @property
+    def resolutions(self) -> list[Resolution]:
+        return sorted(parse_resolution(k) for k in self.unet.packages)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def write(self, root: Path) -> Path:
+        path = Path(root) / MANIFEST_NAME
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        data = dict(data)
+        data["model"] = ModelFacts(**data["model"])
+        data["unet"] = CompiledComponent(**data["unet"])
+        data["vae_decoder"] = CompiledComponent(**data["vae_decoder"])
+        return cls(**data)
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Read and validate `root/manifest.json`, raising FastDiffError with a fix for every way it can be wrong."""
+    root = Path(root)
+    if not root.exists():
+        raise FastDiffError(
+            f"artifact folder {root} does not exist", "check the path, or create it with fastdiff-export"
+        )
+    if not root.is_dir():
+        raise FastDiffError(f"{root} is not a folder", "pass the artifact folder that holds manifest.json")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FastDiffError(
+            f"{root} is not a fastdiff artifact: {MANIFEST_NAME} is missing",
+            "pass a folder written by fastdiff-export, or export the model again",
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FastDiffError(f"{path} is not valid JSON ({e})", "the artifact is damaged: export it again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise FastDiffError(f"{path} is not a fastdiff manifest", "export the model again with fastdiff-export")
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise FastDiffError(f"{path} has no valid format_version", "the artifact is damaged: export it again")
+    if version > FORMAT_VERSION:
+        raise FastDiffError(
+            f"{root} uses artifact format v{version}, newer than this fastdiff reads (v{FORMAT_VERSION})",
+            "upgrade fastdiff, or export the model with this version",
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+    except (TypeError, KeyError, ValueError, FastDiffError) as e:
+        raise FastDiffError(f"{path} is incomplete or malformed ({e})", "export the model again") from None
+    _check_consistency(manifest, path)
+    return manifest
+
+
+def _check_consistency(manifest: Manifest, path: Path) -> None:
+    problems = []
+    if manifest.dtype not in DTYPES:
+        problems.append(f"unknown dtype {manifest.dtype!r}")
+    if not manifest.unet.packages:
+        problems.append("no UNet packages")
+    if set(manifest.unet.packages) != set(manifest.vae_decoder.packages):
+        problems.append("UNet and VAE decoder resolutions differ")
+    for rel in _referenced_files(manifest):
+        if rel not in manifest.files:
+            problems.append(f"{rel} is not listed under files")
+    for key in manifest.unet.packages:
+        parse_resolution(key)
+    if problems:
+        raise FastDiffError(f"{path} is inconsistent: {'; '.join(problems)}", "export the model again")
+
+
+def _referenced_files(manifest: Manifest) -> list[str]:
+    out = []
+    for comp in (manifest.unet, manifest.vae_decoder):
+        out.append(comp.weights)
+        out.extend(comp.packages.values())
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_files(root: Path, hash_files: bool = True) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under root except the manifest, keyed by POSIX relative path."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        entry: dict[str, Any] = {"size": path.stat().st_size}
+        if hash_files:
+            entry["sha256"] = sha256_file(path)
+        files[path.relative_to(root).as_posix()] = entry
+    return files
+
+
+def check_files(root: Path, manifest: Manifest, full_hash: bool = False) -> list[str]:
+    """Compare files on disk with the manifest: presence and size always, content hashes when `full_hash`.
+
+    Returns one line per problem; an empty list means the artifact is intact.
+    """
+    problems = []
+    for rel, entry in manifest.files.items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{rel}: size {size} bytes, manifest says {entry['size']} (truncated or replaced)")
+        elif full_hash and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest (corrupted or replaced)")
+    return problems

@@ -1,0 +1,65 @@
+"""Compiled AOTInductor packages, bound to weights the runtime owns.
+
+`torch._inductor.aoti_load_package` test-compiles a C++ program on every call (to query the device); the loader it
+wraps needs none of that, so the runtime calls the loader directly. Weights are bound with `user_managed=True`:
+the package uses the runtime's tensors in place, so packages for several resolutions share one copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import FastDiffError
+
+_libstdcxx_global = False
+
+
+def _make_libstdcxx_global() -> None:
+    """Put the process's libstdc++ into the global symbol scope before the first package is opened.
+
+    Python opens torch's extension with RTLD_LOCAL, so the libstdc++ it pulls in stays local to it. A package's
+    wrapper.so does not list libstdc++ as a dependency, so its C++ runtime symbols (std::regex, locales) then bind
+    to uninitialised copies and some images crash at load; preloading libstdc++ was the known workaround. Promoting
+    the already loaded library to RTLD_GLOBAL does the same from inside the process.
+    """
+    global _libstdcxx_global
+    if _libstdcxx_global or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    except OSError:
+        pass  # not loaded under that name: nothing to promote
+    _libstdcxx_global = True
+
+
+class CompiledModule:
+    """One AOTInductor package: call it with the flat tensor inputs it was exported with."""
+
+    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        _make_libstdcxx_global()
+        self.path = path
+        device_index = -1 if device.type == "cpu" else device.index
+        try:
+            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index)
+        except Exception as e:  # the loader reports damaged archives and foreign binaries as RuntimeError
+            raise FastDiffError(
+                f"cannot load compiled package {path}: {str(e).splitlines()[0]}",
+                "the artifact is damaged or was built elsewhere: run fastdiff-inspect --verify, or export again",
+            ) from None
+        names = self._loader.get_constant_fqns()
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise FastDiffError(
+                f"{path} needs {len(missing)} weights that the weight file lacks (e.g. {missing[0]})",
+                "the artifact's files do not belong together: export the model again",
+            )
+        self._loader.load_constants({n: weights[n] for n in names}, False, False, True)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._loader.run(list(inputs))[0]

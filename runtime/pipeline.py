@@ -1,0 +1,209 @@
+"""The denoise loop and decode: prompt -> text conditioning -> latents -> compiled UNet steps -> compiled VAE decode.
+
+Mirrors diffusers' StableDiffusionXLPipeline step for step (same initial latents from the same generator, same
+guidance arithmetic, same scheduler calls), so that swapping one for the other changes nothing but speed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from .errors import FastDiffError
+from .manifest import Manifest, torch_dtype
+from .packages import CompiledModule
+from .resolution import Resolution, parse_resolution
+from .text import SDXLTextConditioner
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class FastDiffPipelineOutput:
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class FastDiffPipeline:
+    """An SDXL pipeline over compiled artifacts; call it like diffusers' StableDiffusionXLPipeline."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        device: torch.device,
+        conditioner: SDXLTextConditioner,
+        scheduler: Any,
+        unets: dict[str, CompiledModule],
+        vae_decoders: dict[str, CompiledModule],
+    ) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.dtype = torch_dtype(manifest.dtype)
+        self.vae_dtype = torch_dtype(manifest.vae_decoder.dtype)
+        self.conditioner = conditioner
+        self.scheduler = scheduler
+        self.unets = unets
+        self.vae_decoders = vae_decoders
+        self._progress: dict[str, Any] = {}
+
+    @property
+    def resolutions(self) -> list[Resolution]:
+        return sorted(parse_resolution(k) for k in self.unets)
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm bar of the denoise loop, e.g. disable=True (as in diffusers)."""
+        self._progress = kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+    ) -> FastDiffPipelineOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = _negative_prompts(negative_prompt, len(prompts))
+        _check_call(prompts, num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+        res = self._resolution(height, width)
+        guidance = guidance_scale > 1.0
+        facts = self.manifest.model
+
+        embeds, pooled, neg_embeds, neg_pooled = self.conditioner(prompts, negatives, guidance)
+        n = len(prompts) * num_images_per_prompt
+        embeds, pooled = _per_image(embeds, pooled, num_images_per_prompt, self.device)
+        time_ids = torch.tensor(
+            [[res.height, res.width, 0, 0, res.height, res.width]], dtype=embeds.dtype, device=self.device
+        ).repeat(n, 1)
+        if guidance:
+            neg_embeds, neg_pooled = _per_image(neg_embeds, neg_pooled, num_images_per_prompt, self.device)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        shape = (
+            n,
+            facts.latent_channels,
+            res.height // facts.vae_scale_factor,
+            res.width // facts.vae_scale_factor,
+        )
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+
+        unet, vae = self.unets[res.key], self.vae_decoders[res.key]
+        step_kwargs = self._step_kwargs(generator)
+        outputs = []
+        # The UNet was compiled for at most `batch_size` images; larger requests run in chunks of that size.
+        for chunk in _chunks(n, self.manifest.batch_size):
+            if guidance:
+                cond = (
+                    torch.cat([neg_embeds[chunk], embeds[chunk]]),
+                    torch.cat([neg_pooled[chunk], pooled[chunk]]),
+                    torch.cat([time_ids[chunk], time_ids[chunk]]),
+                )
+            else:
+                cond = (embeds[chunk], pooled[chunk], time_ids[chunk])
+            x = self._denoise(unet, latents[chunk], cond, num_inference_steps, guidance_scale, step_kwargs)
+            outputs.append(x if output_type == "latent" else vae(x.to(self.vae_dtype)))
+        out = torch.cat(outputs)
+        if output_type == "latent":
+            return FastDiffPipelineOutput(images=out)
+        images = VaeImageProcessor.pt_to_numpy(out)
+        return FastDiffPipelineOutput(images=images if output_type == "np" else VaeImageProcessor.numpy_to_pil(images))
+
+    def _denoise(
+        self,
+        unet: CompiledModule,
+        latents: torch.Tensor,
+        cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        steps: int,
+        guidance_scale: float,
+        step_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        guidance = guidance_scale > 1.0
+        self.scheduler.set_timesteps(steps, device=self.device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)  # so step() never searches the timesteps (a device sync)
+        timesteps = self.scheduler.timesteps
+        unet_timesteps = timesteps.to(torch.float32)  # the package takes a float32 scalar
+        for i, t in enumerate(tqdm(timesteps, **self._progress)):
+            model_in = torch.cat([latents] * 2) if guidance else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            noise = unet(model_in, unet_timesteps[i], *cond)
+            if guidance:
+                uncond, text = noise.chunk(2)
+                noise = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    def _step_kwargs(self, generator: Any) -> dict[str, Any]:
+        accepted = inspect.signature(self.scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            kwargs["eta"] = 0.0
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _resolution(self, height: int | None, width: int | None) -> Resolution:
+        exported = self.resolutions
+        if height is None and width is None:
+            default = Resolution(*self.manifest.model.default_resolution)
+            return default if default in exported else exported[0]
+        if height is None or width is None:
+            raise FastDiffError("give both height and width, or neither", "e.g. height=1024, width=1024")
+        res = Resolution(int(width), int(height))
+        if res not in exported:
+            raise FastDiffError(
+                f"resolution {res} (width x height) was not exported; "
+                f"this artifact has {', '.join(map(str, exported))}",
+                f"pick one of those, or export it: fastdiff-export ... --res {res}",
+            )
+        return res
+
+
+def _negative_prompts(negative_prompt: str | list[str] | None, batch: int) -> list[str] | None:
+    if negative_prompt is None:
+        return None
+    negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != batch:
+        raise FastDiffError(
+            f"{len(negatives)} negative prompts for {batch} prompts",
+            "give one negative prompt, or one per prompt",
+        )
+    return negatives
+
+
+def _check_call(prompts: list[str], steps: int, guidance_scale: float, per_prompt: int, output_type: str) -> None:
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise FastDiffError("prompt must be a string or a non-empty list of strings")
+    if not isinstance(steps, int) or steps < 1:
+        raise FastDiffError(f"num_inference_steps must be a positive integer, got {steps!r}", "use e.g. 30 steps")
+    if not math.isfinite(guidance_scale):
+        raise FastDiffError(f"guidance_scale must be a finite number, got {guidance_scale!r}", "use e.g. 5.0")
+    if not isinstance(per_prompt, int) or per_prompt < 1:
+        raise FastDiffError(f"num_images_per_prompt must be a positive integer, got {per_prompt!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise FastDiffError(f"output_type {output_type!r} is not supported", f"use one of {', '.join(OUTPUT_TYPES)}")
+
+
+def _per_image(embeds: torch.Tensor, pooled: torch.Tensor, per_prompt: int, device: torch.device):
+    """Repeat each prompt's conditioning for its images, in diffusers' order (prompt-major)."""
+    return embeds.repeat_interleave(per_prompt, dim=0).to(device), pooled.repeat_interleave(per_prompt, dim=0).to(
+        device
+    )
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
