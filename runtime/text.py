@@ -13,12 +13,16 @@ from .errors import FastDiffError
 
 def load_text_encoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A transformers text encoder saved with save_pretrained, of the class its config names."""
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
     try:
         arch = json.loads((path / "config.json").read_text())["architectures"][0]
-        cls = getattr(transformers, arch)
-        model = cls.from_pretrained(path, dtype=dtype)
+        model = getattr(transformers, arch).from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise FastDiffError(f"cannot load text encoder {path}: {e}", "the artifact is damaged: export again") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -1,0 +1,160 @@
+"""`fastdiff-run` (generate images from an artifact) and `fastdiff-inspect` (summarise and verify one)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .errors import FastDiffError
+from .manifest import check_files, read_manifest
+from .resolution import parse_resolution
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def _clean_errors(fn: Callable) -> Callable:
+    """FastDiffError -> one message on stderr and exit code 2; Ctrl-C -> exit 130. No tracebacks for bad input."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FastDiffError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise FastDiffError(
+            f"cannot write {out}: unknown image type", f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise FastDiffError(f"{path} already exists", "pass --overwrite, or choose another --out")
+        parent = path.parent.absolute()
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise FastDiffError(f"cannot write {path}: {parent} is not a writable folder", "choose another --out")
+    return paths
+
+
+def _save_atomically(image, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent.absolute())
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="What to draw.")
+@click.option("--negative-prompt", "-n", help="What to steer away from (default: none, zero conditioning).")
+@click.option("--res", metavar="SIZE|WxH", help="Resolution, width x height; one of the artifact's. Default: model's.")
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
+@click.option("--guidance", default=5.0, show_default=True, type=float, help="Classifier-free guidance; <=1 is off.")
+@click.option("--seed", type=int, help="Seed for the initial noise (default: random).")
+@click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1), help="Images to generate.")
+@click.option("--device", help="cuda or cpu (default: what the artifact was compiled for).")
+@click.option(
+    "--out", "-o", default="image.png", show_default=True, type=click.Path(path_type=Path), help="Image file."
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing image files.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_clean_errors
+def run_main(
+    artifact: Path,
+    prompt: str,
+    negative_prompt: str | None,
+    res: str | None,
+    steps: int,
+    guidance: float,
+    seed: int | None,
+    num_images: int,
+    device: str | None,
+    out: Path,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Generate images from an ARTIFACT folder written by fastdiff-export. Nothing is compiled."""
+    import time
+
+    import torch
+
+    from .loader import load_pipeline
+
+    paths = _output_paths(out, num_images, overwrite)
+    size = parse_resolution(res) if res else None
+    start = time.perf_counter()
+    pipe = load_pipeline(artifact, device=device, resolutions=[size] if size else None)
+    loaded = time.perf_counter()
+    pipe.set_progress_bar_config(disable=quiet)
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    images = pipe(
+        prompt,
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=size.height if size else None,
+        width=size.width if size else None,
+        generator=generator,
+        num_images_per_prompt=num_images,
+    ).images
+    done = time.perf_counter()
+    for image, path in zip(images, paths, strict=True):
+        _save_atomically(image, path)
+        click.echo(f"wrote {path}", err=True)
+    click.echo(f"load {loaded - start:.2f} s, generate {done - loaded:.2f} s", err=True)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Re-hash every file against the manifest (reads everything).")
+@_clean_errors
+def inspect_main(artifact: Path, verify: bool) -> None:
+    """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here."""
+    manifest = read_manifest(artifact)
+    total = sum(f["size"] for f in manifest.files.values())
+    lines = [
+        f"artifact      {artifact}  (format v{manifest.format_version}, created {manifest.created})",
+        f"source        {manifest.source.get('model')}"
+        + "".join(f"  {k}={v}" for k, v in manifest.source.items() if k != "model" and v),
+        f"family        {manifest.model.family}",
+        f"dtype         {manifest.dtype} (VAE decoder {manifest.vae_decoder.dtype}), batch size {manifest.batch_size}",
+        f"resolutions   {', '.join(map(str, manifest.resolutions))}",
+        f"passes        {', '.join(manifest.options.get('passes') or []) or '(none)'}",
+        f"inductor      {manifest.options.get('inductor') or '(defaults)'}",
+        f"device        {manifest.device['type']} {manifest.device.get('name') or ''}"
+        + (f" (compute capability {manifest.device['capability']})" if manifest.device.get("capability") else ""),
+        "versions      " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items() if v),
+        f"files         {len(manifest.files)}, {total / 1e6:.1f} MB",
+    ]
+    for rel, entry in manifest.files.items():
+        if rel.endswith((".pt2", ".safetensors")):
+            lines.append(f"  {rel:<40} {entry['size'] / 1e6:10.1f} MB")
+    click.echo("\n".join(lines))
+    if not verify:
+        return
+    problems = check_files(artifact, manifest, full_hash=True)
+    if problems:
+        for problem in problems:
+            click.echo(f"FAILED {problem}", err=True)
+        click.echo(f"error: {len(problems)} of {len(manifest.files)} files do not match the manifest", err=True)
+        sys.exit(1)
+    click.echo(f"verified      all {len(manifest.files)} files match their sha256")

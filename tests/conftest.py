@@ -1,0 +1,75 @@
+"""Shared fixtures. CPU exports are slow (a tiny UNet package takes 30-60 s on 2 cores): build each once a session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPORT_RESOLUTIONS = ["64", "96x64"]  # width x height; the tiny VAE scales by 8
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run one of the installed console scripts' entry points in a fresh interpreter."""
+    entry = {
+        "fastdiff-export": "fastdiff.exporter.cli:main",
+        "fastdiff-run": "fastdiff.runtime.cli:run_main",
+        "fastdiff-inspect": "fastdiff.runtime.cli:inspect_main",
+    }[args[0]]
+    module, func = entry.split(":")
+    code = f"import sys; from {module} import {func}; sys.argv[0] = {args[0]!r}; {func}()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fastdiff_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the tiny checkpoint out of the user's ~/.cache, and the hub offline."""
+    cache = tmp_path_factory.mktemp("fastdiff-cache")
+    os.environ["FASTDIFF_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(fastdiff_cache: Path) -> Path:
+    from fastdiff.exporter.tiny import build_tiny_sdxl, default_tiny_path
+
+    return build_tiny_sdxl(default_tiny_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 CPU artifact of the tiny model at two resolutions, batch size 2 (UNet batch up to 4), via the CLI."""
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    res_args = [a for r in EXPORT_RESOLUTIONS for a in ("--res", r)]
+    proc = run_cli("fastdiff-export", "tiny-sdxl", *res_args, "--batch-size", "2", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_artifact: Path):
+    from fastdiff.runtime import load_pipeline
+
+    pipe = load_pipeline(tiny_artifact, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_checkpoint: Path):
+    """diffusers' own StableDiffusionXLPipeline on the same checkpoint, with the same passes (SDPA, fused QKV)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
