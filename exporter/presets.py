@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from .random_models import random_sdxl_base, tiny_sdxl
 
 
 @dataclass(frozen=True)
@@ -12,6 +16,7 @@ class Preset:
     vae: str | None  # a VAE that replaces the checkpoint's own
     resolution: str
     about: str
+    build: Callable[[], Path] | None = None  # builds the checkpoint offline and returns its folder
 
 
 PRESETS = {
@@ -30,6 +35,15 @@ PRESETS = {
             None,
             "128",
             "a tiny random-weight SDXL-architecture model built offline (demo and tests)",
+            build=tiny_sdxl,
+        ),
+        Preset(
+            "sdxl-random",
+            "",
+            None,
+            "1024",
+            "SDXL base 1.0's architecture with random weights, built offline (benchmarks)",
+            build=random_sdxl_base,
         ),
     )
 }

@@ -13,7 +13,6 @@ from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipelin
 from fastdiff.runtime.errors import FastDiffError
 
 from .presets import PRESETS, Preset
-from .tiny import build_tiny_sdxl, default_tiny_path
 
 
 @dataclass
@@ -27,7 +26,7 @@ def load_source(model: str, dtype: torch.dtype, revision: str | None = None, vae
     """Load the diffusers pipeline to export, in `dtype`, on the CPU."""
     preset = PRESETS.get(model)
     if preset is not None:
-        location = preset.model or str(build_tiny_sdxl(default_tiny_path()))
+        location = preset.model or str(preset.build())
         vae = vae or preset.vae
     elif Path(model).exists():
         location = model

@@ -12,7 +12,7 @@ import torch
 from .compat import check_compatible, resolve_device
 from .errors import FastDiffError
 from .manifest import CompiledComponent, check_files, read_manifest, torch_dtype
-from .packages import CompiledModule
+from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
 from .text import SDXLTextConditioner, load_text_encoder, load_tokenizer
@@ -24,6 +24,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     resolutions: Iterable[str | int | Resolution] | None = None,
     verify: bool = False,
+    cuda_graphs: bool = True,
 ) -> FastDiffPipeline:
     """Load an artifact written by fastdiff-export.
 
@@ -31,6 +32,7 @@ def load_pipeline(
     resolutions: which exported resolutions to load (default: all of them); their packages share one copy of
         the weights.
     verify: re-hash every file against the manifest first (slow for large models; sizes are always checked).
+    cuda_graphs: on a GPU, replay each UNet step as a CUDA graph (captured on the first call at each batch size).
     """
     root = Path(artifact_dir)
     manifest = read_manifest(root)
@@ -43,6 +45,9 @@ def load_pipeline(
             "export the model again",
         )
     keys = _resolution_keys(manifest.unet, resolutions)
+    unets = _load_packages(root, manifest.unet, keys, device)
+    if cuda_graphs and device.type == "cuda":
+        unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
     dtype = torch_dtype(manifest.dtype)
     stock = {name: root / rel for name, rel in manifest.stock.items()}
 
@@ -59,7 +64,7 @@ def load_pipeline(
         device=device,
         conditioner=conditioner,
         scheduler=load_scheduler(stock["scheduler"]),
-        unets=_load_packages(root, manifest.unet, keys, device),
+        unets=unets,
         vae_decoders=_load_packages(root, manifest.vae_decoder, keys, device),
     )
 

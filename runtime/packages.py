@@ -63,3 +63,40 @@ class CompiledModule:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self._loader.run(list(inputs))[0]
+
+
+class CUDAGraphModule:
+    """Replays a compiled module as a CUDA graph, one per input signature, with static input buffers.
+
+    AOTInductor ignores Inductor's own cudagraph option, so launch overhead is removed here: the first call
+    with a new signature warms up and captures; later calls copy inputs into the static buffers and replay.
+    The package must be loaded single-threaded (as CompiledModule does) for its kernels to be capturable.
+    """
+
+    def __init__(self, module: CompiledModule) -> None:
+        self.module = module
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = tuple((t.shape, t.dtype) for t in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        static_inputs, graph, static_output = self.graphs[key]
+        for buffer, value in zip(static_inputs, inputs, strict=True):
+            buffer.copy_(value, non_blocking=True)
+        graph.replay()
+        return static_output.clone()  # the next replay overwrites the static output
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]):
+        static_inputs = [t.clone() for t in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.module(*static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_output = self.module(*static_inputs)
+        return static_inputs, graph, static_output

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import FastDiffError
 from .manifest import Manifest, torch_dtype
-from .packages import CompiledModule
+from .packages import CompiledModule, CUDAGraphModule
 from .resolution import Resolution, parse_resolution
 from .text import SDXLTextConditioner
 
@@ -41,7 +41,7 @@ class FastDiffPipeline:
         device: torch.device,
         conditioner: SDXLTextConditioner,
         scheduler: Any,
-        unets: dict[str, CompiledModule],
+        unets: dict[str, CompiledModule | CUDAGraphModule],
         vae_decoders: dict[str, CompiledModule],
     ) -> None:
         self.manifest = manifest
@@ -124,7 +124,7 @@ class FastDiffPipeline:
 
     def _denoise(
         self,
-        unet: CompiledModule,
+        unet: CompiledModule | CUDAGraphModule,
         latents: torch.Tensor,
         cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         steps: int,

@@ -41,7 +41,7 @@ def fastdiff_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(fastdiff_cache: Path) -> Path:
-    from fastdiff.exporter.tiny import build_tiny_sdxl, default_tiny_path
+    from fastdiff.exporter.random_models import build_tiny_sdxl, default_tiny_path
 
     return build_tiny_sdxl(default_tiny_path())
 

@@ -1,4 +1,4 @@
-"""Tests for the embedded tiny SDXL checkpoint (fastdiff.exporter.tiny)."""
+"""Tests for the embedded tiny SDXL checkpoint (fastdiff.exporter.random_models)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from transformers import CLIPTokenizer
 
-from fastdiff.exporter.tiny import TINY_MODEL_ID, build_tiny_sdxl, default_tiny_path
+from fastdiff.exporter.random_models import TINY_MODEL_ID, build_tiny_sdxl, default_tiny_path
 
 PROMPT = "a photo of a cat"
 UNET_WEIGHTS = Path("unet", "diffusion_pytorch_model.safetensors")

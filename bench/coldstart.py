@@ -1,0 +1,123 @@
+"""Cold start: from process start to the first SDXL image, in fresh processes, phases timed.
+
+    python bench/coldstart.py --model CHECKPOINT_DIR --artifact NAME=ARTIFACT_DIR [...] --out bench/results/NAME
+
+Each variant runs once untimed (to warm the page cache), then --runs times. Phases: interpreter start, imports,
+load (weights and compiled code on the device), first image (text encoding, all steps, decode, PIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import summary, write_results
+
+CHILD_FASTDIFF = """
+import json, sys, time
+t0 = time.time()
+import torch
+from fastdiff.runtime import load_pipeline
+t1 = time.time()
+pipe = load_pipeline(sys.argv[2], device="cuda")
+torch.cuda.synchronize(); t2 = time.time()
+pipe.set_progress_bar_config(disable=True)
+pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]
+t3 = time.time()
+print("RESULT " + json.dumps({"start": t0, "imports": t1, "load": t2, "first_image": t3}))
+"""
+
+CHILD_DIFFUSERS = """
+import json, sys, time
+t0 = time.time()
+import torch
+from diffusers import StableDiffusionXLPipeline
+t1 = time.time()
+pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[2], torch_dtype=torch.bfloat16).to("cuda")
+torch.cuda.synchronize(); t2 = time.time()
+pipe.set_progress_bar_config(disable=True)
+pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]
+t3 = time.time()
+print("RESULT " + json.dumps({"start": t0, "imports": t1, "load": t2, "first_image": t3}))
+"""
+
+PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
+
+
+def run_child(code: str, target: str, steps: int) -> dict:
+    spawn = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "x", target, PROMPT, str(steps)], capture_output=True, text=True, env=os.environ
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"failed": True, "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+    t = json.loads(lines[-1][len("RESULT ") :])
+    return {
+        "interpreter_s": t["start"] - spawn,
+        "imports_s": t["imports"] - t["start"],
+        "load_s": t["load"] - t["imports"],
+        "first_image_s": t["first_image"] - t["load"],
+        "total_s": t["first_image"] - spawn,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="diffusers checkpoint folder for the diffusers eager baseline")
+    parser.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+
+    import torch
+    from common import environment
+
+    variants = [(f"fastdiff {name}", CHILD_FASTDIFF, path) for name, path in (a.split("=", 1) for a in args.artifact)]
+    if args.model:
+        variants.append(("diffusers eager bf16", CHILD_DIFFUSERS, args.model))
+    record = {"steps": args.steps, "runs": args.runs, "environment": environment(torch.device("cuda")), "results": []}
+    for name, code, target in variants:
+        warm = run_child(code, target, args.steps)  # warms the page cache
+        runs = [warm] if warm.get("failed") else [run_child(code, target, args.steps) for _ in range(args.runs)]
+        ok = [r for r in runs if not r.get("failed")]
+        entry = {"variant": name, "runs": runs}
+        if ok:
+            entry["median"] = {k: summary([r[k] for r in ok])["median"] for k in ok[0]}
+        record["results"].append(entry)
+        write_results(args.out, record, table(record))
+
+
+def table(record: dict) -> str:
+    env = record["environment"]
+    lines = [
+        f"# Cold start: process start -> first SDXL image ({record['steps']} steps), page cache warm",
+        "",
+        f"{env.get('gpu')}, torch {env['torch']}, CUDA {env['cuda']}, diffusers {env['diffusers']}; {env['date']}",
+        f"Command: `{env['command']}`",
+        "",
+        "| variant | interpreter s | imports s | load s | first image s | total s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+        m = r.get("median")
+        if m is None:
+            lines.append(f"| {r['variant']} | failed (exit {r['runs'][0]['returncode']}) | | | | |")
+            continue
+        lines.append(
+            f"| {r['variant']} | {m['interpreter_s']:.2f} | {m['imports_s']:.2f} | {m['load_s']:.2f} | "
+            f"{m['first_image_s']:.2f} | {m['total_s']:.2f} |"
+        )
+    lines.append("")
+    lines.append(f"Medians of {record['runs']} runs after one untimed run that warms the page cache.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Speed and quality of SDXL generation: diffusers eager, diffusers + torch.compile (the seed's recipe), and
+fastdiff artifacts, in one process on one device.
+
+    python bench/speed.py --model CHECKPOINT_DIR --artifact NAME=ARTIFACT_DIR [...] --out bench/results/NAME
+
+Times the UNet step (batch 2 = one image with CFG), the VAE decode, and the whole call (prompt -> PIL image);
+medians after warm-up. Quality: each variant's UNet output and final image against diffusers eager fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import environment, summary, sync, time_ms, write_results
+
+PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def step_inputs(pipe_config: dict, res: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Fixed random UNet inputs in fp32 (batch 2 = CFG), cast per variant."""
+    g = torch.Generator().manual_seed(0)
+    f = pipe_config["vae_scale_factor"]
+    return (
+        torch.randn(2, 4, res // f, res // f, generator=g).to(device),
+        torch.tensor(500.0, device=device),
+        torch.randn(2, 77, pipe_config["cross_dim"], generator=g).to(device),
+        torch.randn(2, pipe_config["pooled_dim"], generator=g).to(device),
+        torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float32, device=device),
+    )
+
+
+def cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(t if i == 1 else t.to(dtype) for i, t in enumerate(inputs))
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm())
+
+
+def psnr(a: np.ndarray, ref: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def generate(pipe, args, device, output_type: str):
+    return pipe(
+        PROMPT,
+        num_inference_steps=args.steps,
+        height=args.res,
+        width=args.res,
+        generator=torch.Generator().manual_seed(42),
+        output_type=output_type,
+    ).images
+
+
+def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latents) -> dict:
+    """Times and outputs for one variant. `unet_step(inputs)` and `vae_decode(latents)` run one call."""
+    result: dict = {"variant": name}
+    result["unet_step_ms"] = summary(time_ms(lambda: unet_step(inputs), device, args.warmup, args.step_runs))
+    result["vae_decode_ms"] = summary(time_ms(lambda: vae_decode(latents), device, 2, max(5, args.runs)))
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.perf_counter()
+    generate(pipe, args, device, "pil")  # first call: includes any lazy compilation / graph capture
+    result["first_call_s"] = time.perf_counter() - t0
+    for _ in range(args.e2e_warmup - 1):
+        generate(pipe, args, device, "pil")
+    e2e = []
+    for _ in range(args.runs):
+        sync(device)
+        t0 = time.perf_counter()
+        generate(pipe, args, device, "pil")
+        sync(device)
+        e2e.append(time.perf_counter() - t0)
+    result["end_to_end_s"] = summary(e2e)
+    with torch.no_grad():
+        result["_unet_out"] = unet_step(inputs).float().cpu()
+    result["_image"] = generate(pipe, args, device, "np")
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return result
+
+
+def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None, inputs, latents_shape) -> dict:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    name = f"diffusers eager {args_dtype_name(dtype)}"
+    compile_s = None
+    if compile_mode:
+        name = f"diffusers torch.compile ({compile_mode}, seed recipe) {args_dtype_name(dtype)}"
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+        pipe.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
+    unet, vae = pipe.unet, pipe.vae
+    x = cast(inputs, dtype)
+
+    @torch.no_grad()
+    def unet_step(_):
+        cond = {"text_embeds": x[3], "time_ids": x[4]}
+        return unet(x[0], x[1], x[2], added_cond_kwargs=cond, return_dict=False)[0]
+
+    latents = torch.randn(latents_shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+    @torch.no_grad()
+    def vae_decode(z):
+        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+
+    if compile_mode:
+        t0 = time.perf_counter()
+        unet_step(None)
+        vae_decode(latents)
+        sync(device)
+        compile_s = time.perf_counter() - t0
+    result = measure(name, unet_step, vae_decode, pipe, args, device, inputs, latents)
+    result["compile_s"] = compile_s
+    return result
+
+
+def fastdiff_variant(label: str, path: str, args, device, inputs, latents_shape) -> dict:
+    from fastdiff.runtime import load_pipeline
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(path, device=device)
+    load_s = time.perf_counter() - t0
+    key = f"{args.res}x{args.res}"
+    unet, vae = pipe.unets[key], pipe.vae_decoders[key]
+    x = cast(inputs, pipe.dtype)
+    latents = torch.randn(latents_shape, generator=torch.Generator().manual_seed(1)).to(device, pipe.vae_dtype)
+    result = measure(f"fastdiff {label}", lambda _: unet(*x), lambda z: vae(z), pipe, args, device, inputs, latents)
+    result["load_s"] = load_s
+    result["passes"] = pipe.manifest.options.get("passes")
+    result["dtype"] = pipe.manifest.dtype
+    return result
+
+
+def args_dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def table(record: dict) -> str:
+    env = record["environment"]
+    lines = [
+        f"# SDXL {record['res']}x{record['res']}, {record['steps']} steps, one image with CFG (UNet batch 2)",
+        "",
+        f"{env.get('gpu', 'cpu')}, torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, "
+        f"diffusers {env['diffusers']}, torchao {env['torchao']}; {env['date']}",
+        f"Command: `{env['command']}`",
+        "",
+        "| variant | UNet step ms | VAE decode ms | end to end s | first call s | UNet rel err vs fp32 "
+        "| image PSNR dB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['variant']} | {r['unet_step_ms']['median']:.2f} | {r['vae_decode_ms']['median']:.1f} | "
+            f"{r['end_to_end_s']['median']:.3f} | {r['first_call_s']:.1f} | {r['unet_rel_err']:.2e} | "
+            f"{r['image_psnr_db']:.1f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Medians; UNet step over {record['step_runs']} runs, end to end over {record['runs']} runs after warm-up."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="diffusers SDXL checkpoint folder (the artifacts' source)")
+    parser.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR", help="fastdiff artifact")
+    parser.add_argument("--baselines", default="eager,compile", help="eager, compile, or both (comma-separated)")
+    parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the seed recipe")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--res", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--step-runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--e2e-warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-reference", action="store_true", help="skip the eager fp32 quality reference")
+    parser.add_argument("--out", required=True, type=Path, help="results path without suffix (.json and .md)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    from diffusers import StableDiffusionXLPipeline
+
+    config_pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    shape = {
+        "vae_scale_factor": config_pipe.vae_scale_factor,
+        "cross_dim": config_pipe.unet.config.cross_attention_dim,
+        "pooled_dim": config_pipe.text_encoder_2.config.projection_dim,
+    }
+    inputs = step_inputs(shape, args.res, device)
+    f = shape["vae_scale_factor"]
+    latents_shape = (1, 4, args.res // f, args.res // f)
+
+    reference = None
+    if not args.no_reference:
+        pipe = config_pipe.to(device)
+        with torch.no_grad():
+            cond = {"text_embeds": inputs[3], "time_ids": inputs[4]}
+            ref_out = pipe.unet(*inputs[:3], added_cond_kwargs=cond, return_dict=False)[0].float().cpu()
+        pipe.set_progress_bar_config(disable=True)
+        reference = (ref_out, generate(pipe, args, device, "np"))
+    del config_pipe
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    results = []
+    variants = []  # artifacts first: the torch.compile baseline can take minutes to compile
+    for spec in args.artifact:
+        label, path = spec.split("=", 1)
+        variants.append(
+            lambda label=label, path=path: fastdiff_variant(label, path, args, device, inputs, latents_shape)
+        )
+    for baseline in filter(None, args.baselines.split(",")):
+        mode = None if baseline == "eager" else args.compile_mode
+        variants.append(
+            lambda mode=mode: diffusers_variant(args, device, DTYPES[args.dtype], mode, inputs, latents_shape)
+        )
+    record = {"res": args.res, "steps": args.steps, "runs": args.runs, "step_runs": args.step_runs}
+    record["environment"] = environment(device)
+    for run in variants:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        r = run()
+        if reference is not None:
+            r["unet_rel_err"] = rel_err(r["_unet_out"], reference[0])
+            r["image_psnr_db"] = psnr(r["_image"], reference[1])
+        else:
+            r["unet_rel_err"] = r["image_psnr_db"] = float("nan")
+        del r["_unet_out"], r["_image"]
+        results.append(r)
+        record["results"] = results
+        write_results(args.out, record, table(record))  # after each variant: a crash keeps what was measured
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

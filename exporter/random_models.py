@@ -1,0 +1,234 @@
+"""Random-weight SDXL checkpoints that fastdiff builds itself, offline: no hub access needed.
+
+- tiny-sdxl, the embedded default model: SDXL's architecture family (two CLIP text encoders, text-time
+  conditioned UNet, 4-block VAE with scale factor 8) shrunk so that a CPU AOTInductor compile is fast.
+- sdxl-random: SDXL base 1.0's real architecture, for benchmarks (latency does not depend on weight values).
+
+Weights are random but deterministic; the tokenizers are a tiny byte-level CLIP BPE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TINY_MODEL_ID = "tiny-sdxl"
+
+MAX_LENGTH = 77
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+# A few merges for common English pieces; the rest of the text falls back to single byte-level symbols.
+MERGES = [
+    ("t", "h"),
+    ("i", "n"),
+    ("a", "n"),
+    ("e", "r"),
+    ("o", "n"),
+    ("r", "e"),
+    ("th", "e</w>"),
+    ("o", "f</w>"),
+    ("a", "t</w>"),
+    ("c", "at</w>"),
+    ("in", "g</w>"),
+    ("an", "d</w>"),
+]
+
+
+def cache_path(name: str) -> Path:
+    """Where fastdiff keeps a model it builds: ``$FASTDIFF_CACHE`` (else ``~/.cache/fastdiff``) / name."""
+    root = os.environ.get("FASTDIFF_CACHE") or Path.home() / ".cache" / "fastdiff"
+    return Path(root).expanduser() / name
+
+
+def default_tiny_path() -> Path:
+    return cache_path(TINY_MODEL_ID)
+
+
+def tiny_sdxl() -> Path:
+    return build_tiny_sdxl(default_tiny_path())
+
+
+def random_sdxl_base() -> Path:
+    """SDXL base 1.0's architecture with random weights, saved in fp16 (5 GB) in the fastdiff cache."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_random_sdxl(cache_path("sdxl-random"), sdxl_base_arch(), dtype=torch.float16, device=device)
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable unicode symbols of byte-level BPE, in GPT-2/CLIP order (``!`` first)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    table = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return [table[b] for b in [*printable, *others]]
+
+
+def _vocab() -> dict[str, int]:
+    """CLIP-style layout: bytes, bytes + ``</w>``, merged pieces, then bos and eos as the last two ids."""
+    symbols = _byte_symbols()
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in MERGES), BOS_TOKEN, EOS_TOKEN]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def _tokenizer(pad_token: str) -> CLIPTokenizer:
+    return CLIPTokenizer(
+        vocab=_vocab(),
+        merges=list(MERGES),
+        pad_token=pad_token,
+        model_max_length=MAX_LENGTH,
+    )
+
+
+def _write_vocab_files(folder: Path) -> None:
+    """Also write classic vocab.json + merges.txt (what the slow CLIPTokenizer of transformers 4.x reads)."""
+    vocab = json.dumps(_vocab(), ensure_ascii=False, indent=1)
+    (folder / "vocab.json").write_text(vocab + "\n", encoding="utf-8")
+    merges = "".join(f"{a} {b}\n" for a, b in MERGES)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+
+
+TINY_ARCH = {
+    "unet": {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [2, 4],
+        "transformer_layers_per_block": [1, 1],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "cross_attention_dim": 64,  # hidden sizes of the two text encoders, 32 + 32
+        "projection_class_embeddings_input_dim": 80,  # projection_dim + 6 time ids * 8
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [8, 16, 16, 16],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 128,
+        "scaling_factor": 0.13025,
+        "force_upcast": False,
+    },
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "projection_dim": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": MAX_LENGTH,
+        "hidden_act": "quick_gelu",
+    },
+    "text_encoder_2": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "projection_dim": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": MAX_LENGTH,
+        "hidden_act": "gelu",
+    },
+    "scheduler": {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+    },
+}
+
+
+def sdxl_base_arch() -> dict:
+    """SDXL base 1.0's real architecture (configs/sdxl-base-1.0.json), for random-weight benchmarks."""
+    return json.loads((Path(__file__).parent / "configs" / "sdxl-base-1.0.json").read_text())
+
+
+def _text_config(arch: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    # The token ids must be the tokenizer's: CLIP pools at the first position holding eos_token_id.
+    return CLIPTextConfig(
+        **{k: v for k, v in arch.items() if k != "vocab_size"},
+        vocab_size=max(len(tokenizer), arch.get("vocab_size", 0)),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline:
+    tokenizer = _tokenizer(pad_token=EOS_TOKEN)
+    tokenizer_2 = _tokenizer(pad_token="!")
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(arch["text_encoder"], tokenizer))
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(arch["text_encoder_2"], tokenizer_2))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**arch["unet"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**arch["vae"])
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**arch["scheduler"]),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def build_random_sdxl(
+    path: str | os.PathLike, arch: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Path:
+    """Write a random-weight SDXL-family checkpoint of architecture `arch` (diffusers folder layout) to ``path``.
+
+    The same ``seed`` always gives byte-identical weights. The folder is built next to ``path`` and renamed
+    into place; an existing complete checkpoint (one with model_index.json) is returned unchanged.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with torch.device(device):  # random init of a 2.6B-parameter UNet is much faster on a GPU
+            pipe = _build_pipeline(arch, seed)
+        pipe.to(dtype=dtype).save_pretrained(tmp, safe_serialization=True)
+        _write_vocab_files(tmp / "tokenizer")
+        _write_vocab_files(tmp / "tokenizer_2")
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / "model_index.json").is_file():  # else a concurrent build won the race
+                raise FileExistsError(f"{path} exists but has no model_index.json") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> Path:
+    """The tiny SDXL checkpoint (float32): the embedded default model, built offline in well under a second."""
+    return build_random_sdxl(path, TINY_ARCH, seed)
