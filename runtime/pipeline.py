@@ -103,8 +103,10 @@ class FastDiffPipeline:
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
-        outputs = []
-        # The UNet was compiled for at most `batch_size` images; larger requests run in chunks of that size.
+        # The UNet was compiled for at most `batch_size` images; larger requests call it in chunks of that size
+        # within each step, while the scheduler steps all images at once as in diffusers (so that a stochastic
+        # scheduler draws the same noise from the generator).
+        chunks = []
         for chunk in _chunks(n, self.manifest.batch_size):
             if guidance:
                 cond = (
@@ -114,11 +116,11 @@ class FastDiffPipeline:
                 )
             else:
                 cond = (embeds[chunk], pooled[chunk], time_ids[chunk])
-            x = self._denoise(unet, latents[chunk], cond, num_inference_steps, guidance_scale, step_kwargs)
-            outputs.append(x if output_type == "latent" else vae(x.to(self.vae_dtype)))
-        out = torch.cat(outputs)
+            chunks.append((chunk, cond))
+        latents = self._denoise(unet, latents, chunks, num_inference_steps, guidance_scale, step_kwargs)
         if output_type == "latent":
-            return FastDiffPipelineOutput(images=out)
+            return FastDiffPipelineOutput(images=latents)
+        out = torch.cat([vae(latents[chunk].to(self.vae_dtype)) for chunk, _ in chunks])
         images = VaeImageProcessor.pt_to_numpy(out)
         return FastDiffPipelineOutput(images=images if output_type == "np" else VaeImageProcessor.numpy_to_pil(images))
 
@@ -126,7 +128,7 @@ class FastDiffPipeline:
         self,
         unet: CompiledModule | CUDAGraphModule,
         latents: torch.Tensor,
-        cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        chunks: list[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
         steps: int,
         guidance_scale: float,
         step_kwargs: dict[str, Any],
@@ -138,13 +140,16 @@ class FastDiffPipeline:
         timesteps = self.scheduler.timesteps
         unet_timesteps = timesteps.to(torch.float32)  # the package takes a float32 scalar
         for i, t in enumerate(tqdm(timesteps, **self._progress)):
-            model_in = torch.cat([latents] * 2) if guidance else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            noise = unet(model_in, unet_timesteps[i], *cond)
-            if guidance:
-                uncond, text = noise.chunk(2)
-                noise = uncond + guidance_scale * (text - uncond)
-            latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            scaled = self.scheduler.scale_model_input(latents, t)  # elementwise: the same as on the CFG batch
+            noise = []
+            for chunk, cond in chunks:
+                model_in = torch.cat([scaled[chunk]] * 2) if guidance else scaled[chunk]
+                out = unet(model_in, unet_timesteps[i], *cond)
+                if guidance:
+                    uncond, text = out.chunk(2)
+                    out = uncond + guidance_scale * (text - uncond)
+                noise.append(out)
+            latents = self.scheduler.step(torch.cat(noise), t, latents, **step_kwargs, return_dict=False)[0]
         return latents
 
     def _step_kwargs(self, generator: Any) -> dict[str, Any]:

@@ -1,0 +1,224 @@
+"""The runtime stays slim: no model or pipeline code, no exporter, no torchao of its own, no compiling at load time;
+and the packages of several resolutions share one copy of the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdiff.runtime import load_pipeline
+from fastdiff.runtime import loader as loader_module
+
+FORBIDDEN_PREFIXES = ("fastdiff.exporter", "diffusers.models", "diffusers.pipelines")
+COMPILERS = {"gcc", "g++", "cc", "c++", "clang", "clang++", "nvcc"}
+
+# Runs in a fresh interpreter: records who imports torchao and which programs are spawned, makes every compile entry
+# point raise, then imports the runtime, loads the artifact and generates one image.
+PROBE = textwrap.dedent(
+    """
+    import builtins, json, os, subprocess, sys
+
+    torchao_importers = []
+    _import = builtins.__import__
+
+    def _record_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.split(".")[0] == "torchao":
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}torchao{os.sep}" not in caller:
+                torchao_importers.append(caller)
+        return _import(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = _record_import
+
+    commands = []
+    _popen_init = subprocess.Popen.__init__
+
+    def _record_popen(self, args, *a, **k):
+        commands.append([args] if isinstance(args, (str, bytes, os.PathLike)) else [str(x) for x in args])
+        return _popen_init(self, args, *a, **k)
+
+    subprocess.Popen.__init__ = _record_popen
+
+    import torch
+    import torch._inductor
+    import torch._inductor.cpp_builder
+
+    _aoti_load_package = torch._inductor.aoti_load_package
+
+    def _forbid(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"{name} was called by the runtime")
+        return raiser
+
+    torch.compile = _forbid("torch.compile")
+    torch.export.export = _forbid("torch.export.export")
+    torch._inductor.compile = _forbid("torch._inductor.compile")
+    torch._inductor.aoti_compile_and_package = _forbid("torch._inductor.aoti_compile_and_package")
+    torch._inductor.aoti_load_package = _forbid("torch._inductor.aoti_load_package")  # test-compiles C++
+    torch._inductor.cpp_builder.CppBuilder.build = _forbid("CppBuilder.build")
+
+    artifact, mode = sys.argv[1], sys.argv[2]
+    import fastdiff.runtime
+
+    after_import = sorted(sys.modules)
+    pipe = fastdiff.runtime.load_pipeline(artifact, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    if mode == "control":  # what the runtime must not do: torch's own package loader compiles a test program
+        _aoti_load_package(os.path.join(artifact, pipe.manifest.unet.packages["64x64"]))
+    print(json.dumps({
+        "after_import": after_import,
+        "modules": sorted(m for m, v in sys.modules.items() if v is not None),
+        "torchao_importers": torchao_importers,
+        "commands": commands,
+        "images": [[type(im).__name__, *im.size] for im in images],
+    }))
+    """
+)
+
+
+def _probe(artifact: Path, mode: str = "plain") -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(artifact), mode],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _compiler_runs(commands: list[list[str]]) -> list[list[str]]:
+    return [c for c in commands if c and Path(str(c[0]).split()[0]).name in COMPILERS]
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_artifact: Path) -> dict:
+    return _probe(tiny_artifact)
+
+
+def test_generates_an_image(probe: dict) -> None:
+    assert probe["images"] == [["Image", 64, 64]]  # the first exported resolution (the default 128 is not)
+
+
+def test_no_model_pipeline_or_exporter_code(probe: dict) -> None:
+    modules = probe["modules"]
+    # the listing is real: the runtime and the light diffusers parts it uses are there
+    assert {"fastdiff.runtime", "fastdiff.runtime.loader", "diffusers.schedulers", "diffusers.image_processor"} <= set(
+        modules
+    )
+    assert any(m.startswith("diffusers.utils") for m in modules)
+    forbidden = [m for m in modules if m.startswith(FORBIDDEN_PREFIXES)]
+    assert forbidden == []
+
+
+def test_torchao_only_through_transformers(probe: dict) -> None:
+    """fastdiff never imports torchao, at import or while loading and generating.
+
+    transformers (5.x) imports torchao itself whenever it is installed, from its quantizer registry, as soon as
+    any of its model classes is imported (the runtime's CLIP text encoders): that import is not the runtime's, and
+    test_passes.py::test_int8_artifact_runs_without_torchao shows the runtime works with torchao unimportable.
+    """
+    assert not [m for m in probe["after_import"] if m.split(".")[0] == "torchao"]  # `import fastdiff.runtime`
+    importers = probe["torchao_importers"]
+    not_transformers = [p for p in importers if f"{os.sep}transformers{os.sep}" not in p]
+    assert not_transformers == []
+    if any(m.split(".")[0] == "torchao" for m in probe["modules"]):
+        assert importers  # the import hook saw who did it
+
+
+def test_nothing_is_compiled(probe: dict) -> None:
+    # the probe made torch.compile, torch.export and Inductor's compile and package-loading functions raise, so
+    # getting here means none was called; nor was a C/C++ compiler started
+    assert _compiler_runs(probe["commands"]) == []
+
+
+def test_compile_detection_works(tiny_artifact: Path) -> None:
+    """Control for test_nothing_is_compiled: torch's own aoti_load_package does run the compiler, and is seen."""
+    assert _compiler_runs(_probe(tiny_artifact, "control")["commands"])
+
+
+# ---- weights are loaded once per component and bound in place by every resolution's package ----
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Record the weight dicts the loader reads and the mapping each compiled package is bound to."""
+    record: dict = {"weights": [], "packages": []}
+    load_weights, compiled_module = loader_module.load_weights, loader_module.CompiledModule
+
+    def recording_load_weights(*args, **kwargs):
+        weights = load_weights(*args, **kwargs)
+        record["weights"].append(weights)
+        return weights
+
+    class RecordingCompiledModule(compiled_module):
+        def __init__(self, path, weights, device) -> None:
+            super().__init__(path, weights, device)
+            record["packages"].append((Path(path), weights))
+
+    monkeypatch.setattr(loader_module, "load_weights", recording_load_weights)
+    monkeypatch.setattr(loader_module, "CompiledModule", RecordingCompiledModule)
+    return record
+
+
+def _unet_call(unet, width: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    n, w = 2, width // 8
+    return unet(
+        torch.randn(n, 4, 8, w, generator=g),
+        torch.tensor(500.0),
+        torch.randn(n, 77, 64, generator=g),
+        torch.randn(n, 32, generator=g),
+        torch.tensor([[64, width, 0, 0, 64, width]] * n, dtype=torch.float32),
+    )
+
+
+def test_resolutions_share_weights(tiny_artifact: Path, recorded: dict) -> None:
+    pipe = load_pipeline(tiny_artifact, device="cpu")
+    assert sorted(pipe.unets) == sorted(pipe.vae_decoders) == ["64x64", "96x64"]
+    assert len(recorded["weights"]) == 2  # one safetensors read per component, not per package
+    by_component: dict[str, list[dict]] = {}
+    for path, weights in recorded["packages"]:
+        by_component.setdefault(path.parent.name, []).append(weights)
+    assert sorted(by_component) == ["unet", "vae_decoder"]
+    for component, bound in by_component.items():
+        assert len(bound) == 2, component
+        first, second = bound
+        assert first.keys() == second.keys()
+        for name in first:
+            assert first[name].data_ptr() == second[name].data_ptr(), (component, name)
+
+    # The packages use those tensors in place (no copies): zeroing the UNet's output convolution in the shared
+    # dict leaves only its bias, a per-channel constant, in the output of both resolutions' packages.
+    weight = by_component["unet"][0]["unet.conv_out.weight"]
+    before = {w: _unet_call(pipe.unets[f"{w}x64"], w) for w in (64, 96)}
+    saved = weight.clone()
+    try:
+        weight.zero_()
+        for w in (64, 96):
+            out = _unet_call(pipe.unets[f"{w}x64"], w)
+            assert before[w].std(dim=(2, 3)).min() > 1e-3
+            assert out.std(dim=(2, 3)).max() == 0, w
+    finally:
+        weight.copy_(saved)
+    torch.testing.assert_close(_unet_call(pipe.unets["64x64"], 64), before[64], rtol=0, atol=0)
+
+
+def test_resolution_subset(tiny_artifact: Path, tiny_pipeline, recorded: dict) -> None:
+    subset = load_pipeline(tiny_artifact, device="cpu", resolutions=["64"])
+    subset.set_progress_bar_config(disable=True)
+    assert sorted(subset.unets) == sorted(subset.vae_decoders) == ["64x64"]
+    assert sorted(p.name for p, _ in recorded["packages"]) == ["64x64.pt2", "64x64.pt2"]
+    kwargs = {"prompt": "a cat", "num_inference_steps": 2, "height": 64, "width": 64, "output_type": "latent"}
+    mine = subset(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    full = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(mine, full, rtol=0, atol=0)
