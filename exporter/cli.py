@@ -58,6 +58,13 @@ def _presets_help() -> str:
     show_default=True,
     help="The seed's Inductor flags (conv_1x1_as_mm, coordinate descent tuning, no epilogue fusion).",
 )
+@click.option(
+    "--text-encoders",
+    type=click.Choice(["compiled", "stock"]),
+    default="compiled",
+    show_default=True,
+    help="Compile the CLIP text encoders too, or ship the stock ones (the runtime then needs transformers).",
+)
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --out once the new one is complete.")
@@ -72,6 +79,7 @@ def main(
     quantize: str,
     max_autotune: bool,
     seed_flags: bool,
+    text_encoders: str,
     revision: str | None,
     vae: str | None,
     overwrite: bool,
@@ -100,6 +108,7 @@ def main(
             vae=vae,
             out=out,
             overwrite=overwrite,
+            compile_text_encoders=text_encoders == "compiled",
         )
         export_artifact(options)
     except FastDiffError as e:

@@ -26,9 +26,16 @@ from .compile import (
     package_constant_names,
     plain_constants,
 )
-from .passes import apply_passes
+from .passes import PASSES, apply_passes
 from .source import Source, load_source
-from .wrappers import UNET_INPUTS, VAE_DECODER_INPUTS, UNetStep, VAEDecode
+from .wrappers import (
+    TEXT_ENCODER_INPUTS,
+    UNET_INPUTS,
+    VAE_DECODER_INPUTS,
+    CLIPTextEncode,
+    UNetStep,
+    VAEDecode,
+)
 
 SDXL_TIME_IDS = [
     "original_height",
@@ -55,6 +62,7 @@ class ExportOptions:
     vae: str | None = None
     out: Path | None = None
     overwrite: bool = False
+    compile_text_encoders: bool = True  # False: ship the stock transformers encoders instead
 
     def inductor_configs(self) -> dict:
         configs = dict(SEED_INDUCTOR_FLAGS) if self.seed_inductor_flags else {}
@@ -86,6 +94,7 @@ def export_artifact(options: ExportOptions) -> Path:
         raise FastDiffError(f"--batch-size must be at least 1, got {options.batch_size}")
     if not options.resolutions:
         raise FastDiffError("no resolution given", "pass --res, e.g. --res 1024")
+    _check_passes(options)
     out = options.out or options.default_out()
     with ArtifactWriter(out, options.overwrite) as writer:  # checks the target before the slow work
         with phase(f"loading {options.model}"):
@@ -100,33 +109,30 @@ def export_artifact(options: ExportOptions) -> Path:
             vae = VAEDecode(apply_passes(pipe.vae.to(options.device, vae_dtype), vae_passes)).eval()
 
         facts = _model_facts(source)
-        unet_packages, unet_weights = {}, {}
-        vae_packages, vae_weights = {}, {}
         for res in options.resolutions:
             _check_divisible(res, facts)
-            rel = f"unet/{res.key}.pt2"
-            unet_weights |= _compile(
-                writer,
-                rel,
-                unet,
-                _unet_inputs(pipe, facts, res, options),
-                _batch_dims(UNET_INPUTS, 2 * options.batch_size, skip={"timestep"}),
-                options,
-            )
-            unet_packages[res.key] = rel
-            rel = f"vae_decoder/{res.key}.pt2"
-            latents = torch.randn(
-                options.batch_size, *_latent_shape(facts, res), device=options.device, dtype=vae_dtype
-            )
-            vae_weights |= _compile(
-                writer, rel, vae, (latents,), _batch_dims(VAE_DECODER_INPUTS, options.batch_size), options
-            )
-            vae_packages[res.key] = rel
+        n, dev, dtype = options.batch_size, options.device, torch_dtype(options.dtype)
+        unet_cases = {res.key: _unet_inputs(pipe, facts, res, options) for res in options.resolutions}
+        vae_cases = {
+            res.key: (torch.randn(n, *_latent_shape(facts, res), device=dev, dtype=vae_dtype),)
+            for res in options.resolutions
+        }
+        components = {
+            "unet": _export_component(writer, "unet", unet, unet_cases, UNET_INPUTS, 2 * n, options),
+            "vae_decoder": _export_component(
+                writer, "vae_decoder", vae, vae_cases, VAE_DECODER_INPUTS, n, options, dtype=vae_dtype
+            ),
+        }
+        text_encoders = []
+        if options.compile_text_encoders:
+            ids = torch.zeros(n, facts.text_max_length, dtype=torch.long, device=dev)
+            for name in ("text_encoder", "text_encoder_2"):
+                encoder = CLIPTextEncode(getattr(pipe, name).to(dev, dtype)).eval()
+                cases = {str(facts.text_max_length): (ids,)}
+                text_encoders.append(_export_component(writer, name, encoder, cases, TEXT_ENCODER_INPUTS, n, options))
 
-        with phase("writing weights, text encoders, tokenizers and scheduler"):
-            unet_nhwc = writer.save_weights("unet/weights.safetensors", unet_weights)
-            vae_nhwc = writer.save_weights("vae_decoder/weights.safetensors", vae_weights)
-            stock = _save_stock(writer, pipe)
+        with phase("writing tokenizers, scheduler" + ("" if text_encoders else " and stock text encoders")):
+            stock = _save_stock(writer, pipe, facts, with_text_encoders=not text_encoders)
 
         manifest = Manifest(
             source=source.record,
@@ -136,26 +142,14 @@ def export_artifact(options: ExportOptions) -> Path:
                 "passes": options.passes,
                 "vae_passes": vae_passes,
                 "inductor": options.inductor_configs(),
+                "text_encoders": "compiled" if text_encoders else "stock",
             },
             device=device_record(options.device),
             versions=_versions(options),
             model=facts,
-            unet=CompiledComponent(
-                dtype=options.dtype,
-                weights="unet/weights.safetensors",
-                inputs=UNET_INPUTS,
-                max_batch=2 * options.batch_size,
-                packages=unet_packages,
-                channels_last=unet_nhwc,
-            ),
-            vae_decoder=CompiledComponent(
-                dtype=dtype_name(vae_dtype),
-                weights="vae_decoder/weights.safetensors",
-                inputs=VAE_DECODER_INPUTS,
-                max_batch=options.batch_size,
-                packages=vae_packages,
-                channels_last=vae_nhwc,
-            ),
+            unet=components["unet"],
+            vae_decoder=components["vae_decoder"],
+            text_encoders=text_encoders,
             stock=stock,
         )
         with phase("hashing files and writing the manifest"):
@@ -164,13 +158,38 @@ def export_artifact(options: ExportOptions) -> Path:
     return path
 
 
-def _compile(writer, rel, module, inputs, dynamic_shapes, options) -> dict[str, torch.Tensor]:
-    """Export and compile one package; returns the named tensors it binds at load time."""
-    with phase(f"torch.export {rel}"):
-        program = export_program(module, inputs, dynamic_shapes)
-    with phase(f"AOTInductor compile {rel}"):
-        path = compile_package(program, writer.path(rel), options.inductor_configs())
-    return plain_constants(program, package_constant_names(path, options.device))
+def _export_component(
+    writer: ArtifactWriter,
+    name: str,
+    module: torch.nn.Module,
+    cases: dict[str, tuple[torch.Tensor, ...]],
+    input_names: list[str],
+    max_batch: int,
+    options: ExportOptions,
+    dtype: torch.dtype | None = None,
+) -> CompiledComponent:
+    """Compile `module` once per case (a resolution or a sequence length, examples at the largest batch), with a
+    dynamic batch dimension up to `max_batch`; write the weights all its packages bind to one safetensors file."""
+    packages, weights = {}, {}
+    dynamic = _batch_dims(input_names, max_batch, skip={"timestep"})
+    for key, inputs in cases.items():
+        rel = f"{name}/{key}.pt2"
+        with phase(f"torch.export {rel}"):
+            program = export_program(module, inputs, dynamic)
+        with phase(f"AOTInductor compile {rel}"):
+            path = compile_package(program, writer.path(rel), options.inductor_configs())
+        weights |= plain_constants(program, package_constant_names(path, options.device))
+        packages[key] = rel
+    weights_rel = f"{name}/weights.safetensors"
+    nhwc = writer.save_weights(weights_rel, weights)
+    return CompiledComponent(
+        dtype=dtype_name(dtype or torch_dtype(options.dtype)),
+        weights=weights_rel,
+        inputs=input_names,
+        max_batch=max_batch,
+        packages=packages,
+        channels_last=nhwc,
+    )
 
 
 def _batch_dims(names: list[str], max_batch: int, skip: set[str] = frozenset()) -> dict | None:
@@ -195,6 +214,22 @@ def _unet_inputs(pipe, facts: ModelFacts, res: Resolution, options: ExportOption
         torch.randn(n, facts.pooled_dim, device=dev, dtype=dtype),
         torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * n, device=dev, dtype=dtype),
     )
+
+
+def _check_passes(options: ExportOptions) -> None:
+    """Pass names and fp8's hardware need, checked before the model is loaded (which can mean a long download)."""
+    for names in (options.passes, options.vae_passes or []):
+        unknown = [n for n in names if n not in PASSES]
+        if unknown:
+            raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
+    dev = torch.device(options.device)
+    capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    if "fp8" in options.passes and (capability is None or capability < (8, 9)):
+        have = f"compute capability {capability[0]}.{capability[1]}" if capability else dev.type
+        raise FastDiffError(
+            f"--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer, not {have}",
+            "use --quantize int8 or none, or export on such a GPU",
+        )
 
 
 def _check_divisible(res: Resolution, facts: ModelFacts) -> None:
@@ -229,12 +264,30 @@ def _model_facts(source: Source) -> ModelFacts:
     )
 
 
-def _save_stock(writer: ArtifactWriter, pipe) -> dict[str, str]:
-    for name in ("text_encoder", "text_encoder_2"):
-        getattr(pipe, name).save_pretrained(writer.path(name), safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2", "scheduler"):
-        getattr(pipe, name).save_pretrained(writer.path(name))
-    return {name: name for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+def _save_stock(writer: ArtifactWriter, pipe, facts: ModelFacts, with_text_encoders: bool) -> dict[str, str]:
+    """Tokenizers (as tokenizer.json with SDXL's padding and truncation built in, so the runtime needs only the
+    `tokenizers` library), the scheduler config, and, unless they were compiled, the stock text encoders."""
+    names = ["tokenizer", "tokenizer_2", "scheduler"]
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name)
+        tokenizer.save_pretrained(writer.path(name))
+        _save_padded_tokenizer_json(tokenizer, facts.text_max_length, writer.path(f"{name}/tokenizer.json"))
+    pipe.scheduler.save_pretrained(writer.path("scheduler"))
+    if with_text_encoders:
+        for name in ("text_encoder", "text_encoder_2"):
+            getattr(pipe, name).save_pretrained(writer.path(name), safe_serialization=True)
+            names.append(name)
+    return {name: name for name in names}
+
+
+def _save_padded_tokenizer_json(tokenizer, max_length: int, path: Path) -> None:
+    from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+    backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else convert_slow_tokenizer(tokenizer)
+    backend = backend.__class__.from_str(backend.to_str())  # a copy: the pipeline's tokenizer stays as it was
+    backend.enable_truncation(max_length)
+    backend.enable_padding(length=max_length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    backend.save(str(path))
 
 
 def _versions(options: ExportOptions) -> dict[str, str | None]:

@@ -56,3 +56,20 @@ class VAEDecode(nn.Module):
             latents = self.post_quant_conv(latents)
         image = self.decoder(latents)
         return (image * 0.5 + 0.5).clamp(0, 1)
+
+
+TEXT_ENCODER_INPUTS = ["input_ids"]
+
+
+class CLIPTextEncode(nn.Module):
+    """Token ids in; SDXL's conditioning out: the penultimate hidden states and the pooled embedding
+    (projected `text_embeds` for CLIPTextModelWithProjection, `pooler_output` otherwise)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(input_ids, output_hidden_states=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return out.hidden_states[-2], pooled

@@ -1,6 +1,7 @@
 """fastdiff runtime: load ahead-of-time compiled diffusion artifacts and generate, compiling nothing.
 
-Imports neither the exporter, torchao, nor diffusers' model or pipeline code.
+Imports neither the exporter, torchao, nor diffusers' model or pipeline code; with compiled text encoders (the
+default) not transformers either: tokenizers run through the `tokenizers` library.
 """
 
 from .errors import FastDiffError

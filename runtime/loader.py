@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import diffusers.schedulers
 import torch
 
 from .compat import check_compatible, resolve_device
 from .errors import FastDiffError
-from .manifest import CompiledComponent, check_files, read_manifest, torch_dtype
+from .manifest import CompiledComponent, Manifest, check_files, read_manifest, torch_dtype
 from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
-from .text import SDXLTextConditioner, load_text_encoder, load_tokenizer
+from .text import SDXLTextConditioner, load_stock_text_encoder, load_tokenizer
 from .weights import load_weights
 
 
@@ -45,32 +45,49 @@ def load_pipeline(
             "export the model again",
         )
     keys = _resolution_keys(manifest.unet, resolutions)
-    unets = _load_packages(root, manifest.unet, keys, device)
-    if cuda_graphs and device.type == "cuda":
-        unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
-    dtype = torch_dtype(manifest.dtype)
     stock = {name: root / rel for name, rel in manifest.stock.items()}
+    # Importing diffusers (for its scheduler classes) takes seconds: it pulls in torch._dynamo and probes many
+    # packages. It runs in a thread while the weights and packages load.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
+        scheduler = pool.submit(load_scheduler, stock["scheduler"])
+        if not manifest.text_encoders:
+            scheduler.result()  # stock encoders import transformers below: keep the two big imports apart
+        unets = _load_packages(root, manifest.unet, keys, device)
+        if cuda_graphs and device.type == "cuda":
+            unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
+        vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device)
+        conditioner = _load_conditioner(root, manifest, stock, device)
+        return FastDiffPipeline(
+            manifest=manifest,
+            device=device,
+            conditioner=conditioner,
+            scheduler=scheduler.result(),
+            unets=unets,
+            vae_decoders=vae_decoders,
+        )
 
-    conditioner = SDXLTextConditioner(
+
+def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], device: torch.device):
+    if manifest.text_encoders:
+        encoders = [
+            next(iter(_load_packages(root, c, list(c.packages), device).values())) for c in manifest.text_encoders
+        ]
+    else:
+        dtype = torch_dtype(manifest.dtype)
+        encoders = [load_stock_text_encoder(stock[n], dtype, device) for n in ("text_encoder", "text_encoder_2")]
+    return SDXLTextConditioner(
         tokenizers=[load_tokenizer(stock["tokenizer"]), load_tokenizer(stock["tokenizer_2"])],
-        encoders=[
-            load_text_encoder(stock["text_encoder"], dtype, device),
-            load_text_encoder(stock["text_encoder_2"], dtype, device),
-        ],
+        encoders=encoders,
         force_zeros_for_empty_prompt=manifest.model.force_zeros_for_empty_prompt,
-    )
-    return FastDiffPipeline(
-        manifest=manifest,
         device=device,
-        conditioner=conditioner,
-        scheduler=load_scheduler(stock["scheduler"]),
-        unets=unets,
-        vae_decoders=_load_packages(root, manifest.vae_decoder, keys, device),
+        max_batch=min([c.max_batch for c in manifest.text_encoders], default=manifest.batch_size),
     )
 
 
 def load_scheduler(path: Path):
     """The checkpoint's own scheduler class and config (diffusers' scheduler classes are light)."""
+    import diffusers.schedulers
+
     try:
         name = json.loads((path / "scheduler_config.json").read_text())["_class_name"]
         return getattr(diffusers.schedulers, name).from_pretrained(path)

@@ -54,13 +54,14 @@ class ModelFacts:
 
 @dataclass
 class CompiledComponent:
-    """A component compiled per resolution; all its packages bind the same weight file."""
+    """A compiled component: one package per case (a resolution "WxH", or a text length), all binding one weight
+    file; the batch dimension is dynamic up to max_batch."""
 
     dtype: str
     weights: str  # relative path of the safetensors file
     inputs: list[str]
     max_batch: int
-    packages: dict[str, str]  # resolution key "WxH" -> relative path of the .pt2
+    packages: dict[str, str]  # case key ("WxH", or the token count for text encoders) -> relative .pt2 path
     # Weights whose compiled code expects channels_last strides are stored physically NHWC (see runtime.weights).
     channels_last: list[str] = field(default_factory=list)
 
@@ -76,7 +77,9 @@ class Manifest:
     model: ModelFacts
     unet: CompiledComponent
     vae_decoder: CompiledComponent
-    stock: dict[str, str]  # text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler -> relative folder
+    # tokenizer, tokenizer_2, scheduler, and text_encoder, text_encoder_2 when those are not compiled -> folder
+    stock: dict[str, str]
+    text_encoders: list[CompiledComponent] = field(default_factory=list)  # compiled, in conditioning order
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {size, sha256}
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -100,6 +103,7 @@ class Manifest:
         data["model"] = ModelFacts(**data["model"])
         data["unet"] = CompiledComponent(**data["unet"])
         data["vae_decoder"] = CompiledComponent(**data["vae_decoder"])
+        data["text_encoders"] = [CompiledComponent(**c) for c in data.get("text_encoders", [])]
         return cls(**data)
 
 
@@ -134,14 +138,50 @@ def read_manifest(root: str | Path) -> Manifest:
         )
     try:
         manifest = Manifest.from_dict(data)
-    except (TypeError, KeyError, ValueError, FastDiffError) as e:
+    except KeyError as e:
+        raise FastDiffError(f"{path} is incomplete: key {e} is missing", "export the model again") from None
+    except (TypeError, ValueError, FastDiffError) as e:
         raise FastDiffError(f"{path} is incomplete or malformed ({e})", "export the model again") from None
     _check_consistency(manifest, path)
     return manifest
 
 
-def _check_consistency(manifest: Manifest, path: Path) -> None:
+STOCK_PARTS = ("tokenizer", "tokenizer_2", "scheduler")
+STOCK_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def _check_structure(manifest: Manifest) -> list[str]:
+    """The nested fields the runtime indexes directly, so that a damaged manifest fails here, not with a KeyError."""
     problems = []
+    for name in ("source", "options", "device", "versions", "stock", "files"):
+        if not isinstance(getattr(manifest, name), dict):
+            problems.append(f"{name} is not an object")
+    for comp in _components(manifest):
+        if not isinstance(comp.packages, dict):
+            problems.append("a component's packages is not an object")
+    if problems:
+        return problems
+    if not isinstance(manifest.device.get("type"), str):
+        problems.append("device.type is missing")
+    if not isinstance(manifest.versions.get("torch"), str):
+        problems.append("versions.torch is missing")
+    if isinstance(manifest.batch_size, bool) or not isinstance(manifest.batch_size, int) or manifest.batch_size < 1:
+        problems.append(f"batch_size {manifest.batch_size!r} is not a positive integer")
+    needed = STOCK_PARTS if manifest.text_encoders else STOCK_PARTS + STOCK_TEXT_ENCODERS
+    missing = [name for name in needed if not isinstance(manifest.stock.get(name), str)]
+    if missing:
+        problems.append(f"stock lacks {', '.join(missing)}")
+    for rel, entry in manifest.files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or "sha256" not in entry:
+            problems.append(f"files entry {rel} lacks its size or sha256")
+            break
+    return problems
+
+
+def _check_consistency(manifest: Manifest, path: Path) -> None:
+    problems = _check_structure(manifest)
+    if problems:
+        raise FastDiffError(f"{path} is inconsistent: {'; '.join(problems)}", "export the model again")
     if manifest.dtype not in DTYPES:
         problems.append(f"unknown dtype {manifest.dtype!r}")
     if not manifest.unet.packages:
@@ -157,9 +197,13 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
         raise FastDiffError(f"{path} is inconsistent: {'; '.join(problems)}", "export the model again")
 
 
+def _components(manifest: Manifest) -> list[CompiledComponent]:
+    return [manifest.unet, manifest.vae_decoder, *manifest.text_encoders]
+
+
 def _referenced_files(manifest: Manifest) -> list[str]:
     out = []
-    for comp in (manifest.unet, manifest.vae_decoder):
+    for comp in _components(manifest):
         out.append(comp.weights)
         out.extend(comp.packages.values())
     return out

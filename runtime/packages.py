@@ -61,8 +61,9 @@ class CompiledModule:
             )
         self._loader.load_constants({n: weights[n] for n in names}, False, False, True)
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self._loader.run(list(inputs))[0]
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self._loader.run(list(inputs))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 class CUDAGraphModule:

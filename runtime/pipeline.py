@@ -14,8 +14,6 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .errors import FastDiffError
@@ -75,6 +73,10 @@ class FastDiffPipeline:
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
     ) -> FastDiffPipelineOutput:
+        # Deferred so that load_pipeline can overlap diffusers' slow import with loading; loaded by now.
+        from diffusers.image_processor import VaeImageProcessor
+        from diffusers.utils.torch_utils import randn_tensor
+
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _negative_prompts(negative_prompt, len(prompts))
         _check_call(prompts, num_inference_steps, guidance_scale, num_images_per_prompt, output_type)

@@ -1,18 +1,35 @@
-"""SDXL prompt encoding with the stock CLIP text encoders, as diffusers' StableDiffusionXLPipeline does it."""
+"""SDXL prompt encoding, as diffusers' StableDiffusionXLPipeline does it: both CLIP encoders' penultimate hidden
+states, concatenated, and the second encoder's pooled, projected embedding.
+
+Tokenizers run through the `tokenizers` library (the artifact's tokenizer.json has SDXL's padding and truncation
+built in); the encoders are compiled packages, or, for artifacts exported with stock encoders, transformers models.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
+from tokenizers import Tokenizer
 
 from .errors import FastDiffError
 
+TextEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ids -> (hidden states, pooled)
 
-def load_text_encoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:
+        raise FastDiffError(f"cannot load tokenizer {path}: {e}", "the artifact is damaged: export again") from None
+
+
+def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device) -> TextEncoder:
     """A transformers text encoder saved with save_pretrained, of the class its config names."""
+    import transformers  # only artifacts exported with stock text encoders need it
+
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -23,38 +40,38 @@ def load_text_encoder(path: Path, dtype: torch.dtype, device: torch.device) -> t
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
 
+    def encode(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(ids, output_hidden_states=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return out.hidden_states[-2], pooled
 
-def load_tokenizer(path: Path):
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise FastDiffError(f"cannot load tokenizer {path}: {e}", "the artifact is damaged: export again") from None
+    return encode
 
 
 class SDXLTextConditioner:
-    """Two CLIP encoders: penultimate hidden states of both, concatenated; pooled, projected output of the second."""
-
-    def __init__(self, tokenizers: list, encoders: list[torch.nn.Module], force_zeros_for_empty_prompt: bool) -> None:
+    def __init__(
+        self,
+        tokenizers: list[Tokenizer],
+        encoders: list[TextEncoder],
+        force_zeros_for_empty_prompt: bool,
+        device: torch.device,
+        max_batch: int,
+    ) -> None:
         self.tokenizers = tokenizers
         self.encoders = encoders
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.device = device
+        self.max_batch = max_batch  # most prompts per encoder call (compiled encoders have a bounded batch)
 
-    def _encode(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=max_length or tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            out = encoder(ids.to(encoder.device), output_hidden_states=True)
-            if out[0].ndim == 2:  # only CLIPTextModelWithProjection returns a 2-d first output
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])
+            ids = torch.tensor([e.ids for e in tokenizer.encode_batch(prompts)], dtype=torch.long)
+            outs = [encoder(chunk.to(self.device)) for chunk in ids.split(self.max_batch)]
+            hidden.append(torch.cat([h for h, _ in outs]))
+            pooled = torch.cat([p for _, p in outs])  # only the last encoder's pooled output conditions SDXL
         return torch.cat(hidden, dim=-1), pooled
 
     @torch.no_grad()
@@ -67,6 +84,5 @@ class SDXLTextConditioner:
             return embeds, pooled, None, None
         if negative_prompts is None and self.force_zeros_for_empty_prompt:
             return embeds, pooled, torch.zeros_like(embeds), torch.zeros_like(pooled)
-        negative_prompts = negative_prompts or [""] * len(prompts)
-        neg_embeds, neg_pooled = self._encode(negative_prompts, max_length=embeds.shape[1])
+        neg_embeds, neg_pooled = self._encode(negative_prompts or [""] * len(prompts))
         return embeds, pooled, neg_embeds, neg_pooled

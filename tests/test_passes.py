@@ -273,9 +273,9 @@ def test_apply_no_passes_is_identity(tiny_checkpoint: Path) -> None:
 def int8_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torchao")
     out = tmp_path_factory.mktemp("int8") / "tiny-int8"
-    proc = run_cli(
-        "fastdiff-export", "tiny-sdxl", "--res", "64", "--quantize", "int8", "--device", "cpu", "--out", str(out)
-    )
+    # --text-encoders stock: this export also covers the artifacts that ship transformers' text encoders
+    args = ["--res", "64", "--quantize", "int8", "--text-encoders", "stock", "--device", "cpu", "--out", str(out)]
+    proc = run_cli("fastdiff-export", "tiny-sdxl", *args)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -304,6 +304,7 @@ def test_int8_artifact_runs_without_torchao(int8_artifact: Path, tiny_pipeline, 
     manifest = json.loads((int8_artifact / "manifest.json").read_text())
     assert "int8" in manifest["options"]["passes"]
     assert "int8" not in manifest["options"]["vae_passes"]
+    assert manifest["text_encoders"] == [] and {"text_encoder", "text_encoder_2"} <= set(manifest["stock"])
     out = tmp_path / "latents.pt"
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCHAO_SCRIPT, str(int8_artifact), str(out), json.dumps(GENERATE)],
