@@ -65,6 +65,11 @@ def _load(cls, location: str, **kwargs):
     try:
         return cls.from_pretrained(location, **kwargs)
     except Exception as e:
+        if _not_cached_offline(e):
+            raise FastDiffError(
+                f"cannot load {location}: it is not in the Hugging Face cache, and the hub cannot be reached",
+                "connect to the network (with HF_HUB_OFFLINE unset) once to download it, or pass a local folder",
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FastDiffError(
             f"cannot load {location}: {first}",
@@ -72,6 +77,19 @@ def _load(cls, location: str, **kwargs):
         ) from None
     finally:
         diffusers.logging.set_verbosity(level)
+
+
+def _not_cached_offline(error: BaseException) -> bool:
+    """Whether loading failed because the files are not cached locally and the hub was offline or unreachable."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _check_supported(pipe: StableDiffusionXLPipeline, model: str) -> None:

@@ -76,7 +76,7 @@ def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], de
         dtype = torch_dtype(manifest.dtype)
         encoders = [load_stock_text_encoder(stock[n], dtype, device) for n in ("text_encoder", "text_encoder_2")]
     return SDXLTextConditioner(
-        tokenizers=[load_tokenizer(stock["tokenizer"]), load_tokenizer(stock["tokenizer_2"])],
+        tokenizers=[load_tokenizer(stock[n], manifest.model.text_max_length) for n in ("tokenizer", "tokenizer_2")],
         encoders=encoders,
         force_zeros_for_empty_prompt=manifest.model.force_zeros_for_empty_prompt,
         device=device,

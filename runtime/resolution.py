@@ -39,15 +39,16 @@ def parse_resolution(text: str | int | Resolution, multiple_of: int = 8) -> Reso
                 "give one number for a square image (1024) or WIDTHxHEIGHT (832x1216)",
             )
         res = Resolution(sides[0], sides[-1])
+    for side in (res.width, res.height):  # range first, so the rounding hint below is always a valid size
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise FastDiffError(
+                f"invalid resolution {res}: sides must be between {MIN_SIDE} and {MAX_SIDE} pixels",
+                "pick a resolution the model was trained for, e.g. 1024 for SDXL",
+            )
     for side in (res.width, res.height):
         if side % multiple_of:
             raise FastDiffError(
                 f"invalid resolution {res}: {side} is not a multiple of {multiple_of}",
                 f"round each side to a multiple of {multiple_of}, e.g. {max(side // multiple_of, 1) * multiple_of}",
-            )
-        if not MIN_SIDE <= side <= MAX_SIDE:
-            raise FastDiffError(
-                f"invalid resolution {res}: sides must be between {MIN_SIDE} and {MAX_SIDE} pixels",
-                "pick a resolution the model was trained for, e.g. 1024 for SDXL",
             )
     return res

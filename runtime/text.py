@@ -19,11 +19,19 @@ from .errors import FastDiffError
 TextEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ids -> (hidden states, pooled)
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
+def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
+    """The artifact's tokenizer, which must pad and truncate to `max_length` tokens by itself."""
     try:
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:
         raise FastDiffError(f"cannot load tokenizer {path}: {e}", "the artifact is damaged: export again") from None
+    padding, truncation = tokenizer.padding or {}, tokenizer.truncation or {}
+    if padding.get("length") != max_length or truncation.get("max_length") != max_length:
+        raise FastDiffError(
+            f"tokenizer {path} does not pad and truncate to {max_length} tokens",
+            "the artifact is damaged or was written by an older fastdiff: export it again",
+        )
+    return tokenizer
 
 
 def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device) -> TextEncoder:

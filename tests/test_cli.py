@@ -1,0 +1,146 @@
+"""The console scripts' happy paths: fastdiff-run writes the images asked for, fastdiff-inspect describes and verifies
+an artifact, and every command documents its options."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import run_cli
+
+from fastdiff.runtime import read_manifest
+
+PROMPT = "a photo of a cat"
+
+
+def pixels(path: Path) -> np.ndarray:
+    with PIL.Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def generate(artifact: Path, out: Path, *args: str) -> None:
+    proc = run_cli(
+        "fastdiff-run", str(artifact), "-p", PROMPT, "--res", "96x64", "--steps", "2", "--out", str(out), *args
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.fixture(scope="module")
+def seeded_image(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "x.png"
+    generate(tiny_artifact, out, "--seed", "3")
+    return out
+
+
+def test_run_writes_png(seeded_image: Path) -> None:
+    with PIL.Image.open(seeded_image) as image:
+        assert image.format == "PNG"
+        assert image.size == (96, 64)  # width x height
+        assert image.mode == "RGB"
+    assert pixels(seeded_image).std() > 0  # not a blank image
+    assert sorted(p.name for p in seeded_image.parent.iterdir()) == ["x.png"]  # no temp file left
+
+
+def test_run_same_seed_same_pixels(tiny_artifact: Path, seeded_image: Path, tmp_path: Path) -> None:
+    generate(tiny_artifact, tmp_path / "again.png", "--seed", "3")
+    np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(seeded_image))
+
+
+def test_run_matches_python_api(tiny_pipeline, seeded_image: Path) -> None:
+    """The CLI's defaults (guidance 5.0, no negative prompt) and seeding are the API's; another seed differs."""
+
+    def api(seed: int) -> np.ndarray:
+        image = tiny_pipeline(
+            PROMPT,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            height=64,
+            width=96,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+        return np.asarray(image.convert("RGB"))
+
+    np.testing.assert_array_equal(api(3), pixels(seeded_image))
+    assert not np.array_equal(api(4), pixels(seeded_image))
+
+
+def test_run_num_images(tiny_artifact: Path, tmp_path: Path) -> None:
+    """3 images with a UNet compiled for batch 2 (two chunks); an existing one is replaced with --overwrite."""
+    (tmp_path / "x-1.png").write_bytes(b"old")
+    generate(tiny_artifact, tmp_path / "x.png", "--seed", "5", "--num-images", "3", "--overwrite", "--quiet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0.png", "x-1.png", "x-2.png"]
+    images = [pixels(tmp_path / f"x-{i}.png") for i in range(3)]
+    assert all(image.shape == (64, 96, 3) for image in images)
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+
+
+def test_run_jpeg(tiny_artifact: Path, tmp_path: Path) -> None:
+    generate(tiny_artifact, tmp_path / "x.jpg", "--seed", "1", "--steps", "1", "-n", "blurry", "--guidance", "1.0")
+    with PIL.Image.open(tmp_path / "x.jpg") as image:
+        assert (image.format, image.size) == ("JPEG", (96, 64))
+
+
+def test_inspect(tiny_artifact: Path) -> None:
+    proc = run_cli("fastdiff-inspect", str(tiny_artifact))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    manifest = read_manifest(tiny_artifact)
+    assert re.search(r"^source\s+tiny-sdxl\b", out, re.M), out
+    assert re.search(r"^dtype\s+fp32 \(VAE decoder fp32\), batch size 2$", out, re.M), out
+    assert re.search(r"^resolutions\s+64x64, 96x64$", out, re.M), out
+    assert re.search(r"^device\s+cpu\b", out, re.M), out
+    assert re.search(rf"^files\s+{len(manifest.files)}, ", out, re.M), out
+    for rel in manifest.files:
+        if rel.endswith((".pt2", ".safetensors")):
+            assert re.search(rf"^\s+{re.escape(rel)}\s+[\d.]+ MB$", out, re.M), rel
+    assert "verified" not in out  # hashing only with --verify
+
+
+def test_inspect_verify(tiny_artifact: Path) -> None:
+    proc = run_cli("fastdiff-inspect", str(tiny_artifact), "--verify")
+    assert proc.returncode == 0, proc.stderr
+    count = len(read_manifest(tiny_artifact).files)
+    assert f"all {count} files match their sha256" in proc.stdout
+    assert "FAILED" not in proc.stderr and "error:" not in proc.stderr
+
+
+HELP_OPTIONS = {
+    "fastdiff-export": [
+        "--res",
+        "--out",
+        "--device",
+        "--dtype",
+        "--batch-size",
+        "--passes",
+        "--quantize",
+        "--max-autotune",
+        "--overwrite",
+    ],
+    "fastdiff-run": [
+        "--prompt",
+        "--negative-prompt",
+        "--res",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--device",
+        "--out",
+        "--num-images",
+        "--overwrite",
+    ],
+    "fastdiff-inspect": ["--verify"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS))
+def test_help(command: str) -> None:
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Usage: {command} "), proc.stdout
+    for option in HELP_OPTIONS[command]:
+        assert re.search(rf"(^|[\s,/]){re.escape(option)}\b", proc.stdout), f"{option} missing from {command} --help"

@@ -1,0 +1,631 @@
+"""Bad input gets a clear error, never a traceback, a crash or a half-written artifact; nothing the user had is lost.
+
+Every case runs through the console scripts (a fresh interpreter each: `error: ...` on stderr, non-zero exit) and,
+where the Python API has the same entry point, through it (a FastDiffError). Damaged artifacts are copies of the
+session artifact, which is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import run_cli
+
+from fastdiff.runtime import FastDiffError, load_pipeline, parse_resolution, read_manifest
+from fastdiff.runtime import compat as compat_module
+from fastdiff.runtime.compat import check_compatible
+from fastdiff.runtime.manifest import MANIFEST_NAME, sha256_file
+
+EXPORTED = "64x64, 96x64"  # how messages list conftest's EXPORT_RESOLUTIONS
+UNET_WEIGHTS = "unet/weights.safetensors"
+
+
+# helpers ---------------------------------------------------------------------------------------------
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *phrases: str, usage: bool = False) -> None:
+    """Non-zero exit, `error: ...` on stderr naming the problem, no traceback anywhere.
+
+    usage: click rejected an option value itself; it prints `Error: Invalid value for ...` after a usage line.
+    """
+    both = proc.stdout + proc.stderr
+    assert proc.returncode != 0, both
+    assert "Traceback" not in both, both
+    assert "error:" in (proc.stderr.lower() if usage else proc.stderr), proc.stderr
+    for phrase in phrases:
+        assert phrase in proc.stderr, f"{phrase!r} not in:\n{proc.stderr}"
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root with its content, to check that a refused command changed nothing."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def copy_artifact(artifact: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(artifact, tmp_path / "art"))
+
+
+def edit_manifest(root: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    path = root / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def run(artifact: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """fastdiff-run with a cheap request (1 step), writing into tmp_path unless --out is given."""
+    out = [] if "--out" in args else ["--out", str(tmp_path / "img.png")]
+    return run_cli("fastdiff-run", str(artifact), "-p", "a cat", "--steps", "1", "--device", "cpu", *out, *args)
+
+
+def images_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".jpg", ".webp"))
+
+
+# artifact folder -------------------------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    assert_clean_error(run(missing, tmp_path), "does not exist", str(missing))
+    assert_clean_error(run_cli("fastdiff-inspect", str(missing)), "does not exist")
+    with pytest.raises(FastDiffError, match="does not exist"):
+        load_pipeline(missing, device="cpu")
+    assert images_in(tmp_path) == []
+
+
+def test_folder_without_manifest(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert_clean_error(run(folder, tmp_path), "not a fastdiff artifact", "manifest.json is missing")
+    assert_clean_error(run_cli("fastdiff-inspect", str(folder)), "not a fastdiff artifact")
+    with pytest.raises(FastDiffError, match="manifest.json is missing"):
+        load_pipeline(folder, device="cpu")
+    assert tree(folder) == {"notes.txt": b"mine"}
+
+
+def test_file_instead_of_folder(tiny_artifact: Path, tmp_path: Path) -> None:
+    file = tiny_artifact / MANIFEST_NAME
+    assert_clean_error(run(file, tmp_path), "is not a folder")
+    assert_clean_error(run_cli("fastdiff-inspect", str(file)), "is not a folder")
+    with pytest.raises(FastDiffError, match="is not a folder"):
+        load_pipeline(file, device="cpu")
+
+
+# the manifest ----------------------------------------------------------------------------------------
+
+
+def test_manifest_invalid_json(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    (art / MANIFEST_NAME).write_text('{"format": "fastdiff-artifact", ')
+    assert_clean_error(run(art, tmp_path), "not valid JSON")
+    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "not valid JSON")
+    with pytest.raises(FastDiffError, match="not valid JSON"):
+        load_pipeline(art, device="cpu")
+
+
+def test_manifest_not_utf8(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    (art / MANIFEST_NAME).write_bytes(b"\xff\xfe\x00garbage")
+    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "not valid JSON")
+
+
+def test_manifest_newer_format(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    edit_manifest(art, lambda d: d.update(format_version=d["format_version"] + 1))
+    assert_clean_error(run(art, tmp_path), "newer than this fastdiff reads", "upgrade fastdiff")
+    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "newer than this fastdiff reads")
+    with pytest.raises(FastDiffError, match="newer than this fastdiff reads"):
+        load_pipeline(art, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("edit", "phrase"),
+    [
+        (lambda d: d.pop("unet"), "'unet' is missing"),
+        (lambda d: d.pop("device"), "device"),
+        (lambda d: d["model"].pop("latent_channels"), "latent_channels"),
+        (lambda d: d["device"].pop("type"), "device.type is missing"),
+        (lambda d: d["versions"].pop("torch"), "versions.torch is missing"),
+        (lambda d: d["files"][UNET_WEIGHTS].pop("size"), f"files entry {UNET_WEIGHTS}"),
+        (lambda d: d["files"].pop(UNET_WEIGHTS), f"{UNET_WEIGHTS} is not listed under files"),
+        (lambda d: d.update(stock={}), "stock lacks"),
+        (lambda d: d.update(device="cpu"), "device is not an object"),
+        (lambda d: d.update(batch_size=0), "batch_size 0 is not a positive integer"),
+        (lambda d: d.pop("format"), "not a fastdiff manifest"),
+        (lambda d: d.pop("format_version"), "no valid format_version"),
+    ],
+    ids=[
+        "no-unet",
+        "no-device",
+        "no-model-latent_channels",
+        "no-device-type",
+        "no-versions-torch",
+        "no-file-size",
+        "file-not-listed",
+        "empty-stock",
+        "device-not-object",
+        "batch-size-0",
+        "no-format",
+        "no-format-version",
+    ],
+)
+def test_manifest_missing_or_bad_key(tiny_artifact: Path, tmp_path: Path, edit, phrase: str) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    edit_manifest(art, edit)
+    with pytest.raises(FastDiffError, match="export") as info:
+        read_manifest(art)
+    assert phrase in str(info.value)
+    with pytest.raises(FastDiffError, match=re.escape(phrase)):
+        load_pipeline(art, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("edit", "phrase"),
+    [
+        (lambda d: d.pop("unet"), "'unet' is missing"),
+        (lambda d: d["device"].pop("type"), "device.type is missing"),
+        (lambda d: d["files"][UNET_WEIGHTS].pop("sha256"), f"files entry {UNET_WEIGHTS}"),
+    ],
+    ids=["no-unet", "no-device-type", "no-file-sha256"],
+)
+def test_manifest_missing_key_cli(tiny_artifact: Path, tmp_path: Path, edit, phrase: str) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    edit_manifest(art, edit)
+    assert_clean_error(run(art, tmp_path), phrase, "export the model again")
+    assert_clean_error(run_cli("fastdiff-inspect", str(art), "--verify"), phrase)
+    assert images_in(tmp_path) == []
+
+
+# damaged files ---------------------------------------------------------------------------------------
+
+
+def test_truncated_weights(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    weights = art / UNET_WEIGHTS
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    assert_clean_error(run(art, tmp_path), UNET_WEIGHTS, "truncated")
+    proc = run_cli("fastdiff-inspect", str(art), "--verify")
+    assert_clean_error(proc, UNET_WEIGHTS, "do not match the manifest")
+    with pytest.raises(FastDiffError, match="truncated"):
+        load_pipeline(art, device="cpu")  # the size check, without verify
+    assert images_in(tmp_path) == []
+
+
+def test_corrupted_weights_same_size(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    weights = art / UNET_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2  # far past the header: tensor bytes
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    weights.write_bytes(bytes(data))
+    assert weights.stat().st_size == (tiny_artifact / UNET_WEIGHTS).stat().st_size
+
+    proc = run_cli("fastdiff-inspect", str(art), "--verify")
+    assert_clean_error(proc, UNET_WEIGHTS, "sha256 differs", "1 of")
+    assert "verified" not in proc.stdout
+    with pytest.raises(FastDiffError, match=f"{UNET_WEIGHTS}: sha256 differs"):
+        load_pipeline(art, device="cpu", verify=True)
+
+
+def test_corrupted_safetensors_header(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A damaged header that the size check cannot see (the manifest's size was updated to match)."""
+    art = copy_artifact(tiny_artifact, tmp_path)
+    weights = art / UNET_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"#" * 32  # the JSON header starts after its 8-byte length
+    weights.write_bytes(bytes(data))
+    edit_manifest(art, lambda d: d["files"][UNET_WEIGHTS].update(size=len(data)))
+    assert_clean_error(run(art, tmp_path), "cannot read weights", "truncated or corrupted")
+    with pytest.raises(FastDiffError, match="cannot read weights"):
+        load_pipeline(art, device="cpu")
+
+
+def test_safetensors_header_length_absurd(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    weights = art / UNET_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[:8] = (10**12).to_bytes(8, "little")
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FastDiffError, match="cannot read weights"):
+        load_pipeline(art, device="cpu")
+
+
+def test_missing_package(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    (art / "unet" / "96x64.pt2").unlink()
+    assert_clean_error(run(art, tmp_path, "--res", "64"), "unet/96x64.pt2: missing", "export the model again")
+    assert_clean_error(run_cli("fastdiff-inspect", str(art), "--verify"), "unet/96x64.pt2: missing")
+    with pytest.raises(FastDiffError, match="unet/96x64.pt2: missing"):
+        load_pipeline(art, device="cpu")
+
+
+def test_damaged_package(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A .pt2 that is not a zip archive (manifest updated to match): the loader's error, not a crash."""
+    art = copy_artifact(tiny_artifact, tmp_path)
+    package = art / "vae_decoder" / "64x64.pt2"
+    package.write_bytes(b"not a zip archive" * 100)
+    edit_manifest(art, lambda d: d["files"]["vae_decoder/64x64.pt2"].update(size=package.stat().st_size))
+    assert_clean_error(run(art, tmp_path, "--res", "64"), "cannot load compiled package")
+
+
+def test_tokenizer_without_padding(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A tokenizer.json that does not pad to the compiled text length (an older artifact, or an edited one) would feed
+    the compiled encoders the wrong shape: refused at load."""
+    from tokenizers import Tokenizer
+
+    art = copy_artifact(tiny_artifact, tmp_path)
+    path = art / "tokenizer_2" / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.save(str(path))
+    edit_manifest(art, lambda d: d["files"]["tokenizer_2/tokenizer.json"].update(size=path.stat().st_size))
+    with pytest.raises(FastDiffError, match="does not pad and truncate to 77 tokens"):
+        load_pipeline(art, device="cpu")
+
+
+# compatibility ---------------------------------------------------------------------------------------
+
+
+def test_artifact_for_another_device(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    edit_manifest(art, lambda d: d["device"].update(type="cuda", name="NVIDIA H100", capability="9.0"))
+    assert_clean_error(run(art, tmp_path), "compiled for cuda, not cpu")
+    with pytest.raises(FastDiffError, match="compiled for cuda, not cpu"):
+        load_pipeline(art, device="cpu")
+    if not torch.cuda.is_available():  # the default device is the artifact's
+        proc = run_cli("fastdiff-run", str(art), "-p", "a cat", "--out", str(tmp_path / "img.png"))
+        assert_clean_error(proc, "no CUDA GPU is visible")
+        with pytest.raises(FastDiffError, match="no CUDA GPU"):
+            load_pipeline(art)
+    assert images_in(tmp_path) == []
+
+
+def _cuda_record(capability: str) -> dict[str, Any]:
+    return {"type": "cuda", "cpu_isa": "AVX2", "name": f"GPU sm{capability}", "capability": capability}
+
+
+def test_artifact_for_another_gpu_architecture(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faked: a manifest built on capability 8.0, a process whose GPU says 9.0."""
+    manifest = read_manifest(tiny_artifact)
+    manifest.device = _cuda_record("8.0")
+    monkeypatch.setattr(compat_module, "device_record", lambda device: _cuda_record("9.0"))
+    with pytest.raises(FastDiffError, match=r"compute capability 8\.0 .* is 9\.0") as info:
+        check_compatible(manifest, torch.device("cuda"))
+    assert "export the model again on this kind of GPU" in str(info.value)
+    monkeypatch.setattr(compat_module, "device_record", lambda device: _cuda_record("8.0"))
+    check_compatible(manifest, torch.device("cuda"))  # the same architecture is fine
+
+
+def test_artifact_for_a_wider_cpu_isa(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = read_manifest(tiny_artifact)
+    manifest.device = {**manifest.device, "cpu_isa": "AVX512"}
+    monkeypatch.setattr(compat_module, "device_record", lambda device: {"type": "cpu", "cpu_isa": "AVX2"})
+    with pytest.raises(FastDiffError, match="compiled for CPUs with AVX512, this CPU has AVX2"):
+        check_compatible(manifest, torch.device("cpu"))
+    manifest.device = {**manifest.device, "cpu_isa": "DEFAULT"}
+    check_compatible(manifest, torch.device("cpu"))  # a narrower ISA runs on a wider CPU
+
+
+def test_incompatible_torch(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    edit_manifest(art, lambda d: d["versions"].update(torch="2.9.0"))
+    assert_clean_error(run(art, tmp_path), "compiled with torch 2.9.0", "install torch 2.9.x")
+    with pytest.raises(FastDiffError, match="compiled with torch 2.9.0"):
+        load_pipeline(art, device="cpu")
+
+
+def test_same_torch_minor_is_compatible(tiny_artifact: Path) -> None:
+    manifest = read_manifest(tiny_artifact)
+    major_minor = ".".join(torch.__version__.split(".")[:2])
+    manifest.versions = {**manifest.versions, "torch": f"{major_minor}.99"}
+    check_compatible(manifest, torch.device("cpu"))
+
+
+# fastdiff-run input ----------------------------------------------------------------------------------
+
+
+def test_unexported_resolution(tiny_artifact: Path, tiny_pipeline, tmp_path: Path) -> None:
+    proc = run(tiny_artifact, tmp_path, "--res", "128")
+    assert_clean_error(proc, "128x128", EXPORTED)
+    with pytest.raises(FastDiffError, match=EXPORTED):
+        tiny_pipeline("a cat", num_inference_steps=1, height=128, width=128)
+    with pytest.raises(FastDiffError, match=EXPORTED):
+        load_pipeline(tiny_artifact, device="cpu", resolutions=["128"])
+    assert images_in(tmp_path) == []
+
+
+def test_transposed_resolution_is_not_exported(tiny_pipeline) -> None:
+    with pytest.raises(FastDiffError, match=r"64x96 \(width x height\) was not exported"):
+        tiny_pipeline("a cat", num_inference_steps=1, height=96, width=64)
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_non_positive_steps_cli(tiny_artifact: Path, tmp_path: Path, steps: str) -> None:
+    proc = run_cli(
+        "fastdiff-run", str(tiny_artifact), "-p", "a cat", "--steps", steps, "--out", str(tmp_path / "i.png")
+    )
+    assert_clean_error(proc, "--steps", steps, usage=True)
+    assert images_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("steps", [0, -3, 1.5])
+def test_non_positive_steps_api(tiny_pipeline, steps) -> None:
+    with pytest.raises(FastDiffError, match="num_inference_steps must be a positive integer"):
+        tiny_pipeline("a cat", num_inference_steps=steps, height=64, width=64)
+
+
+def test_bad_call_arguments_api(tiny_pipeline) -> None:
+    with pytest.raises(FastDiffError, match="guidance_scale must be a finite number"):
+        tiny_pipeline("a cat", num_inference_steps=1, guidance_scale=float("nan"))
+    with pytest.raises(FastDiffError, match="num_images_per_prompt"):
+        tiny_pipeline("a cat", num_inference_steps=1, num_images_per_prompt=0)
+    with pytest.raises(FastDiffError, match="negative prompts for"):
+        tiny_pipeline(["a", "b"], negative_prompt=["x"], num_inference_steps=1)
+    with pytest.raises(FastDiffError, match="give both height and width"):
+        tiny_pipeline("a cat", num_inference_steps=1, height=64)
+    with pytest.raises(FastDiffError, match="output_type"):
+        tiny_pipeline("a cat", num_inference_steps=1, output_type="bmp")
+
+
+def test_out_in_missing_folder(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "missing" / "img.png"
+    assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(out)), "not a writable folder")
+    assert not out.parent.exists()
+
+
+def test_out_under_a_file(tiny_artifact: Path, tmp_path: Path) -> None:
+    file = tmp_path / "file.txt"
+    file.write_text("mine")
+    assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(file / "img.png")), "not a writable folder")
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; test_out_under_a_file covers it")
+def test_out_in_read_only_folder(tiny_artifact: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(folder / "img.png")), "not a writable folder")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_existing_output_is_kept(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "img.png"
+    out.write_bytes(b"the user's picture")
+    before = out.stat().st_mtime_ns
+    assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(out)), "already exists", "--overwrite")
+    assert out.read_bytes() == b"the user's picture"
+    assert out.stat().st_mtime_ns == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]  # no temp file left either
+
+
+def test_existing_output_among_several_writes_nothing(tiny_artifact: Path, tmp_path: Path) -> None:
+    (tmp_path / "img-1.png").write_bytes(b"mine")
+    proc = run(tiny_artifact, tmp_path, "--out", str(tmp_path / "img.png"), "--num-images", "3")
+    assert_clean_error(proc, "img-1.png already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-1.png"]
+    assert (tmp_path / "img-1.png").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("name", ["img.gif", "img", "img.png.txt"])
+def test_bad_out_suffix(tiny_artifact: Path, tmp_path: Path, name: str) -> None:
+    assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(tmp_path / name)), "unknown image type", ".png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_run_device_cuda_without_gpu(tiny_artifact: Path, tmp_path: Path) -> None:
+    assert_clean_error(run(tiny_artifact, tmp_path, "--device", "cuda"), "no CUDA GPU is visible", "--device cpu")
+    assert images_in(tmp_path) == []
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        with pytest.raises(FastDiffError, match="no CUDA GPU is visible"):
+            load_pipeline(tiny_artifact, device=device)
+
+
+def test_run_unknown_device(tiny_artifact: Path, tmp_path: Path) -> None:
+    assert_clean_error(run(tiny_artifact, tmp_path, "--device", "tpu"), "unknown device 'tpu'")
+
+
+@pytest.mark.parametrize(
+    ("res", "phrase"),
+    [
+        ("100", "not a multiple of 8"),
+        ("abc", "invalid resolution 'abc'"),
+        ("8x8", "between 64 and 4096"),
+        ("99999", "between 64 and 4096"),
+        ("0", "between 64 and 4096"),
+    ],
+)
+def test_invalid_res_api(tiny_artifact: Path, res: str, phrase: str) -> None:
+    with pytest.raises(FastDiffError, match=re.escape(phrase)):
+        parse_resolution(res)
+    with pytest.raises(FastDiffError, match=re.escape(phrase)):
+        load_pipeline(tiny_artifact, device="cpu", resolutions=[res])
+
+
+def test_run_invalid_res(tiny_artifact: Path, tmp_path: Path) -> None:
+    assert_clean_error(run(tiny_artifact, tmp_path, "--res", "100"), "not a multiple of 8", "e.g. 96")
+    assert images_in(tmp_path) == []
+
+
+# fastdiff-export -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exports(tmp_path: Path) -> Path:
+    """An empty folder the export targets live in: after a refused export it must hold what it held before."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    return folder
+
+
+def export(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    proc = run_cli("fastdiff-export", *args, env=env)
+    return proc, time.perf_counter() - start
+
+
+def assert_export_refused(proc: subprocess.CompletedProcess, seconds: float, folder: Path, *phrases: str, **kw):
+    assert_clean_error(proc, *phrases, **kw)
+    # Failed before any compile: the exporter logs each torch.export / AOTInductor phase as it starts.
+    assert "torch.export" not in proc.stderr and "AOTInductor" not in proc.stderr, proc.stderr
+    assert seconds < 120, f"took {seconds:.0f} s to fail"
+    leftovers = [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    assert leftovers == [], leftovers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_export_device_cuda_without_gpu(exports: Path) -> None:
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cuda", "--out", str(exports / "a"))
+    assert_export_refused(proc, seconds, exports, "no CUDA GPU is visible")
+    assert list(exports.iterdir()) == []
+
+
+def test_export_unknown_model(exports: Path) -> None:
+    proc, seconds = export("no-such-model", "--res", "64", "--device", "cpu", "--out", str(exports / "a"))
+    assert_export_refused(proc, seconds, exports, "unknown model 'no-such-model'", "tiny-sdxl")
+    assert list(exports.iterdir()) == []
+
+
+def test_export_hub_id_offline_not_cached(exports: Path, tmp_path: Path) -> None:
+    hf_home = tmp_path / "hf-home"
+    hf_home.mkdir()
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")}
+    proc, seconds = export(
+        "some-org/some-model", "--res", "64", "--device", "cpu", "--out", str(exports / "a"), env=env
+    )
+    assert_export_refused(proc, seconds, exports, "cannot load some-org/some-model", "Hugging Face cache")
+    assert list(exports.iterdir()) == []
+
+
+def test_export_folder_without_model_index(exports: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ckpt"
+    (checkpoint / "unet").mkdir(parents=True)
+    (checkpoint / "unet" / "config.json").write_text("{}")
+    proc, seconds = export(str(checkpoint), "--res", "64", "--device", "cpu", "--out", str(exports / "a"))
+    assert_export_refused(proc, seconds, exports, "no model_index.json")
+    assert list(exports.iterdir()) == []
+    assert tree(checkpoint) == {"unet/config.json": b"{}"}
+
+
+@pytest.mark.parametrize(
+    ("res", "phrase"),
+    [
+        ("100", "not a multiple of 8"),
+        ("abc", "invalid resolution 'abc'"),
+        ("8x8", "between 64 and 4096"),
+        ("99999", "between 64 and 4096"),
+        ("0", "between 64 and 4096"),
+    ],
+)
+def test_export_invalid_res(exports: Path, res: str, phrase: str) -> None:
+    proc, seconds = export("tiny-sdxl", "--res", res, "--device", "cpu", "--out", str(exports / "a"))
+    assert_export_refused(proc, seconds, exports, phrase)
+    assert list(exports.iterdir()) == []
+
+
+def test_export_batch_size_zero(exports: Path) -> None:
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--batch-size", "0", "--device", "cpu", "--out", f"{exports}/a")
+    assert_export_refused(proc, seconds, exports, "--batch-size must be at least 1")
+    assert list(exports.iterdir()) == []
+
+
+def test_export_unknown_pass(exports: Path) -> None:
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--passes", "sdpa,bogus", "--out", str(exports / "a"))
+    assert_export_refused(proc, seconds, exports, "unknown pass 'bogus'")
+    assert "[fastdiff-export] loading" not in proc.stderr  # refused before the (possibly downloaded) model is loaded
+    assert list(exports.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp8's requirement is only checked on a CPU-only machine here")
+def test_export_fp8_on_cpu(exports: Path) -> None:
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--quantize", "fp8", "--out", f"{exports}/a")
+    assert_export_refused(proc, seconds, exports, "fp8 needs a CUDA GPU of compute capability 8.9")
+    assert list(exports.iterdir()) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_export_refuses_to_replace_other_things(exports: Path, overwrite: bool) -> None:
+    """Into an existing folder that is not an artifact: refused even with --overwrite, and left as it was."""
+    folder = exports / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = tree(folder)
+    args = ["--overwrite"] if overwrite else []
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(folder), *args)
+    assert_export_refused(proc, seconds, exports, str(folder))
+    assert ("not a fastdiff artifact" if overwrite else "already exists") in proc.stderr
+    assert tree(folder) == before
+    assert sorted(p.name for p in exports.iterdir()) == ["mine"]
+
+
+def test_export_refuses_existing_artifact_without_overwrite(tiny_artifact: Path, exports: Path) -> None:
+    art = Path(shutil.copytree(tiny_artifact, exports / "art"))
+    before = tree(art)
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(art))
+    assert_export_refused(proc, seconds, exports, "already exists", "--overwrite")
+    assert tree(art) == before
+    assert sorted(p.name for p in exports.iterdir()) == ["art"]
+
+
+def test_export_refuses_a_file_target(exports: Path) -> None:
+    file = exports / "target"
+    file.write_text("mine")
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(file), "--overwrite")
+    assert_export_refused(proc, seconds, exports, "not a fastdiff artifact")
+    assert file.read_text() == "mine"
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(file / "sub"))
+    assert_export_refused(proc, seconds, exports, "cannot write to")
+    assert sorted(p.name for p in exports.iterdir()) == ["target"]
+
+
+# The same checks through the Python API, in-process (cheap: no subprocess start).
+
+
+def test_export_api_errors(exports: Path, tmp_path: Path) -> None:
+    from fastdiff.exporter.export import ExportOptions, export_artifact
+    from fastdiff.runtime import parse_resolution
+
+    def options(**kw) -> ExportOptions:
+        base = {"model": "tiny-sdxl", "resolutions": [parse_resolution(64)], "device": torch.device("cpu")}
+        return ExportOptions(**{**base, "out": exports / "a", **kw})
+
+    with pytest.raises(FastDiffError, match="--batch-size must be at least 1"):
+        export_artifact(options(batch_size=0))
+    with pytest.raises(FastDiffError, match="no resolution given"):
+        export_artifact(options(resolutions=[]))
+    with pytest.raises(FastDiffError, match="unknown model"):
+        export_artifact(options(model="no-such-model"))
+    with pytest.raises(FastDiffError, match="unknown pass 'bogus'"):
+        export_artifact(options(passes=["bogus"]))
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FastDiffError, match="no model_index.json"):
+        export_artifact(options(model=str(tmp_path / "ckpt")))
+    (exports / "mine").mkdir()
+    with pytest.raises(FastDiffError, match="not a fastdiff artifact"):
+        export_artifact(options(out=exports / "mine", overwrite=True))
+    assert sorted(p.name for p in exports.iterdir()) == ["mine"]
+
+
+def test_session_artifact_untouched(tiny_artifact: Path) -> None:
+    """The damage above was done to copies."""
+    manifest = read_manifest(tiny_artifact)
+    for rel in (UNET_WEIGHTS, "unet/96x64.pt2", "vae_decoder/64x64.pt2"):
+        assert sha256_file(tiny_artifact / rel) == manifest.files[rel]["sha256"], rel
