@@ -273,9 +273,10 @@ def test_apply_no_passes_is_identity(tiny_checkpoint: Path) -> None:
 def int8_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torchao")
     out = tmp_path_factory.mktemp("int8") / "tiny-int8"
-    # --text-encoders stock: this export also covers the artifacts that ship transformers' text encoders
+    # This export also covers a local diffusers checkpoint folder given as MODEL (not a preset), and artifacts that
+    # ship transformers' text encoders (--text-encoders stock).
     args = ["--res", "64", "--quantize", "int8", "--text-encoders", "stock", "--device", "cpu", "--out", str(out)]
-    proc = run_cli("fastdiff-export", "tiny-sdxl", *args)
+    proc = run_cli("fastdiff-export", str(tiny_checkpoint), *args)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -305,6 +306,7 @@ def test_int8_artifact_runs_without_torchao(int8_artifact: Path, tiny_pipeline, 
     assert "int8" in manifest["options"]["passes"]
     assert "int8" not in manifest["options"]["vae_passes"]
     assert manifest["text_encoders"] == [] and {"text_encoder", "text_encoder_2"} <= set(manifest["stock"])
+    assert "preset" not in manifest["source"] and Path(manifest["source"]["model"]).name == "tiny-sdxl"
     out = tmp_path / "latents.pt"
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCHAO_SCRIPT, str(int8_artifact), str(out), json.dumps(GENERATE)],

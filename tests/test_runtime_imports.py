@@ -177,12 +177,13 @@ def _unet_call(unet, width: int) -> torch.Tensor:
 def test_resolutions_share_weights(tiny_artifact: Path, recorded: dict) -> None:
     pipe = load_pipeline(tiny_artifact, device="cpu")
     assert sorted(pipe.unets) == sorted(pipe.vae_decoders) == ["64x64", "96x64"]
-    assert len(recorded["weights"]) == 2  # one safetensors read per component, not per package
+    assert len(recorded["weights"]) == 4  # one safetensors read per component, not per package
     by_component: dict[str, list[dict]] = {}
     for path, weights in recorded["packages"]:
         by_component.setdefault(path.parent.name, []).append(weights)
-    assert sorted(by_component) == ["unet", "vae_decoder"]
-    for component, bound in by_component.items():
+    assert sorted(by_component) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    for component in ("unet", "vae_decoder"):
+        bound = by_component[component]
         assert len(bound) == 2, component
         first, second = bound
         assert first.keys() == second.keys()
@@ -209,7 +210,11 @@ def test_resolution_subset(tiny_artifact: Path, tiny_pipeline, recorded: dict) -
     subset = load_pipeline(tiny_artifact, device="cpu", resolutions=["64"])
     subset.set_progress_bar_config(disable=True)
     assert sorted(subset.unets) == sorted(subset.vae_decoders) == ["64x64"]
-    assert sorted(p.name for p, _ in recorded["packages"]) == ["64x64.pt2", "64x64.pt2"]
+    resolution_packages = [p for p, _ in recorded["packages"] if p.parent.name in ("unet", "vae_decoder")]
+    assert sorted(p.as_posix().split("/")[-2:] for p in resolution_packages) == [
+        ["unet", "64x64.pt2"],
+        ["vae_decoder", "64x64.pt2"],
+    ]
     kwargs = {"prompt": "a cat", "num_inference_steps": 2, "height": 64, "width": 64, "output_type": "latent"}
     mine = subset(**kwargs, generator=torch.Generator().manual_seed(0)).images
     full = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
