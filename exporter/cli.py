@@ -14,6 +14,7 @@ from fastdiff.runtime.resolution import parse_resolution
 from .export import ExportOptions, export_artifact
 from .passes import PASSES
 from .presets import PRESETS
+from .source import default_resolution
 
 LAYOUT_PASSES = [p for p in PASSES if p not in ("int8", "fp8")]
 
@@ -32,7 +33,7 @@ def _presets_help() -> str:
     "resolutions",
     multiple=True,
     metavar="SIZE|WxH",
-    help="Resolution to compile, width x height (repeatable). Default: the preset's, else 1024.",
+    help="Resolution to compile, width x height (repeatable). Default: the model's (e.g. 1024 SDXL, 512 SD 1.5).",
 )
 @click.option("--out", type=click.Path(), help="Artifact folder. Default: artifacts/<model>-<res>-<dtype>-<device>.")
 @click.option("--device", help="cuda or cpu; the artifact runs only on this kind. Default: cuda if present.")
@@ -91,13 +92,12 @@ def main(
     """
     try:
         dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        preset = PRESETS.get(model)
         pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
         if quantize != "none":
             pass_list.append(quantize)
         options = ExportOptions(
             model=model,
-            resolutions=[parse_resolution(r) for r in resolutions or [preset.resolution if preset else "1024"]],
+            resolutions=[parse_resolution(r) for r in resolutions] or [default_resolution(model, revision)],
             device=dev,
             dtype=dtype or ("bf16" if dev.type == "cuda" else "fp32"),
             batch_size=batch_size,

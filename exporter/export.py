@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import sys
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from torch.export import Dim
 
 from fastdiff.runtime.compat import device_record
 from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.manifest import CompiledComponent, Manifest, ModelFacts, dtype_name, torch_dtype
+from fastdiff.runtime.manifest import TEXT_PARTS, CompiledComponent, Manifest, ModelFacts, dtype_name, torch_dtype
 from fastdiff.runtime.resolution import Resolution
 
 from .artifact import ArtifactWriter
@@ -28,14 +29,7 @@ from .compile import (
 )
 from .passes import PASSES, apply_passes
 from .source import Source, load_source
-from .wrappers import (
-    TEXT_ENCODER_INPUTS,
-    UNET_INPUTS,
-    VAE_DECODER_INPUTS,
-    CLIPTextEncode,
-    UNetStep,
-    VAEDecode,
-)
+from .wrappers import TEXT_ENCODER_INPUTS, VAE_DECODER_INPUTS, CLIPTextEncode, SDXLUNetStep, UNetStep, VAEDecode
 
 SDXL_TIME_IDS = [
     "original_height",
@@ -105,7 +99,8 @@ def export_artifact(options: ExportOptions) -> Path:
         if vae_passes is None:
             vae_passes = [p for p in options.passes if p not in ("int8", "fp8")]
         with phase(f"applying passes {', '.join(options.passes) or '(none)'}"):
-            unet = UNetStep(apply_passes(pipe.unet.to(options.device), options.passes)).eval()
+            step = SDXLUNetStep if source.family == "sdxl" else UNetStep
+            unet = step(apply_passes(pipe.unet.to(options.device), options.passes)).eval()
             vae = VAEDecode(apply_passes(pipe.vae.to(options.device, vae_dtype), vae_passes)).eval()
 
         facts = _model_facts(source)
@@ -118,7 +113,7 @@ def export_artifact(options: ExportOptions) -> Path:
             for res in options.resolutions
         }
         components = {
-            "unet": _export_component(writer, "unet", unet, unet_cases, UNET_INPUTS, 2 * n, options),
+            "unet": _export_component(writer, "unet", unet, unet_cases, unet.inputs, 2 * n, options),
             "vae_decoder": _export_component(
                 writer, "vae_decoder", vae, vae_cases, VAE_DECODER_INPUTS, n, options, dtype=vae_dtype
             ),
@@ -126,8 +121,8 @@ def export_artifact(options: ExportOptions) -> Path:
         text_encoders = []
         if options.compile_text_encoders:
             ids = torch.zeros(n, facts.text_max_length, dtype=torch.long, device=dev)
-            for name in ("text_encoder", "text_encoder_2"):
-                encoder = CLIPTextEncode(getattr(pipe, name).to(dev, dtype)).eval()
+            for _, name in TEXT_PARTS[source.family]:
+                encoder = CLIPTextEncode(getattr(pipe, name).to(dev, dtype), penultimate=source.family == "sdxl")
                 cases = {str(facts.text_max_length): (ids,)}
                 text_encoders.append(_export_component(writer, name, encoder, cases, TEXT_ENCODER_INPUTS, n, options))
 
@@ -207,10 +202,15 @@ def _latent_shape(facts: ModelFacts, res: Resolution) -> tuple[int, int, int]:
 def _unet_inputs(pipe, facts: ModelFacts, res: Resolution, options: ExportOptions) -> tuple[torch.Tensor, ...]:
     n, dev, dtype = 2 * options.batch_size, options.device, torch_dtype(options.dtype)
     cross_dim = pipe.unet.config.cross_attention_dim
-    return (
+    inputs = (
         torch.randn(n, *_latent_shape(facts, res), device=dev, dtype=dtype),
         torch.tensor(999.0, device=dev),
         torch.randn(n, facts.text_max_length, cross_dim, device=dev, dtype=dtype),
+    )
+    if facts.family != "sdxl":
+        return inputs
+    return (
+        *inputs,
         torch.randn(n, facts.pooled_dim, device=dev, dtype=dtype),
         torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * n, device=dev, dtype=dtype),
     )
@@ -248,35 +248,36 @@ def _model_facts(source: Source) -> ModelFacts:
     vae_config = pipe.vae.config
     scale = 2 ** (len(vae_config.block_out_channels) - 1)
     side = (source.preset and int(source.preset.resolution)) or pipe.unet.config.sample_size * scale
+    sdxl = source.family == "sdxl"
     return ModelFacts(
-        family="sdxl",
+        family=source.family,
         latent_channels=pipe.unet.config.in_channels,
         vae_scale_factor=scale,
         scaling_factor=float(vae_config.scaling_factor),
         text_max_length=pipe.tokenizer.model_max_length,
-        pooled_dim=pipe.text_encoder_2.config.projection_dim,
-        time_ids=SDXL_TIME_IDS,
-        force_zeros_for_empty_prompt=bool(pipe.config.force_zeros_for_empty_prompt),
+        pooled_dim=pipe.text_encoder_2.config.projection_dim if sdxl else None,
+        time_ids=SDXL_TIME_IDS if sdxl else None,
+        force_zeros_for_empty_prompt=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         default_resolution=[side, side],
-        default_guidance_scale=5.0,
+        default_guidance_scale=inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default,
         latents_mean=getattr(vae_config, "latents_mean", None),
         latents_std=getattr(vae_config, "latents_std", None),
     )
 
 
 def _save_stock(writer: ArtifactWriter, pipe, facts: ModelFacts, with_text_encoders: bool) -> dict[str, str]:
-    """Tokenizers (as tokenizer.json with SDXL's padding and truncation built in, so the runtime needs only the
+    """Tokenizers (as tokenizer.json with the padding and truncation built in, so the runtime needs only the
     `tokenizers` library), the scheduler config, and, unless they were compiled, the stock text encoders."""
-    names = ["tokenizer", "tokenizer_2", "scheduler"]
-    for name in ("tokenizer", "tokenizer_2"):
+    names = ["scheduler"]
+    pipe.scheduler.save_pretrained(writer.path("scheduler"))
+    for name, encoder in TEXT_PARTS[facts.family]:
         tokenizer = getattr(pipe, name)
         tokenizer.save_pretrained(writer.path(name))
         _save_padded_tokenizer_json(tokenizer, facts.text_max_length, writer.path(f"{name}/tokenizer.json"))
-    pipe.scheduler.save_pretrained(writer.path("scheduler"))
-    if with_text_encoders:
-        for name in ("text_encoder", "text_encoder_2"):
-            getattr(pipe, name).save_pretrained(writer.path(name), safe_serialization=True)
-            names.append(name)
+        names.append(name)
+        if with_text_encoders:
+            getattr(pipe, encoder).save_pretrained(writer.path(encoder), safe_serialization=True)
+            names.append(encoder)
     return {name: name for name in names}
 
 

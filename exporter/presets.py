@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .random_models import random_sdxl_base, tiny_sdxl
+from .random_models import random_sdxl_base, tiny_sd, tiny_sdxl
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,21 @@ PRESETS = {
             "1024",
             "SDXL base 1.0's architecture with random weights, built offline (benchmarks)",
             build=random_sdxl_base,
+        ),
+        Preset(
+            "sd15",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            None,
+            "512",
+            "Stable Diffusion 1.5 (one CLIP text encoder, 512x512; exported without its safety checker)",
+        ),
+        Preset(
+            "tiny-sd",
+            "",
+            None,
+            "64",
+            "a tiny random-weight Stable Diffusion 1.x-architecture model built offline (tests)",
+            build=tiny_sd,
         ),
     )
 }

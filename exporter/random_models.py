@@ -3,6 +3,7 @@
 - tiny-sdxl, the embedded default model: SDXL's architecture family (two CLIP text encoders, text-time
   conditioned UNet, 4-block VAE with scale factor 8) shrunk so that a CPU AOTInductor compile is fast.
 - sdxl-random: SDXL base 1.0's real architecture, for benchmarks (latency does not depend on weight values).
+- tiny-sd: the Stable Diffusion 1.x family (one CLIP text encoder, no added conditioning), shrunk the same way.
 
 Weights are random but deterministic; the tokenizers are a tiny byte-level CLIP BPE.
 """
@@ -16,7 +17,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_MODEL_ID = "tiny-sdxl"
@@ -58,7 +66,7 @@ def tiny_sdxl() -> Path:
 def random_sdxl_base() -> Path:
     """SDXL base 1.0's architecture with random weights, saved in fp16 (5 GB) in the fastdiff cache."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return build_random_sdxl(cache_path("sdxl-random"), sdxl_base_arch(), dtype=torch.float16, device=device)
+    return build_random_checkpoint(cache_path("sdxl-random"), sdxl_base_arch(), dtype=torch.float16, device=device)
 
 
 def _byte_symbols() -> list[str]:
@@ -160,6 +168,27 @@ TINY_ARCH = {
 }
 
 
+TINY_SD_ARCH = {
+    "family": "sd",
+    "unet": {
+        **{k: v for k, v in TINY_ARCH["unet"].items() if not k.startswith(("addition_", "projection_class"))},
+        "cross_attention_dim": 32,  # the text encoder's hidden size
+    },
+    "vae": TINY_ARCH["vae"],
+    "text_encoder": TINY_ARCH["text_encoder"],
+    "scheduler": {  # Stable Diffusion 1.5's scheduler_config.json
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+    },
+}
+
+
 def sdxl_base_arch() -> dict:
     """SDXL base 1.0's real architecture (configs/sdxl-base-1.0.json), for random-weight benchmarks."""
     return json.loads((Path(__file__).parent / "configs" / "sdxl-base-1.0.json").read_text())
@@ -176,18 +205,28 @@ def _text_config(arch: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline:
+def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
     tokenizer = _tokenizer(pad_token=EOS_TOKEN)
-    tokenizer_2 = _tokenizer(pad_token="!")
-
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_text_config(arch["text_encoder"], tokenizer))
-    torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(arch["text_encoder_2"], tokenizer_2))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**arch["unet"])
     torch.manual_seed(seed)
     vae = AutoencoderKL(**arch["vae"])
+    if arch.get("family") == "sd":
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler(**arch["scheduler"]),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    tokenizer_2 = _tokenizer(pad_token="!")
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(arch["text_encoder_2"], tokenizer_2))
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -200,10 +239,11 @@ def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline:
     )
 
 
-def build_random_sdxl(
+def build_random_checkpoint(
     path: str | os.PathLike, arch: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> Path:
-    """Write a random-weight SDXL-family checkpoint of architecture `arch` (diffusers folder layout) to ``path``.
+    """Write a random-weight checkpoint of architecture `arch` (SDXL, or SD 1.x with family "sd"; diffusers folder
+    layout) to ``path``.
 
     The same ``seed`` always gives byte-identical weights. The folder is built next to ``path`` and renamed
     into place; an existing complete checkpoint (one with model_index.json) is returned unchanged.
@@ -217,8 +257,9 @@ def build_random_sdxl(
         with torch.device(device):  # random init of a 2.6B-parameter UNet is much faster on a GPU
             pipe = _build_pipeline(arch, seed)
         pipe.to(dtype=dtype).save_pretrained(tmp, safe_serialization=True)
-        _write_vocab_files(tmp / "tokenizer")
-        _write_vocab_files(tmp / "tokenizer_2")
+        for folder in ("tokenizer", "tokenizer_2"):
+            if (tmp / folder).is_dir():
+                _write_vocab_files(tmp / folder)
         try:
             tmp.rename(path)
         except OSError:
@@ -231,4 +272,9 @@ def build_random_sdxl(
 
 def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> Path:
     """The tiny SDXL checkpoint (float32): the embedded default model, built offline in well under a second."""
-    return build_random_sdxl(path, TINY_ARCH, seed)
+    return build_random_checkpoint(path, TINY_ARCH, seed)
+
+
+def tiny_sd() -> Path:
+    """The tiny Stable Diffusion 1.x-family checkpoint (float32), built offline."""
+    return build_random_checkpoint(cache_path("tiny-sd"), TINY_SD_ARCH)

@@ -8,16 +8,27 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 
 from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.resolution import Resolution, parse_resolution
 
 from .presets import PRESETS, Preset
+
+# The pipeline classes fastdiff exports, by family name (the manifest's model.family).
+FAMILIES = {"sdxl": StableDiffusionXLPipeline, "sd": StableDiffusionPipeline}
 
 
 @dataclass
 class Source:
-    pipe: StableDiffusionXLPipeline
+    pipe: StableDiffusionXLPipeline | StableDiffusionPipeline
+    family: str
     record: dict  # what the manifest says of the source: model, revision, vae, preset
     preset: Preset | None
 
@@ -25,45 +36,66 @@ class Source:
 def load_source(model: str, dtype: torch.dtype, revision: str | None = None, vae: str | None = None) -> Source:
     """Load the diffusers pipeline to export, in `dtype`, on the CPU."""
     preset = PRESETS.get(model)
+    location = _location(model)
     if preset is not None:
-        location = preset.model or str(preset.build())
         vae = vae or preset.vae
-    elif Path(model).exists():
-        location = model
+    pipe_kwargs = {"torch_dtype": dtype, "revision": revision}
+    if vae is not None:
+        pipe_kwargs["vae"] = _load(AutoencoderKL.from_pretrained, vae, torch_dtype=dtype)
+    pipe = _load(DiffusionPipeline.from_pretrained, location, **pipe_kwargs)
+    family = next((name for name, cls in FAMILIES.items() if type(pipe) is cls), None)
+    if family is None:
+        raise FastDiffError(
+            f"{model} is a {type(pipe).__name__}; this version exports "
+            + " and ".join(cls.__name__ for cls in FAMILIES.values())
+            + " models",
+            "export an SDXL or Stable Diffusion 1.x architecture checkpoint",
+        )
+    _check_supported(pipe, family, model)
+    record = {"model": preset.model or preset.name if preset else model, "revision": revision, "vae": vae}
+    if preset:
+        record["preset"] = preset.name
+    return Source(pipe=pipe, family=family, record=record, preset=preset)
+
+
+def default_resolution(model: str, revision: str | None = None) -> Resolution:
+    """What the model was trained for: the preset's resolution, else the UNet's sample size times the VAE's scale
+    factor (read from the configs alone, without loading weights)."""
+    preset = PRESETS.get(model)
+    if preset is not None:
+        return parse_resolution(preset.resolution)
+    location = _location(model)
+    unet = _load(UNet2DConditionModel.load_config, location, subfolder="unet", revision=revision)
+    vae = _load(AutoencoderKL.load_config, location, subfolder="vae", revision=revision)
+    return parse_resolution(unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
+
+
+def _location(model: str) -> str:
+    """Where diffusers loads MODEL from: a preset's hub id or built folder, a local folder, or a hub id."""
+    preset = PRESETS.get(model)
+    if preset is not None:
+        return preset.model or str(preset.build())
+    if Path(model).exists():
         if not (Path(model) / "model_index.json").is_file():
             raise FastDiffError(
                 f"{model} is not a diffusers checkpoint folder (no model_index.json)",
                 "pass the folder that holds model_index.json, a hub id, or one of: " + ", ".join(PRESETS),
             )
-    elif model.count("/") == 1 and not model.startswith(("/", ".")):
-        location = model
-    else:
-        raise FastDiffError(
-            f"unknown model {model!r}: not a preset, a local folder or a hub id",
-            f"use a preset ({', '.join(PRESETS)}), a hub id like org/name, or a checkpoint folder",
-        )
-    pipe_kwargs = {"torch_dtype": dtype, "revision": revision}
-    if vae is not None:
-        pipe_kwargs["vae"] = _load(AutoencoderKL, vae, torch_dtype=dtype)
-    pipe = _load(DiffusionPipeline, location, **pipe_kwargs)
-    if not isinstance(pipe, StableDiffusionXLPipeline):
-        raise FastDiffError(
-            f"{model} is a {type(pipe).__name__}; this version exports StableDiffusionXLPipeline models",
-            "export an SDXL-architecture checkpoint",
-        )
-    _check_supported(pipe, model)
-    record = {"model": preset.model or preset.name if preset else model, "revision": revision, "vae": vae}
-    if preset:
-        record["preset"] = preset.name
-    return Source(pipe=pipe, record=record, preset=preset)
+        return model
+    if model.count("/") == 1 and not model.startswith(("/", ".")):
+        return model
+    raise FastDiffError(
+        f"unknown model {model!r}: not a preset, a local folder or a hub id",
+        f"use a preset ({', '.join(PRESETS)}), a hub id like org/name, or a checkpoint folder",
+    )
 
 
-def _load(cls, location: str, **kwargs):
+def _load(load, location: str, **kwargs):
     # diffusers logs download retries and missing-file warnings itself; the one-line error below says it all.
     level = diffusers.logging.get_verbosity()
     diffusers.logging.set_verbosity(logging.ERROR)
     try:
-        return cls.from_pretrained(location, **kwargs)
+        return load(location, **kwargs)
     except Exception as e:
         if _not_cached_offline(e):
             raise FastDiffError(
@@ -92,13 +124,17 @@ def _not_cached_offline(error: BaseException) -> bool:
     return False
 
 
-def _check_supported(pipe: StableDiffusionXLPipeline, model: str) -> None:
+def _check_supported(pipe, family: str, model: str) -> None:
     unet = pipe.unet.config
-    if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+    if family == "sdxl" and (pipe.text_encoder is None or pipe.text_encoder_2 is None):
         raise FastDiffError(f"{model} lacks one of SDXL's two text encoders (a refiner?)", "export a base model")
-    if unet.addition_embed_type != "text_time" or unet.time_cond_proj_dim is not None:
+    expected = "text_time" if family == "sdxl" else None
+    if unet.addition_embed_type != expected or unet.time_cond_proj_dim is not None or unet.class_embed_type:
         raise FastDiffError(
-            f"{model}'s UNet uses conditioning this version does not export "
-            f"(addition_embed_type={unet.addition_embed_type}, time_cond_proj_dim={unet.time_cond_proj_dim})",
-            "export a standard SDXL checkpoint",
+            f"{model}'s UNet uses conditioning this version does not export (addition_embed_type="
+            f"{unet.addition_embed_type}, class_embed_type={unet.class_embed_type}, "
+            f"time_cond_proj_dim={unet.time_cond_proj_dim})",
+            "export a standard SDXL or Stable Diffusion 1.x checkpoint",
         )
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        raise FastDiffError(f"{model}'s text encoder needs an attention mask, which this version does not export")

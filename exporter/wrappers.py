@@ -9,16 +9,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
 VAE_DECODER_INPUTS = ["latents"]
 
 
 class UNetStep(nn.Module):
-    """One SDXL UNet evaluation: noisy latents and conditioning in, predicted noise out."""
+    """One UNet evaluation (Stable Diffusion 1.x): noisy latents, timestep and text states in, predicted noise out."""
+
+    inputs = ["sample", "timestep", "encoder_hidden_states"]
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class SDXLUNetStep(UNetStep):
+    """One SDXL UNet evaluation, with the pooled text embedding and the micro-conditioning time ids."""
+
+    inputs = [*UNetStep.inputs, "text_embeds", "time_ids"]
 
     def forward(
         self,
@@ -62,14 +74,17 @@ TEXT_ENCODER_INPUTS = ["input_ids"]
 
 
 class CLIPTextEncode(nn.Module):
-    """Token ids in; SDXL's conditioning out: the penultimate hidden states and the pooled embedding
-    (projected `text_embeds` for CLIPTextModelWithProjection, `pooler_output` otherwise)."""
+    """Token ids in; the conditioning out: hidden states (SDXL takes the penultimate layer's, SD 1.x the final,
+    normalised ones) and the pooled embedding (projected `text_embeds` for CLIPTextModelWithProjection,
+    `pooler_output` otherwise)."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, penultimate: bool) -> None:
         super().__init__()
         self.encoder = encoder
+        self.penultimate = penultimate
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.encoder(input_ids, output_hidden_states=True)
+        out = self.encoder(input_ids, output_hidden_states=self.penultimate)
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        return out.hidden_states[-2], pooled
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        return hidden, pooled

@@ -68,7 +68,9 @@ def _save_atomically(image, path: Path) -> None:
 @click.option("--negative-prompt", "-n", help="What to steer away from (default: none, zero conditioning).")
 @click.option("--res", metavar="SIZE|WxH", help="Resolution, width x height; one of the artifact's. Default: model's.")
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
-@click.option("--guidance", default=5.0, show_default=True, type=float, help="Classifier-free guidance; <=1 is off.")
+@click.option(
+    "--guidance", type=float, help="Classifier-free guidance; <=1 is off. Default: the family's (5.0 SDXL, 7.5 SD 1.x)."
+)
 @click.option("--seed", type=int, help="Seed for the initial noise (default: random).")
 @click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1), help="Images to generate.")
 @click.option("--device", help="cuda or cpu (default: what the artifact was compiled for).")

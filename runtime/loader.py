@@ -11,11 +11,11 @@ import torch
 
 from .compat import check_compatible, resolve_device
 from .errors import FastDiffError
-from .manifest import CompiledComponent, Manifest, check_files, read_manifest, torch_dtype
+from .manifest import TEXT_PARTS, CompiledComponent, Manifest, check_files, read_manifest, torch_dtype
 from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
-from .text import SDXLTextConditioner, load_stock_text_encoder, load_tokenizer
+from .text import TextConditioner, load_stock_text_encoder, load_tokenizer
 from .weights import load_weights
 
 
@@ -67,20 +67,22 @@ def load_pipeline(
         )
 
 
-def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], device: torch.device):
+def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], device: torch.device) -> TextConditioner:
+    parts = TEXT_PARTS[manifest.model.family]
     if manifest.text_encoders:
         encoders = [
             next(iter(_load_packages(root, c, list(c.packages), device).values())) for c in manifest.text_encoders
         ]
     else:
         dtype = torch_dtype(manifest.dtype)
-        encoders = [load_stock_text_encoder(stock[n], dtype, device) for n in ("text_encoder", "text_encoder_2")]
-    return SDXLTextConditioner(
-        tokenizers=[load_tokenizer(stock[n], manifest.model.text_max_length) for n in ("tokenizer", "tokenizer_2")],
+        encoders = [load_stock_text_encoder(stock[encoder], dtype, device) for _, encoder in parts]
+    return TextConditioner(
+        tokenizers=[load_tokenizer(stock[tokenizer], manifest.model.text_max_length) for tokenizer, _ in parts],
         encoders=encoders,
         force_zeros_for_empty_prompt=manifest.model.force_zeros_for_empty_prompt,
         device=device,
         max_batch=min([c.max_batch for c in manifest.text_encoders], default=manifest.batch_size),
+        pooled=manifest.model.pooled_dim is not None,
     )
 
 

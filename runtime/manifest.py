@@ -34,17 +34,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
+# Each family's text parts: (tokenizer folder, text encoder name), in the order their hidden states are concatenated.
+TEXT_PARTS = {
+    "sdxl": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
+    "sd": [("tokenizer", "text_encoder")],
+}
+
+
 @dataclass
 class ModelFacts:
     """What the runtime needs from the model configs, so it needs no diffusers model code."""
 
-    family: str  # "sdxl"
+    family: str  # a key of TEXT_PARTS: "sdxl" (StableDiffusionXLPipeline) or "sd" (StableDiffusionPipeline)
     latent_channels: int
     vae_scale_factor: int
     scaling_factor: float
     text_max_length: int
-    pooled_dim: int
-    time_ids: list[str]  # the layout of SDXL's micro-conditioning vector
+    pooled_dim: int | None  # SDXL: the pooled text embedding the UNet takes; None for SD 1.x
+    time_ids: list[str] | None  # SDXL: the layout of the micro-conditioning vector; None for SD 1.x
     force_zeros_for_empty_prompt: bool
     default_resolution: list[int]  # [width, height]
     default_guidance_scale: float
@@ -146,10 +153,6 @@ def read_manifest(root: str | Path) -> Manifest:
     return manifest
 
 
-STOCK_PARTS = ("tokenizer", "tokenizer_2", "scheduler")
-STOCK_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
-
 def _check_structure(manifest: Manifest) -> list[str]:
     """The nested fields the runtime indexes directly, so that a damaged manifest fails here, not with a KeyError."""
     problems = []
@@ -167,7 +170,12 @@ def _check_structure(manifest: Manifest) -> list[str]:
         problems.append("versions.torch is missing")
     if isinstance(manifest.batch_size, bool) or not isinstance(manifest.batch_size, int) or manifest.batch_size < 1:
         problems.append(f"batch_size {manifest.batch_size!r} is not a positive integer")
-    needed = STOCK_PARTS if manifest.text_encoders else STOCK_PARTS + STOCK_TEXT_ENCODERS
+    if manifest.model.family not in TEXT_PARTS:
+        problems.append(f"unknown model family {manifest.model.family!r}")
+        return problems
+    needed = ["scheduler"]
+    for tokenizer, encoder in TEXT_PARTS[manifest.model.family]:
+        needed += [tokenizer] if manifest.text_encoders else [tokenizer, encoder]
     missing = [name for name in needed if not isinstance(manifest.stock.get(name), str)]
     if missing:
         problems.append(f"stock lacks {', '.join(missing)}")

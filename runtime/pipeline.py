@@ -20,7 +20,7 @@ from .errors import FastDiffError
 from .manifest import Manifest, torch_dtype
 from .packages import CompiledModule, CUDAGraphModule
 from .resolution import Resolution, parse_resolution
-from .text import SDXLTextConditioner
+from .text import TextConditioner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -31,13 +31,14 @@ class FastDiffPipelineOutput:
 
 
 class FastDiffPipeline:
-    """An SDXL pipeline over compiled artifacts; call it like diffusers' StableDiffusionXLPipeline."""
+    """A text-to-image pipeline over compiled artifacts; call it like diffusers' StableDiffusionXLPipeline (or
+    StableDiffusionPipeline, for SD 1.x artifacts)."""
 
     def __init__(
         self,
         manifest: Manifest,
         device: torch.device,
-        conditioner: SDXLTextConditioner,
+        conditioner: TextConditioner,
         scheduler: Any,
         unets: dict[str, CompiledModule | CUDAGraphModule],
         vae_decoders: dict[str, CompiledModule],
@@ -66,7 +67,7 @@ class FastDiffPipeline:
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -77,21 +78,29 @@ class FastDiffPipeline:
         from diffusers.image_processor import VaeImageProcessor
         from diffusers.utils.torch_utils import randn_tensor
 
+        facts = self.manifest.model
+        if guidance_scale is None:
+            guidance_scale = facts.default_guidance_scale  # diffusers' default for this family
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _negative_prompts(negative_prompt, len(prompts))
         _check_call(prompts, num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
-        facts = self.manifest.model
 
+        # The UNet's conditioning inputs after the latents and timestep, one row per image: the text states, and for
+        # SDXL the pooled text embedding and the micro-conditioning (original size = target size, no crop).
         embeds, pooled, neg_embeds, neg_pooled = self.conditioner(prompts, negatives, guidance)
         n = len(prompts) * num_images_per_prompt
-        embeds, pooled = _per_image(embeds, pooled, num_images_per_prompt, self.device)
-        time_ids = torch.tensor(
-            [[res.height, res.width, 0, 0, res.height, res.width]], dtype=embeds.dtype, device=self.device
-        ).repeat(n, 1)
+        cond, neg_cond = [embeds], [neg_embeds]
+        if facts.time_ids is not None:
+            size = torch.tensor(
+                [[res.height, res.width, 0, 0, res.height, res.width]] * len(prompts), dtype=embeds.dtype
+            )
+            cond += [pooled, size]
+            neg_cond += [neg_pooled, size]
+        cond = [_per_image(t, num_images_per_prompt, self.device) for t in cond]
         if guidance:
-            neg_embeds, neg_pooled = _per_image(neg_embeds, neg_pooled, num_images_per_prompt, self.device)
+            neg_cond = [_per_image(t, num_images_per_prompt, self.device) for t in neg_cond]
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         shape = (
@@ -111,14 +120,11 @@ class FastDiffPipeline:
         chunks = []
         for chunk in _chunks(n, self.manifest.batch_size):
             if guidance:
-                cond = (
-                    torch.cat([neg_embeds[chunk], embeds[chunk]]),
-                    torch.cat([neg_pooled[chunk], pooled[chunk]]),
-                    torch.cat([time_ids[chunk], time_ids[chunk]]),
+                chunks.append(
+                    (chunk, tuple(torch.cat([u[chunk], c[chunk]]) for u, c in zip(neg_cond, cond, strict=True)))
                 )
             else:
-                cond = (embeds[chunk], pooled[chunk], time_ids[chunk])
-            chunks.append((chunk, cond))
+                chunks.append((chunk, tuple(c[chunk] for c in cond)))
         latents = self._denoise(unet, latents, chunks, num_inference_steps, guidance_scale, step_kwargs)
         if output_type == "latent":
             return FastDiffPipelineOutput(images=latents)
@@ -130,7 +136,7 @@ class FastDiffPipeline:
         self,
         unet: CompiledModule | CUDAGraphModule,
         latents: torch.Tensor,
-        chunks: list[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+        chunks: list[tuple[slice, tuple[torch.Tensor, ...]]],
         steps: int,
         guidance_scale: float,
         step_kwargs: dict[str, Any],
@@ -205,11 +211,9 @@ def _check_call(prompts: list[str], steps: int, guidance_scale: float, per_promp
         raise FastDiffError(f"output_type {output_type!r} is not supported", f"use one of {', '.join(OUTPUT_TYPES)}")
 
 
-def _per_image(embeds: torch.Tensor, pooled: torch.Tensor, per_prompt: int, device: torch.device):
-    """Repeat each prompt's conditioning for its images, in diffusers' order (prompt-major)."""
-    return embeds.repeat_interleave(per_prompt, dim=0).to(device), pooled.repeat_interleave(per_prompt, dim=0).to(
-        device
-    )
+def _per_image(t: torch.Tensor, per_prompt: int, device: torch.device) -> torch.Tensor:
+    """One row per image: each prompt's row repeated for its images, in diffusers' order (prompt-major)."""
+    return t.repeat_interleave(per_prompt, dim=0).to(device)
 
 
 def _chunks(n: int, size: int) -> list[slice]:

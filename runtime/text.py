@@ -1,5 +1,6 @@
-"""SDXL prompt encoding, as diffusers' StableDiffusionXLPipeline does it: both CLIP encoders' penultimate hidden
-states, concatenated, and the second encoder's pooled, projected embedding.
+"""Prompt encoding as diffusers does it: SDXL concatenates both CLIP encoders' penultimate hidden states and takes
+the second encoder's pooled, projected embedding; SD 1.x takes its one encoder's final hidden states. Which hidden
+states a compiled encoder returns was fixed at export.
 
 Tokenizers run through the `tokenizers` library (the artifact's tokenizer.json has SDXL's padding and truncation
 built in); the encoders are compiled packages, or, for artifacts exported with stock encoders, transformers models.
@@ -58,7 +59,7 @@ def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device
     return encode
 
 
-class SDXLTextConditioner:
+class TextConditioner:
     def __init__(
         self,
         tokenizers: list[Tokenizer],
@@ -66,31 +67,34 @@ class SDXLTextConditioner:
         force_zeros_for_empty_prompt: bool,
         device: torch.device,
         max_batch: int,
+        pooled: bool,
     ) -> None:
         self.tokenizers = tokenizers
         self.encoders = encoders
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.device = device
         self.max_batch = max_batch  # most prompts per encoder call (compiled encoders have a bounded batch)
+        self.pooled = pooled  # whether the UNet takes the last encoder's pooled embedding (SDXL)
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
             ids = torch.tensor([e.ids for e in tokenizer.encode_batch(prompts)], dtype=torch.long)
             outs = [encoder(chunk.to(self.device)) for chunk in ids.split(self.max_batch)]
             hidden.append(torch.cat([h for h, _ in outs]))
-            pooled = torch.cat([p for _, p in outs])  # only the last encoder's pooled output conditions SDXL
+            pooled = torch.cat([p for _, p in outs]) if self.pooled else None  # only the last encoder's counts
         return torch.cat(hidden, dim=-1), pooled
 
     @torch.no_grad()
     def __call__(
         self, prompts: list[str], negative_prompts: list[str] | None, guidance: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(embeds, pooled, negative embeds, negative pooled); the negatives are None without guidance."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(embeds, pooled, negative embeds, negative pooled); pooled ones are None unless the model uses them,
+        the negatives are None without guidance."""
         embeds, pooled = self._encode(prompts)
         if not guidance:
             return embeds, pooled, None, None
         if negative_prompts is None and self.force_zeros_for_empty_prompt:
-            return embeds, pooled, torch.zeros_like(embeds), torch.zeros_like(pooled)
+            return embeds, pooled, torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
         neg_embeds, neg_pooled = self._encode(negative_prompts or [""] * len(prompts))
         return embeds, pooled, neg_embeds, neg_pooled

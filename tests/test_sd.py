@@ -1,0 +1,79 @@
+"""The Stable Diffusion 1.x family: exported, loaded and compared with diffusers' own StableDiffusionPipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from fastdiff.runtime import load_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(fastdiff_cache: Path) -> Path:
+    from fastdiff.exporter.random_models import tiny_sd
+
+    return tiny_sd()
+
+
+@pytest.fixture(scope="module")
+def sd_artifact(sd_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    proc = run_cli(
+        "fastdiff-export", "tiny-sd", "--res", "64", "--batch-size", "2", "--device", "cpu", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_pipelines(sd_artifact: Path, sd_checkpoint: Path):
+    from diffusers import StableDiffusionPipeline
+
+    mine = load_pipeline(sd_artifact, device="cpu")
+    reference = StableDiffusionPipeline.from_pretrained(sd_checkpoint)
+    for pipe in (mine, reference):
+        pipe.set_progress_bar_config(disable=True)
+    return mine, reference
+
+
+def test_manifest_records_the_family(sd_artifact: Path) -> None:
+    manifest = json.loads((sd_artifact / "manifest.json").read_text())
+    assert manifest["model"]["family"] == "sd"
+    assert manifest["model"]["pooled_dim"] is None and manifest["model"]["time_ids"] is None
+    assert manifest["model"]["default_guidance_scale"] == 7.5  # StableDiffusionPipeline's default
+    assert manifest["model"]["force_zeros_for_empty_prompt"] is False
+    assert manifest["unet"]["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [c["weights"] for c in manifest["text_encoders"]] == ["text_encoder/weights.safetensors"]
+    assert "tokenizer_2" not in manifest["stock"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="defaults-cfg7.5"),
+        pytest.param({"guidance_scale": 1.0}, id="no-cfg"),
+        pytest.param({"negative_prompt": "blurry, ugly"}, id="negative"),
+        pytest.param({"prompt": ["a cat", "a dog in the rain"], "num_images_per_prompt": 2}, id="list-x2"),
+        pytest.param({"num_images_per_prompt": 3, "num_inference_steps": 6}, id="chunked"),
+    ],
+)
+def test_matches_diffusers(sd_pipelines, kwargs: dict) -> None:
+    mine, reference = sd_pipelines
+    args = {"prompt": "a photo of a cat", "num_inference_steps": 4, "height": 64, "width": 64, **kwargs}
+    for output_type, tol in (("latent", 1e-4), ("np", 1e-5)):
+        a = mine(**args, output_type=output_type, generator=torch.Generator().manual_seed(3)).images
+        b = reference(**args, output_type=output_type, generator=torch.Generator().manual_seed(3)).images
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=tol)
+
+
+def test_run_cli_writes_an_image(sd_artifact: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "sd.png"
+    proc = run_cli("fastdiff-run", str(sd_artifact), "-p", "a cat", "--steps", "2", "--seed", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (64, 64)
