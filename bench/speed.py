@@ -89,19 +89,23 @@ def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latent
 
 
 def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None, inputs, latents_shape) -> dict:
+    """diffusers' own pipeline, eager, or with the seed's torch.compile recipe (fused QKV, channels_last, compiled UNet
+    and VAE decode; its Inductor flags unless --no-seed-flags)."""
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     name = f"diffusers eager {args_dtype_name(dtype)}"
     compile_s = None
     if compile_mode:
-        name = f"diffusers torch.compile ({compile_mode}, seed recipe) {args_dtype_name(dtype)}"
-        import torch._inductor.config as inductor
+        flags = "seed flags" if args.seed_flags else "default flags"
+        name = f"diffusers torch.compile ({compile_mode}, {flags}) {args_dtype_name(dtype)}"
+        if args.seed_flags:
+            import torch._inductor.config as inductor
 
-        inductor.conv_1x1_as_mm = True
-        inductor.coordinate_descent_tuning = True
-        inductor.epilogue_fusion = False
-        inductor.coordinate_descent_check_all_directions = True
+            from fastdiff.exporter.compile import SEED_INDUCTOR_FLAGS
+
+            for flag, value in SEED_INDUCTOR_FLAGS.items():
+                setattr(inductor, flag, value)
         pipe.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -185,6 +189,12 @@ def main() -> None:
     parser.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR", help="fastdiff artifact")
     parser.add_argument("--baselines", default="eager,compile", help="eager, compile, or both (comma-separated)")
     parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the seed recipe")
+    parser.add_argument(
+        "--seed-flags",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the seed's Inductor flags for the compile baseline (coordinate descent tuning makes compiles long)",
+    )
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--res", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)

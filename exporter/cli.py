@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 import torch
 
+from fastdiff.runtime.cli import clean_errors
 from fastdiff.runtime.compat import resolve_device
-from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.resolution import parse_resolution
 
 from .export import ExportOptions, export_artifact
@@ -69,6 +67,7 @@ def _presets_help() -> str:
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --out once the new one is complete.")
+@clean_errors(interrupted="interrupted: nothing was written")
 def main(
     model: str,
     resolutions: tuple[str, ...],
@@ -85,35 +84,29 @@ def main(
     vae: str | None,
     overwrite: bool,
 ) -> None:
-    """Export MODEL (a preset, a hub id or a local diffusers folder) to compiled UNet and VAE-decoder packages.
+    """Export MODEL (a preset, a hub id or a local diffusers folder) to compiled UNet, VAE-decoder and text-encoder
+    packages.
 
     One AOTInductor package is written per component and resolution; the weights sit beside them in one
-    safetensors file per component, with the stock text encoders, tokenizers, scheduler and a manifest.
+    safetensors file per component, with the tokenizers, the scheduler config and a manifest.
     """
-    try:
-        dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
-        if quantize != "none":
-            pass_list.append(quantize)
-        options = ExportOptions(
-            model=model,
-            resolutions=[parse_resolution(r) for r in resolutions] or [default_resolution(model, revision)],
-            device=dev,
-            dtype=dtype or ("bf16" if dev.type == "cuda" else "fp32"),
-            batch_size=batch_size,
-            passes=pass_list,
-            seed_inductor_flags=seed_flags,
-            max_autotune=max_autotune,
-            revision=revision,
-            vae=vae,
-            out=out,
-            overwrite=overwrite,
-            compile_text_encoders=text_encoders == "compiled",
-        )
-        export_artifact(options)
-    except FastDiffError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
+    if quantize != "none":
+        pass_list.append(quantize)
+    options = ExportOptions(
+        model=model,
+        resolutions=[parse_resolution(r) for r in resolutions] or [default_resolution(model, revision)],
+        device=dev,
+        dtype=dtype or ("bf16" if dev.type == "cuda" else "fp32"),
+        batch_size=batch_size,
+        passes=pass_list,
+        seed_inductor_flags=seed_flags,
+        max_autotune=max_autotune,
+        revision=revision,
+        vae=vae,
+        out=out,
+        overwrite=overwrite,
+        compile_text_encoders=text_encoders == "compiled",
+    )
+    export_artifact(options)

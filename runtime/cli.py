@@ -19,21 +19,25 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-def _clean_errors(fn: Callable) -> Callable:
-    """FastDiffError -> one message on stderr and exit code 2; Ctrl-C -> exit 130. No tracebacks for bad input."""
+def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
+    """FastDiffError -> its message on stderr and exit code 2; Ctrl-C -> `interrupted` and exit 130. Bad input
+    never shows a traceback (the fastdiff-export command uses this too)."""
 
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FastDiffError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+    def decorate(fn: Callable) -> Callable:
+        @wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except FastDiffError as e:
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                click.echo(interrupted, err=True)
+                sys.exit(130)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
@@ -79,7 +83,7 @@ def _save_atomically(image, path: Path) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing image files.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_clean_errors
+@clean_errors()
 def run_main(
     artifact: Path,
     prompt: str,
@@ -128,7 +132,7 @@ def run_main(
 @click.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--verify", is_flag=True, help="Re-hash every file against the manifest (reads everything).")
-@_clean_errors
+@clean_errors()
 def inspect_main(artifact: Path, verify: bool) -> None:
     """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here."""
     manifest = read_manifest(artifact)
