@@ -46,6 +46,13 @@ PRESETS = {
             build=random_sdxl_base,
         ),
         Preset(
+            "ssd-1b",
+            "segmind/SSD-1B",
+            "madebyollin/sdxl-vae-fp16-fix",
+            "1024",
+            "Segmind's SSD-1B (SDXL pipeline, distilled UNet) with the fp16-fix VAE, as in 'Diffusion, Fast'",
+        ),
+        Preset(
             "sd15",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             None,

@@ -34,7 +34,7 @@ from fastdiff.exporter.passes import (
     fp8_filter,
     int8_filter,
 )
-from fastdiff.exporter.wrappers import UNetStep, VAEDecode
+from fastdiff.exporter.wrappers import SDXLUNetStep, VAEDecode
 from fastdiff.runtime import FastDiffError
 
 LAYOUT_TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 rounding of a reordered computation, ~5x the measured difference
@@ -77,7 +77,7 @@ def vae_inputs(device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple
 
 @torch.no_grad()
 def run_unet(unet: nn.Module, inputs) -> torch.Tensor:
-    return UNetStep(unet)(*inputs)
+    return SDXLUNetStep(unet)(*inputs)
 
 
 @torch.no_grad()
