@@ -10,8 +10,9 @@ import torch
 from torch._functorch._aot_autograd.subclass_parametrization import UnwrapTensorSubclass
 
 from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.packages import make_libstdcxx_global
 
-# The seed's Inductor flags ("Diffusion, Fast"), with max-autotune, as one switchable set.
+# The seed's Inductor flags ("Diffusion, Fast"; it used them with max-autotune), as one switchable set.
 SEED_INDUCTOR_FLAGS = {
     "conv_1x1_as_mm": True,
     "coordinate_descent_tuning": True,
@@ -35,6 +36,7 @@ def compile_package(program: torch.export.ExportedProgram, path: Path, inductor_
 
 
 def package_constant_names(path: Path, device: torch.device) -> list[str]:
+    make_libstdcxx_global()
     device_index = -1 if device.type == "cpu" else (device.index or 0)
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
     return list(loader.get_constant_fqns())

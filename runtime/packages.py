@@ -20,13 +20,14 @@ from .errors import FastDiffError
 _libstdcxx_global = False
 
 
-def _make_libstdcxx_global() -> None:
+def make_libstdcxx_global() -> None:
     """Put the process's libstdc++ into the global symbol scope before the first package is opened.
 
     Python opens torch's extension with RTLD_LOCAL, so the libstdc++ it pulls in stays local to it. A package's
     wrapper.so does not list libstdc++ as a dependency, so its C++ runtime symbols (std::regex, locales) then bind
-    to uninitialised copies and some images crash at load; preloading libstdc++ was the known workaround. Promoting
-    the already loaded library to RTLD_GLOBAL does the same from inside the process.
+    to uninitialised copies: on the project's H200 image (torch 2.11) every package load segfaulted, unless
+    libstdc++ was preloaded. Promoting the already loaded library to RTLD_GLOBAL does the same from inside the
+    process (seen there: exit 139 without it, a clean load with it).
     """
     global _libstdcxx_global
     if _libstdcxx_global or not sys.platform.startswith("linux"):
@@ -42,7 +43,7 @@ class CompiledModule:
     """One AOTInductor package: call it with the flat tensor inputs it was exported with."""
 
     def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
-        _make_libstdcxx_global()
+        make_libstdcxx_global()
         self.path = path
         device_index = -1 if device.type == "cpu" else device.index
         try:
