@@ -141,7 +141,9 @@ def inspect_main(artifact: Path, verify: bool) -> None:
         f"artifact      {artifact}  (format v{manifest.format_version}, created {manifest.created})",
         f"source        {manifest.source.get('model')}"
         + "".join(f"  {k}={v}" for k, v in manifest.source.items() if k != "model" and v),
-        f"family        {manifest.model.family}",
+        f"family        {manifest.model.family}, default {'x'.join(map(str, manifest.model.default_resolution))}, "
+        f"guidance {manifest.model.default_guidance_scale}",
+        f"text encoders {'compiled' if manifest.text_encoders else 'stock (transformers)'}",
         f"dtype         {manifest.dtype} (VAE decoder {manifest.vae_decoder.dtype}), batch size {manifest.batch_size}",
         f"resolutions   {', '.join(map(str, manifest.resolutions))}",
         f"passes        {', '.join(manifest.options.get('passes') or []) or '(none)'}",
