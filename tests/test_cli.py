@@ -93,6 +93,8 @@ def test_inspect(tiny_artifact: Path) -> None:
     assert re.search(r"^source\s+tiny-sdxl\b", out, re.M), out
     assert re.search(r"^dtype\s+fp32 \(VAE decoder fp32\), batch size 2$", out, re.M), out
     assert re.search(r"^resolutions\s+64x64, 96x64$", out, re.M), out
+    assert re.search(r"^family\s+sdxl, default 128x128, guidance 5.0$", out, re.M), out
+    assert re.search(r"^text encoders\s+compiled$", out, re.M), out
     assert re.search(r"^device\s+cpu\b", out, re.M), out
     assert re.search(rf"^files\s+{len(manifest.files)}, ", out, re.M), out
     for rel in manifest.files:
