@@ -1,4 +1,4 @@
-"""Speed and quality of SDXL generation: diffusers eager, diffusers + torch.compile (the seed's recipe), and
+"""Speed and quality of SDXL or SD 1.x generation: diffusers eager, diffusers + torch.compile (the seed's recipe), and
 fastdiff artifacts, in one process on one device.
 
     python bench/speed.py --model CHECKPOINT_DIR --artifact NAME=ARTIFACT_DIR [...] --out bench/results/NAME
@@ -24,16 +24,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def step_inputs(pipe_config: dict, res: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Fixed random UNet inputs in fp32 (batch 2 = CFG), cast per variant."""
+    """Fixed random UNet inputs in fp32 (batch 2 = CFG), cast per variant; SDXL adds pooled embeds and time ids."""
     g = torch.Generator().manual_seed(0)
     f = pipe_config["vae_scale_factor"]
-    return (
+    inputs = (
         torch.randn(2, 4, res // f, res // f, generator=g).to(device),
         torch.tensor(500.0, device=device),
         torch.randn(2, 77, pipe_config["cross_dim"], generator=g).to(device),
+    )
+    if pipe_config["pooled_dim"] is None:
+        return inputs
+    return (
+        *inputs,
         torch.randn(2, pipe_config["pooled_dim"], generator=g).to(device),
         torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float32, device=device),
     )
+
+
+def diffusers_unet(unet, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A diffusers UNet called on step_inputs' tensors."""
+    cond = {"text_embeds": x[3], "time_ids": x[4]} if len(x) == 5 else None
+    return unet(x[0], x[1], x[2], added_cond_kwargs=cond, return_dict=False)[0]
 
 
 def cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -91,9 +102,9 @@ def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latent
 def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None, inputs, latents_shape) -> dict:
     """diffusers' own pipeline, eager, or with the seed's torch.compile recipe (fused QKV, channels_last, compiled UNet
     and VAE decode; its Inductor flags unless --no-seed-flags)."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     name = f"diffusers eager {args_dtype_name(dtype)}"
     compile_s = None
     if compile_mode:
@@ -116,8 +127,7 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
 
     @torch.no_grad()
     def unet_step(_):
-        cond = {"text_embeds": x[3], "time_ids": x[4]}
-        return unet(x[0], x[1], x[2], added_cond_kwargs=cond, return_dict=False)[0]
+        return diffusers_unet(unet, x)
 
     latents = torch.randn(latents_shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
@@ -160,7 +170,8 @@ def args_dtype_name(dtype: torch.dtype) -> str:
 def table(record: dict) -> str:
     env = record["environment"]
     lines = [
-        f"# SDXL {record['res']}x{record['res']}, {record['steps']} steps, one image with CFG (UNet batch 2)",
+        f"# {record['pipeline']} {record['res']}x{record['res']}, {record['steps']} steps, "
+        "one image with CFG (UNet batch 2)",
         "",
         f"{env.get('gpu', 'cpu')}, torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, "
         f"diffusers {env['diffusers']}, torchao {env['torchao']}; {env['date']}",
@@ -209,14 +220,16 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
 
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
-    config_pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    config_pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    text_encoder_2 = getattr(config_pipe, "text_encoder_2", None)
     shape = {
         "vae_scale_factor": config_pipe.vae_scale_factor,
         "cross_dim": config_pipe.unet.config.cross_attention_dim,
-        "pooled_dim": config_pipe.text_encoder_2.config.projection_dim,
+        "pooled_dim": text_encoder_2.config.projection_dim if text_encoder_2 is not None else None,
     }
+    record_model = type(config_pipe).__name__
     inputs = step_inputs(shape, args.res, device)
     f = shape["vae_scale_factor"]
     latents_shape = (1, 4, args.res // f, args.res // f)
@@ -225,8 +238,7 @@ def main() -> None:
     if not args.no_reference:
         pipe = config_pipe.to(device)
         with torch.no_grad():
-            cond = {"text_embeds": inputs[3], "time_ids": inputs[4]}
-            ref_out = pipe.unet(*inputs[:3], added_cond_kwargs=cond, return_dict=False)[0].float().cpu()
+            ref_out = diffusers_unet(pipe.unet, inputs).float().cpu()
         pipe.set_progress_bar_config(disable=True)
         reference = (ref_out, generate(pipe, args, device, "np"))
     del config_pipe
@@ -245,7 +257,13 @@ def main() -> None:
         variants.append(
             lambda mode=mode: diffusers_variant(args, device, DTYPES[args.dtype], mode, inputs, latents_shape)
         )
-    record = {"res": args.res, "steps": args.steps, "runs": args.runs, "step_runs": args.step_runs}
+    record = {
+        "pipeline": record_model,
+        "res": args.res,
+        "steps": args.steps,
+        "runs": args.runs,
+        "step_runs": args.step_runs,
+    }
     record["environment"] = environment(device)
     for run in variants:
         if device.type == "cuda":
