@@ -1,4 +1,4 @@
-"""Cold start: from process start to the first SDXL image, in fresh processes, phases timed.
+"""Cold start: from process start to the first image (SDXL or SD 1.x), in fresh processes, phases timed.
 
     python bench/coldstart.py --model CHECKPOINT_DIR --artifact NAME=ARTIFACT_DIR [...] --out bench/results/NAME
 
@@ -36,9 +36,9 @@ CHILD_DIFFUSERS = """
 import json, sys, time
 t0 = time.time()
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 t1 = time.time()
-pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[2], torch_dtype=torch.bfloat16).to("cuda")
+pipe = DiffusionPipeline.from_pretrained(sys.argv[2], torch_dtype=torch.bfloat16).to("cuda")
 torch.cuda.synchronize(); t2 = time.time()
 pipe.set_progress_bar_config(disable=True)
 pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]
@@ -97,7 +97,7 @@ def main() -> None:
 def table(record: dict) -> str:
     env = record["environment"]
     lines = [
-        f"# Cold start: process start -> first SDXL image ({record['steps']} steps), page cache warm",
+        f"# Cold start: process start -> first image ({record['steps']} steps), page cache warm",
         "",
         f"{env.get('gpu')}, torch {env['torch']}, CUDA {env['cuda']}, diffusers {env['diffusers']}; {env['date']}",
         f"Command: `{env['command']}`",
