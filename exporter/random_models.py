@@ -105,6 +105,15 @@ def _write_vocab_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
 
 
+_TINY_CLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MAX_LENGTH,
+}
+
 TINY_ARCH = {
     "unet": {
         "sample_size": 16,
@@ -136,24 +145,9 @@ TINY_ARCH = {
         "scaling_factor": 0.13025,
         "force_upcast": False,
     },
-    "text_encoder": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "projection_dim": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": MAX_LENGTH,
-        "hidden_act": "quick_gelu",
-    },
-    "text_encoder_2": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "projection_dim": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": MAX_LENGTH,
-        "hidden_act": "gelu",
-    },
+    # Both CLIP encoders are the same tiny size; as in SDXL, the first uses quick_gelu and the second gelu.
+    "text_encoder": {**_TINY_CLIP, "hidden_act": "quick_gelu"},
+    "text_encoder_2": {**_TINY_CLIP, "hidden_act": "gelu"},
     "scheduler": {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
