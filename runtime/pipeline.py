@@ -157,7 +157,8 @@ class FastDiffPipeline:
                     uncond, text = out.chunk(2)
                     out = uncond + guidance_scale * (text - uncond)
                 noise.append(out)
-            latents = self.scheduler.step(torch.cat(noise), t, latents, **step_kwargs, return_dict=False)[0]
+            noise = noise[0] if len(noise) == 1 else torch.cat(noise)
+            latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         return latents
 
     def _step_kwargs(self, generator: Any) -> dict[str, Any]:
