@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ t3 = time.time()
 print("RESULT " + json.dumps({"start": t0, "imports": t1, "load": t2, "first_image": t3}))
 """
 
+# argv[5] "compile": the UNet and VAE decode under torch.compile (default mode, fullgraph), compiled on the first call;
+# the compile cache is wherever TORCHINDUCTOR_CACHE_DIR points.
 CHILD_DIFFUSERS = """
 import json, sys, time
 t0 = time.time()
@@ -39,6 +42,9 @@ import torch
 from diffusers import DiffusionPipeline
 t1 = time.time()
 pipe = DiffusionPipeline.from_pretrained(sys.argv[2], torch_dtype=torch.bfloat16).to("cuda")
+if sys.argv[5] == "compile":
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True)
 torch.cuda.synchronize(); t2 = time.time()
 pipe.set_progress_bar_config(disable=True)
 pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]
@@ -49,10 +55,13 @@ print("RESULT " + json.dumps({"start": t0, "imports": t1, "load": t2, "first_ima
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 
 
-def run_child(code: str, target: str, steps: int) -> dict:
+def run_child(code: str, target: str, steps: int, mode: str = "", env: dict | None = None) -> dict:
     spawn = time.time()
     proc = subprocess.run(
-        [sys.executable, "-c", code, "x", target, PROMPT, str(steps)], capture_output=True, text=True, env=os.environ
+        [sys.executable, "-c", code, "x", target, PROMPT, str(steps), mode],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -73,6 +82,11 @@ def main() -> None:
     parser.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--baselines",
+        default="eager",
+        help="with --model: eager, compile (torch.compile, cold then warm compile cache: minutes), or both",
+    )
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
 
@@ -80,18 +94,28 @@ def main() -> None:
     from common import environment
 
     variants = [(f"fastdiff {name}", CHILD_FASTDIFF, path) for name, path in (a.split("=", 1) for a in args.artifact)]
-    if args.model:
+    baselines = set(filter(None, args.baselines.split(","))) if args.model else set()
+    if "eager" in baselines:
         variants.append(("diffusers eager bf16", CHILD_DIFFUSERS, args.model))
     record = {"steps": args.steps, "runs": args.runs, "environment": environment(torch.device("cuda")), "results": []}
-    for name, code, target in variants:
-        warm = run_child(code, target, args.steps)  # warms the page cache
-        runs = [warm] if warm.get("failed") else [run_child(code, target, args.steps) for _ in range(args.runs)]
+
+    def add(name: str, runs: list[dict]) -> None:
         ok = [r for r in runs if not r.get("failed")]
         entry = {"variant": name, "runs": runs}
         if ok:
             entry["median"] = {k: summary([r[k] for r in ok])["median"] for k in ok[0]}
         record["results"].append(entry)
         write_results(args.out, record, table(record))
+
+    for name, code, target in variants:
+        warm = run_child(code, target, args.steps)  # warms the page cache
+        add(name, [warm] if warm.get("failed") else [run_child(code, target, args.steps) for _ in range(args.runs)])
+    if "compile" in baselines:
+        with tempfile.TemporaryDirectory() as cache:  # the first run fills it (cold), the second reads it (warm)
+            env = {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton"}
+            for state in ("cold", "warm"):
+                run = run_child(CHILD_DIFFUSERS, args.model, args.steps, "compile", env)
+                add(f"diffusers torch.compile bf16, {state} compile cache", [run])
 
 
 def table(record: dict) -> str:
@@ -115,7 +139,10 @@ def table(record: dict) -> str:
             f"{m['first_image_s']:.2f} | {m['total_s']:.2f} |"
         )
     lines.append("")
-    lines.append(f"Medians of {record['runs']} runs after one untimed run that warms the page cache.")
+    lines.append(
+        f"Medians of {record['runs']} runs after one untimed run that warms the page cache; torch.compile: one run "
+        "with an empty compile cache (Inductor and Triton caches in a fresh folder), then one that reuses it."
+    )
     return "\n".join(lines) + "\n"
 
 

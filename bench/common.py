@@ -40,6 +40,56 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, run
     return times
 
 
+# GPU kernel families by name (cuDNN, cuBLAS, CUTLASS, flash-attention and Triton kernel naming), checked in order.
+KERNEL_FAMILIES = [
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "implicit_gemm", "winograd")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "matmul", "scaled_mm", "_mm_", "tem_fused")),
+    ("triton (fused elementwise, norms)", ("triton",)),
+]
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
+
+
+def kernel_profile(fn: Callable[[], object], device: torch.device, runs: int = 5, top: int = 15) -> dict:
+    """GPU time per call of `fn` by kernel family and the `top` kernels, from torch.profiler (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        sync(device)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    families: dict[str, float] = {}
+    for e in kernels:
+        family = kernel_family(e.key)
+        families[family] = families.get(family, 0.0) + e.device_time_total / 1e3 / runs
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    return {
+        "gpu_ms_per_call": sum(families.values()),
+        "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [
+            {"name": e.key[:160], "ms_per_call": e.device_time_total / 1e3 / runs, "calls": e.count // runs}
+            for e in kernels[:top]
+        ],
+    }
+
+
+def profile_table(name: str, profile: dict) -> list[str]:
+    total = profile["gpu_ms_per_call"]
+    lines = [f"### {name}: GPU time per UNet step {total:.2f} ms", ""]
+    lines += ["| kernel family | ms | share |", "|---|---|---|"]
+    lines += [f"| {f} | {ms:.2f} | {ms / total:.0%} |" for f, ms in profile["families_ms"].items()]
+    lines += ["", "| top kernels | ms | calls |", "|---|---|---|"]
+    lines += [f"| `{k['name'][:90]}` | {k['ms_per_call']:.2f} | {k['calls']} |" for k in profile["top_kernels"]]
+    return [*lines, ""]
+
+
 def summary(times: list[float]) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
 

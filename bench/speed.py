@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, summary, sync, time_ms, write_results
+from common import environment, kernel_profile, profile_table, summary, sync, time_ms, write_results
 
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,6 +76,8 @@ def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latent
     """Times and outputs for one variant. `unet_step(inputs)` and `vae_decode(latents)` run one call."""
     result: dict = {"variant": name}
     result["unet_step_ms"] = summary(time_ms(lambda: unet_step(inputs), device, args.warmup, args.step_runs))
+    if args.profile and device.type == "cuda":
+        result["unet_profile"] = kernel_profile(lambda: unet_step(inputs), device)
     result["vae_decode_ms"] = summary(time_ms(lambda: vae_decode(latents), device, 2, max(5, args.runs)))
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
@@ -191,6 +193,10 @@ def table(record: dict) -> str:
     lines.append(
         f"Medians; UNet step over {record['step_runs']} runs, end to end over {record['runs']} runs after warm-up."
     )
+    lines.append("")
+    for r in record["results"]:
+        if "unet_profile" in r:
+            lines += profile_table(r["variant"], r["unet_profile"])
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +220,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--e2e-warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile", action="store_true", help="also profile the UNet step's kernels (CUDA)")
     parser.add_argument("--no-reference", action="store_true", help="skip the eager fp32 quality reference")
     parser.add_argument("--out", required=True, type=Path, help="results path without suffix (.json and .md)")
     args = parser.parse_args()

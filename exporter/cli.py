@@ -9,6 +9,7 @@ from fastdiff.runtime.cli import clean_errors
 from fastdiff.runtime.compat import resolve_device
 from fastdiff.runtime.resolution import parse_resolution
 
+from .attention import CHOICES as ATTENTION_CHOICES
 from .export import ExportOptions, export_artifact
 from .passes import PASSES
 from .presets import PRESETS
@@ -64,6 +65,14 @@ def _presets_help() -> str:
     show_default=True,
     help="Compile the CLIP text encoders too, or ship the stock ones (the runtime then needs transformers).",
 )
+@click.option(
+    "--attention",
+    type=click.Choice(ATTENTION_CHOICES),
+    default="auto",
+    show_default=True,
+    help="SDPA kernel compiled in. auto: the fastest on the export GPU for the model's attention shapes (torch's "
+    "default on cpu); default: torch's own priority list.",
+)
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --out once the new one is complete.")
@@ -80,6 +89,7 @@ def main(
     max_autotune: bool,
     seed_flags: bool,
     text_encoders: str,
+    attention: str,
     revision: str | None,
     vae: str | None,
     overwrite: bool,
@@ -108,5 +118,6 @@ def main(
         out=out,
         overwrite=overwrite,
         compile_text_encoders=text_encoders == "compiled",
+        attention=attention,
     )
     export_artifact(options)

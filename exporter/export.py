@@ -21,6 +21,7 @@ from fastdiff.runtime.manifest import TEXT_PARTS, CompiledComponent, Manifest, M
 from fastdiff.runtime.resolution import Resolution
 
 from .artifact import ArtifactWriter
+from .attention import attention_backend, choose_backend
 from .compile import (
     SEED_INDUCTOR_FLAGS,
     compile_package,
@@ -58,6 +59,7 @@ class ExportOptions:
     out: Path | None = None
     overwrite: bool = False
     compile_text_encoders: bool = True  # False: ship the stock transformers encoders instead
+    attention: str = "auto"  # SDPA backend compiled in: auto (fastest on the export GPU), default, or one by name
 
     def inductor_configs(self) -> dict:
         configs = dict(SEED_INDUCTOR_FLAGS) if self.seed_inductor_flags else {}
@@ -127,10 +129,11 @@ def export_artifact(options: ExportOptions) -> Path:
             res.key: (torch.randn(n, *_latent_shape(facts, res), device=dev, dtype=vae_dtype),)
             for res in options.resolutions
         }
+        attention: dict[str, str] = {}  # package -> the SDPA backend compiled into it
         components = {
-            "unet": _export_component(writer, "unet", unet, unet_cases, unet.inputs, 2 * n, options),
+            "unet": _export_component(writer, "unet", unet, unet_cases, unet.inputs, 2 * n, options, attention),
             "vae_decoder": _export_component(
-                writer, "vae_decoder", vae, vae_cases, VAE_DECODER_INPUTS, n, options, dtype=vae_dtype
+                writer, "vae_decoder", vae, vae_cases, VAE_DECODER_INPUTS, n, options, attention, dtype=vae_dtype
             ),
         }
         text_encoders = []
@@ -139,7 +142,9 @@ def export_artifact(options: ExportOptions) -> Path:
             for _, name in TEXT_PARTS[source.family]:
                 encoder = CLIPTextEncode(getattr(pipe, name).to(dev, dtype), penultimate=source.family == "sdxl")
                 cases = {str(facts.text_max_length): (ids,)}
-                text_encoders.append(_export_component(writer, name, encoder, cases, TEXT_ENCODER_INPUTS, n, options))
+                text_encoders.append(
+                    _export_component(writer, name, encoder, cases, TEXT_ENCODER_INPUTS, n, options, attention)
+                )
 
         with phase("writing tokenizers, scheduler" + ("" if text_encoders else " and stock text encoders")):
             stock = _save_stock(writer, pipe, facts, with_text_encoders=not text_encoders)
@@ -153,6 +158,7 @@ def export_artifact(options: ExportOptions) -> Path:
                 "vae_passes": vae_passes,
                 "inductor": options.inductor_configs(),
                 "text_encoders": "compiled" if text_encoders else "stock",
+                "attention": attention,
             },
             device=device_record(options.device),
             versions=_versions(options),
@@ -176,17 +182,24 @@ def _export_component(
     input_names: list[str],
     max_batch: int,
     options: ExportOptions,
+    attention: dict[str, str],
     dtype: torch.dtype | None = None,
 ) -> CompiledComponent:
     """Compile `module` once per case (a resolution or a sequence length, examples at the largest batch), with a
-    dynamic batch dimension up to `max_batch`; write the weights all its packages bind to one safetensors file."""
+    dynamic batch dimension up to `max_batch`; write the weights all its packages bind to one safetensors file.
+    Records in `attention` the SDPA backend each package was compiled with."""
     packages, weights = {}, {}
     dynamic = _batch_dims(input_names, max_batch, skip={"timestep"})
     for key, inputs in cases.items():
         rel = f"{name}/{key}.pt2"
-        with phase(f"torch.export {rel}"):
+        backend, seconds = choose_backend(options.attention, module, inputs, options.device)
+        if seconds:
+            timings = ", ".join(f"{b} {s * 1e3:.2f} ms" for b, s in sorted(seconds.items(), key=lambda kv: kv[1]))
+            log(f"attention for {rel}: {backend} ({timings} per call of the module)")
+        attention[rel] = backend
+        with phase(f"torch.export {rel}"), attention_backend(backend):
             program = export_program(module, inputs, dynamic)
-        with phase(f"AOTInductor compile {rel}"):
+        with phase(f"AOTInductor compile {rel}"), attention_backend(backend):
             path = compile_package(program, writer.path(rel), options.inductor_configs())
         weights |= plain_constants(program, package_constant_names(path, options.device))
         packages[key] = rel
