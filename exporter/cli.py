@@ -11,7 +11,7 @@ from fastdiff.runtime.resolution import parse_resolution
 
 from .attention import CHOICES as ATTENTION_CHOICES
 from .export import ExportOptions, export_artifact
-from .passes import PASSES
+from .passes import DEFAULT_PASSES, PASSES
 from .presets import PRESETS
 from .source import default_resolution
 
@@ -40,7 +40,7 @@ def _presets_help() -> str:
 @click.option("--batch-size", default=1, show_default=True, type=int, help="Most images per UNet call.")
 @click.option(
     "--passes",
-    default="sdpa,fuse_qkv",
+    default=",".join(DEFAULT_PASSES),
     show_default=True,
     help=f"Comma-separated export passes, from: {', '.join(LAYOUT_PASSES)}; 'none' for none.",
 )
@@ -68,10 +68,10 @@ def _presets_help() -> str:
 @click.option(
     "--attention",
     type=click.Choice(ATTENTION_CHOICES),
-    default="auto",
+    default="default",
     show_default=True,
-    help="SDPA kernel compiled in. auto: the fastest on the export GPU for the model's attention shapes (torch's "
-    "default on cpu); default: torch's own priority list.",
+    help="SDPA kernel compiled in. default: torch's own choice (cuDNN on an H200 with torch 2.11); auto: the fastest "
+    "on the export GPU for the model's attention shapes (torch's choice on cpu); or one backend by name.",
 )
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")

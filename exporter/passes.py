@@ -110,6 +110,10 @@ def fp8_dynamic(model: nn.Module) -> nn.Module:
     return model
 
 
+# channels_last: with NCHW weights, cuDNN converts every convolution's input and output to NHWC and back (2.8 ms
+# of a 31 ms SDXL UNet step on the H200, bench/results/2026-11-30-h200-b); torch.compile with NHWC weights had none.
+DEFAULT_PASSES = ["sdpa", "fuse_qkv", "channels_last"]
+
 PASSES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "sdpa": sdpa,
     "fuse_qkv": fuse_qkv,

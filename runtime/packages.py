@@ -46,6 +46,8 @@ class CompiledModule:
         make_libstdcxx_global()
         self.path = path
         device_index = -1 if device.type == "cpu" else device.index
+        if device_index is None:  # plain "cuda"
+            device_index = torch.cuda.current_device()
         try:
             self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index)
         except Exception as e:  # the loader reports damaged archives and foreign binaries as RuntimeError

@@ -51,8 +51,10 @@ def test_build_record(manifest: Manifest) -> None:
     assert manifest.unet.max_batch == 4  # conditional and unconditional halves
     assert manifest.vae_decoder.max_batch == 2
     assert manifest.dtype == manifest.unet.dtype == manifest.vae_decoder.dtype == "fp32"
-    assert manifest.options["passes"] == ["sdpa", "fuse_qkv"]
-    assert manifest.options["vae_passes"] == ["sdpa", "fuse_qkv"]
+    assert manifest.options["passes"] == ["sdpa", "fuse_qkv", "channels_last"]
+    assert manifest.options["vae_passes"] == ["sdpa", "fuse_qkv", "channels_last"]
+    assert manifest.unet.channels_last and manifest.vae_decoder.channels_last  # conv weights stored NHWC
+    assert manifest.options["attention"] == {p: "default" for p in manifest.files if p.endswith(".pt2")}
     assert manifest.options["inductor"] == {}
     assert manifest.versions["torch"] == torch.__version__
     for dist in ("diffusers", "transformers", "fastdiff"):
