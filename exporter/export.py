@@ -29,9 +29,20 @@ from .compile import (
     package_constant_names,
     plain_constants,
 )
-from .passes import PASSES, apply_passes
+from .passes import DEFAULT_PASSES, PASSES, apply_passes
 from .source import Source, load_source
-from .wrappers import TEXT_ENCODER_INPUTS, VAE_DECODER_INPUTS, CLIPTextEncode, SDXLUNetStep, UNetStep, VAEDecode
+from .wrappers import (
+    T5_ENCODER_INPUTS,
+    TEXT_ENCODER_INPUTS,
+    VAE_DECODER_INPUTS,
+    CLIPTextEncode,
+    PixArtMicroConditionedStep,
+    PixArtStep,
+    SDXLUNetStep,
+    T5TextEncode,
+    UNetStep,
+    VAEDecode,
+)
 
 SDXL_TIME_IDS = [
     "original_height",
@@ -50,7 +61,7 @@ class ExportOptions:
     device: torch.device
     dtype: str = "fp32"
     batch_size: int = 1
-    passes: list[str] = field(default_factory=lambda: ["sdpa", "fuse_qkv"])
+    passes: list[str] = field(default_factory=lambda: list(DEFAULT_PASSES))
     vae_passes: list[str] | None = None  # default: the UNet's passes without quantization
     seed_inductor_flags: bool = False
     max_autotune: bool = False
@@ -59,7 +70,7 @@ class ExportOptions:
     out: Path | None = None
     overwrite: bool = False
     compile_text_encoders: bool = True  # False: ship the stock transformers encoders instead
-    attention: str = "auto"  # SDPA backend compiled in: auto (fastest on the export GPU), default, or one by name
+    attention: str = "default"  # SDPA backend compiled in: torch's choice, auto (fastest on the export GPU), or a name
 
     def inductor_configs(self) -> dict:
         configs = dict(SEED_INDUCTOR_FLAGS) if self.seed_inductor_flags else {}
@@ -116,15 +127,14 @@ def export_artifact(options: ExportOptions) -> Path:
         if vae_passes is None:
             vae_passes = [p for p in options.passes if p not in ("int8", "fp8")]
         with phase(f"applying passes {', '.join(options.passes) or '(none)'}"):
-            step = SDXLUNetStep if source.family == "sdxl" else UNetStep
-            unet = step(apply_passes(pipe.unet.to(options.device), options.passes)).eval()
+            unet = _step_wrapper(source)(apply_passes(source.denoiser.to(options.device), options.passes)).eval()
             vae = VAEDecode(apply_passes(pipe.vae.to(options.device, vae_dtype), vae_passes)).eval()
 
         facts = _model_facts(source)
         for res in options.resolutions:
             _check_divisible(res, facts)
         n, dev, dtype = options.batch_size, options.device, torch_dtype(options.dtype)
-        unet_cases = {res.key: _unet_inputs(pipe, facts, res, options) for res in options.resolutions}
+        unet_cases = {res.key: _unet_inputs(source, facts, res, options) for res in options.resolutions}
         vae_cases = {
             res.key: (torch.randn(n, *_latent_shape(facts, res), device=dev, dtype=vae_dtype),)
             for res in options.resolutions
@@ -140,11 +150,14 @@ def export_artifact(options: ExportOptions) -> Path:
         if options.compile_text_encoders:
             ids = torch.zeros(n, facts.text_max_length, dtype=torch.long, device=dev)
             for _, name in TEXT_PARTS[source.family]:
-                encoder = CLIPTextEncode(getattr(pipe, name).to(dev, dtype), penultimate=source.family == "sdxl")
-                cases = {str(facts.text_max_length): (ids,)}
-                text_encoders.append(
-                    _export_component(writer, name, encoder, cases, TEXT_ENCODER_INPUTS, n, options, attention)
-                )
+                model = getattr(pipe, name).to(dev, dtype)
+                if source.family == "pixart":
+                    encoder, inputs, example = T5TextEncode(model), T5_ENCODER_INPUTS, (ids, torch.ones_like(ids))
+                else:
+                    encoder = CLIPTextEncode(model, penultimate=source.family == "sdxl")
+                    inputs, example = TEXT_ENCODER_INPUTS, (ids,)
+                cases = {str(facts.text_max_length): example}
+                text_encoders.append(_export_component(writer, name, encoder, cases, inputs, n, options, attention))
 
         with phase("writing tokenizers, scheduler" + ("" if text_encoders else " and stock text encoders")):
             stock = _save_stock(writer, pipe, facts, with_text_encoders=not text_encoders)
@@ -222,26 +235,44 @@ def _batch_dims(names: list[str], max_batch: int, skip: set[str] = frozenset()) 
     return {name: None if name in skip else {0: batch} for name in names}
 
 
+def _step_wrapper(source: Source) -> type[torch.nn.Module]:
+    if source.family == "pixart":
+        # As diffusers' pipeline decides: the 1024² models (sample size 128) take the micro-conditioning.
+        return PixArtMicroConditionedStep if source.denoiser.config.sample_size == 128 else PixArtStep
+    return SDXLUNetStep if source.family == "sdxl" else UNetStep
+
+
 def _latent_shape(facts: ModelFacts, res: Resolution) -> tuple[int, int, int]:
     f = facts.vae_scale_factor
     return facts.latent_channels, res.height // f, res.width // f
 
 
-def _unet_inputs(pipe, facts: ModelFacts, res: Resolution, options: ExportOptions) -> tuple[torch.Tensor, ...]:
+def _unet_inputs(
+    source: Source, facts: ModelFacts, res: Resolution, options: ExportOptions
+) -> tuple[torch.Tensor, ...]:
+    """Example inputs of the denoiser step at the largest batch (2 x batch size, for CFG)."""
     n, dev, dtype = 2 * options.batch_size, options.device, torch_dtype(options.dtype)
-    cross_dim = pipe.unet.config.cross_attention_dim
+    config = source.denoiser.config
+    text_dim = config.caption_channels if facts.family == "pixart" else config.cross_attention_dim
     inputs = (
         torch.randn(n, *_latent_shape(facts, res), device=dev, dtype=dtype),
         torch.tensor(999.0, device=dev),
-        torch.randn(n, facts.text_max_length, cross_dim, device=dev, dtype=dtype),
+        torch.randn(n, facts.text_max_length, text_dim, device=dev, dtype=dtype),
     )
-    if facts.family != "sdxl":
-        return inputs
-    return (
-        *inputs,
-        torch.randn(n, facts.pooled_dim, device=dev, dtype=dtype),
-        torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * n, device=dev, dtype=dtype),
-    )
+    if facts.family == "sdxl":
+        return (
+            *inputs,
+            torch.randn(n, facts.pooled_dim, device=dev, dtype=dtype),
+            torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * n, device=dev, dtype=dtype),
+        )
+    if facts.family == "pixart":
+        mask = torch.ones(n, facts.text_max_length, dtype=torch.long, device=dev)
+        if _step_wrapper(source) is PixArtStep:
+            return (*inputs, mask)
+        size = torch.tensor([[res.height, res.width]] * n, device=dev, dtype=dtype)
+        ratio = torch.tensor([[res.height / res.width]] * n, device=dev, dtype=dtype)
+        return (*inputs, mask, size, ratio)
+    return inputs
 
 
 def _check_passes(options: ExportOptions) -> None:
@@ -271,18 +302,23 @@ def _vae_dtype(pipe, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and pipe.vae.config.force_upcast else dtype
 
 
+# PixArtAlphaPipeline's max_sequence_length: T5 prompts are padded or truncated to this many tokens.
+PIXART_TEXT_LENGTH = 120
+
+
 def _model_facts(source: Source) -> ModelFacts:
     pipe = source.pipe
     vae_config = pipe.vae.config
     scale = 2 ** (len(vae_config.block_out_channels) - 1)
-    side = (source.preset and int(source.preset.resolution)) or pipe.unet.config.sample_size * scale
+    side = (source.preset and int(source.preset.resolution)) or source.denoiser.config.sample_size * scale
     sdxl = source.family == "sdxl"
+    pixart = source.family == "pixart"
     return ModelFacts(
         family=source.family,
-        latent_channels=pipe.unet.config.in_channels,
+        latent_channels=source.denoiser.config.in_channels,
         vae_scale_factor=scale,
         scaling_factor=float(vae_config.scaling_factor),
-        text_max_length=pipe.tokenizer.model_max_length,
+        text_max_length=PIXART_TEXT_LENGTH if pixart else pipe.tokenizer.model_max_length,
         pooled_dim=pipe.text_encoder_2.config.projection_dim if sdxl else None,
         time_ids=SDXL_TIME_IDS if sdxl else None,
         force_zeros_for_empty_prompt=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .random_models import random_sdxl_base, tiny_sd, tiny_sdxl
+from .random_models import random_sdxl_base, tiny_pixart, tiny_sd, tiny_sdxl
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,21 @@ PRESETS = {
             "64",
             "a tiny random-weight Stable Diffusion 1.x-architecture model built offline (tests)",
             build=tiny_sd,
+        ),
+        Preset(
+            "pixart",
+            "PixArt-alpha/PixArt-XL-2-1024-MS",
+            None,
+            "1024",
+            "PixArt-α XL-2 1024 (a DiT transformer with a T5-XXL text encoder)",
+        ),
+        Preset(
+            "tiny-pixart",
+            "",
+            None,
+            "64",
+            "a tiny random-weight PixArt-α-architecture model built offline (tests)",
+            build=tiny_pixart,
         ),
     )
 }

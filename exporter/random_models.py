@@ -4,8 +4,9 @@
   conditioned UNet, 4-block VAE with scale factor 8) shrunk so that a CPU AOTInductor compile is fast.
 - sdxl-random: SDXL base 1.0's real architecture, for benchmarks (latency does not depend on weight values).
 - tiny-sd: the Stable Diffusion 1.x family (one CLIP text encoder, no added conditioning), shrunk the same way.
+- tiny-pixart: the PixArt-α family (a DiT transformer with micro-conditioning, a T5 text encoder), shrunk the same way.
 
-Weights are random but deterministic; the tokenizers are a tiny byte-level CLIP BPE.
+Weights are random but deterministic; the tokenizers are a tiny byte-level CLIP BPE, and for T5 a tiny unigram model.
 """
 
 from __future__ import annotations
@@ -19,13 +20,25 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 TINY_MODEL_ID = "tiny-sdxl"
 
@@ -94,6 +107,25 @@ def _tokenizer(pad_token: str) -> CLIPTokenizer:
         merges=list(MERGES),
         pad_token=pad_token,
         model_max_length=MAX_LENGTH,
+    )
+
+
+# T5's special tokens take its first ids (pad 0, eos 1, unk 2); then a few whole words, then single characters.
+T5_WORDS = ["a", "an", "the", "of", "photo", "cat", "astronaut", "riding", "horse", "jungle"]
+
+
+def _t5_tokenizer() -> T5TokenizerFast:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [("▁" + w, -2.0) for w in T5_WORDS]
+    pieces += [(chr(c), -5.0) for c in range(ord("!"), ord("~") + 1)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
     )
 
 
@@ -183,6 +215,50 @@ TINY_SD_ARCH = {
 }
 
 
+TINY_PIXART_ARCH = {
+    "family": "pixart",
+    # Sample size 128, as PixArt-XL-2-1024-MS: the pipeline then feeds the resolution micro-conditioning.
+    "transformer": {
+        "sample_size": 128,
+        "num_layers": 2,
+        "num_attention_heads": 6,  # width 48: the micro-conditioning splits it in three
+        "attention_head_dim": 8,
+        "in_channels": 4,
+        "out_channels": 8,  # learned variance, as PixArt-α
+        "patch_size": 2,
+        "cross_attention_dim": 48,
+        "caption_channels": 32,  # the T5 encoder's d_model
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "num_embeds_ada_norm": 1000,
+        "use_additional_conditions": True,
+    },
+    "vae": {**TINY_ARCH["vae"], "scaling_factor": 0.18215},
+    "text_encoder": {
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False,
+        "use_cache": False,
+    },
+    "scheduler": {  # PixArt-α's: DPM-Solver++ (2M) over a linear beta schedule
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "solver_order": 2,
+        "algorithm_type": "dpmsolver++",
+        "lower_order_final": True,
+    },
+}
+
+
 def sdxl_base_arch() -> dict:
     """SDXL base 1.0's real architecture (configs/sdxl-base-1.0.json), for random-weight benchmarks."""
     return json.loads((Path(__file__).parent / "configs" / "sdxl-base-1.0.json").read_text())
@@ -199,7 +275,24 @@ def _text_config(arch: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
+def _build_pixart(arch: dict, seed: int) -> PixArtAlphaPipeline:
+    tokenizer = _t5_tokenizer()
+    torch.manual_seed(seed)
+    config = T5Config(**arch["text_encoder"], vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1)
+    text_encoder = T5EncoderModel(config)
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(**arch["transformer"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**arch["vae"])
+    scheduler = DPMSolverMultistepScheduler(**arch["scheduler"])
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline | StableDiffusionPipeline | PixArtAlphaPipeline:
+    if arch.get("family") == "pixart":
+        return _build_pixart(arch, seed)
     tokenizer = _tokenizer(pad_token=EOS_TOKEN)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_text_config(arch["text_encoder"], tokenizer))
@@ -236,7 +329,7 @@ def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline | Stable
 def build_random_checkpoint(
     path: str | os.PathLike, arch: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> Path:
-    """Write a random-weight checkpoint of architecture `arch` (SDXL, or SD 1.x with family "sd"; diffusers folder
+    """Write a random-weight checkpoint of architecture `arch` (SDXL, or family "sd" or "pixart"; diffusers folder
     layout) to ``path``.
 
     The same ``seed`` always gives byte-identical weights. The folder is built next to ``path`` and renamed
@@ -251,7 +344,7 @@ def build_random_checkpoint(
         with torch.device(device):  # random init of a 2.6B-parameter UNet is much faster on a GPU
             pipe = _build_pipeline(arch, seed)
         pipe.to(dtype=dtype).save_pretrained(tmp, safe_serialization=True)
-        for folder in ("tokenizer", "tokenizer_2"):
+        for folder in ("tokenizer", "tokenizer_2") if arch.get("family") != "pixart" else ():
             if (tmp / folder).is_dir():
                 _write_vocab_files(tmp / folder)
         try:
@@ -272,3 +365,8 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> Path:
 def tiny_sd() -> Path:
     """The tiny Stable Diffusion 1.x-family checkpoint (float32), built offline."""
     return build_random_checkpoint(cache_path("tiny-sd"), TINY_SD_ARCH)
+
+
+def tiny_pixart() -> Path:
+    """The tiny PixArt-α-family checkpoint (float32), built offline."""
+    return build_random_checkpoint(cache_path("tiny-pixart"), TINY_PIXART_ARCH)

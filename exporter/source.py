@@ -11,6 +11,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -22,15 +24,20 @@ from fastdiff.runtime.resolution import Resolution, parse_resolution
 from .presets import PRESETS, Preset
 
 # The pipeline classes fastdiff exports, by family name (the manifest's model.family).
-FAMILIES = {"sdxl": StableDiffusionXLPipeline, "sd": StableDiffusionPipeline}
+FAMILIES = {"sdxl": StableDiffusionXLPipeline, "sd": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline}
 
 
 @dataclass
 class Source:
-    pipe: StableDiffusionXLPipeline | StableDiffusionPipeline
+    pipe: StableDiffusionXLPipeline | StableDiffusionPipeline | PixArtAlphaPipeline
     family: str
     record: dict  # what the manifest says of the source: model, revision, vae, preset
     preset: Preset | None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet, or PixArt-α's transformer."""
+        return self.pipe.transformer if self.family == "pixart" else self.pipe.unet
 
 
 def load_source(model: str, dtype: torch.dtype, revision: str | None = None, vae: str | None = None) -> Source:
@@ -49,7 +56,7 @@ def load_source(model: str, dtype: torch.dtype, revision: str | None = None, vae
             f"{model} is a {type(pipe).__name__}; this version exports "
             + " and ".join(cls.__name__ for cls in FAMILIES.values())
             + " models",
-            "export an SDXL or Stable Diffusion 1.x architecture checkpoint",
+            "export an SDXL, Stable Diffusion 1.x or PixArt-α architecture checkpoint",
         )
     _check_supported(pipe, family, model)
     record = {"model": preset.model or preset.name if preset else model, "revision": revision, "vae": vae}
@@ -59,15 +66,19 @@ def load_source(model: str, dtype: torch.dtype, revision: str | None = None, vae
 
 
 def default_resolution(model: str, revision: str | None = None) -> Resolution:
-    """What the model was trained for: the preset's resolution, else the UNet's sample size times the VAE's scale
-    factor (read from the configs alone, without loading weights)."""
+    """What the model was trained for: the preset's resolution, else the denoiser's sample size times the VAE's
+    scale factor (read from the configs alone, without loading weights)."""
     preset = PRESETS.get(model)
     if preset is not None:
         return parse_resolution(preset.resolution)
     location = _location(model)
-    unet = _load(UNet2DConditionModel.load_config, location, subfolder="unet", revision=revision)
+    index = _load(DiffusionPipeline.load_config, location, revision=revision)
+    model_class, folder = (
+        (PixArtTransformer2DModel, "transformer") if "transformer" in index else (UNet2DConditionModel, "unet")
+    )
+    denoiser = _load(model_class.load_config, location, subfolder=folder, revision=revision)
     vae = _load(AutoencoderKL.load_config, location, subfolder="vae", revision=revision)
-    return parse_resolution(unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
+    return parse_resolution(denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
 
 
 def _location(model: str) -> str:
@@ -125,6 +136,10 @@ def _not_cached_offline(error: BaseException) -> bool:
 
 
 def _check_supported(pipe, family: str, model: str) -> None:
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        raise FastDiffError(f"{model} has no text encoder or tokenizer", "export a checkpoint that includes them")
+    if family == "pixart":
+        return
     unet = pipe.unet.config
     if family == "sdxl" and (pipe.text_encoder is None or pipe.text_encoder_2 is None):
         raise FastDiffError(f"{model} lacks one of SDXL's two text encoders (a refiner?)", "export a base model")

@@ -44,6 +44,67 @@ class SDXLUNetStep(UNetStep):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
 
 
+class PixArtStep(nn.Module):
+    """One PixArt-α transformer evaluation: latents, timestep, T5 states and their attention mask in, the predicted
+    noise out (the learned-variance half of the output dropped, as diffusers' pipeline does)."""
+
+    inputs = ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        config = transformer.config
+        self.latent_channels = config.in_channels
+        self.learned_sigma = config.out_channels // 2 == config.in_channels
+
+    def predict(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        micro_conditions: dict[str, torch.Tensor | None],
+    ) -> torch.Tensor:
+        out = self.transformer(
+            sample,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=timestep.expand(sample.shape[0]),
+            added_cond_kwargs=micro_conditions,
+            return_dict=False,
+        )[0]
+        return out[:, : self.latent_channels] if self.learned_sigma else out
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        micro = {"resolution": None, "aspect_ratio": None}
+        return self.predict(sample, timestep, encoder_hidden_states, encoder_attention_mask, micro)
+
+
+class PixArtMicroConditionedStep(PixArtStep):
+    """PixArt-α's 1024² models (transformer sample size 128) also take the image resolution (height, width) and
+    aspect ratio (height / width)."""
+
+    inputs = [*PixArtStep.inputs, "resolution", "aspect_ratio"]
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        resolution: torch.Tensor,
+        aspect_ratio: torch.Tensor,
+    ) -> torch.Tensor:
+        micro = {"resolution": resolution, "aspect_ratio": aspect_ratio}
+        return self.predict(sample, timestep, encoder_hidden_states, encoder_attention_mask, micro)
+
+
 class VAEDecode(nn.Module):
     """Denoised latents in, an image in [0, 1] out: unscaling, VAE decode and denormalisation in one graph."""
 
@@ -71,6 +132,7 @@ class VAEDecode(nn.Module):
 
 
 TEXT_ENCODER_INPUTS = ["input_ids"]
+T5_ENCODER_INPUTS = ["input_ids", "attention_mask"]
 
 
 class CLIPTextEncode(nn.Module):
@@ -88,3 +150,14 @@ class CLIPTextEncode(nn.Module):
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
         return hidden, pooled
+
+
+class T5TextEncode(nn.Module):
+    """Token ids and their attention mask in, the T5 encoder's final hidden states out (PixArt-α)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state

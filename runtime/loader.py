@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ from .manifest import TEXT_PARTS, CompiledComponent, Manifest, check_files, read
 from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
-from .text import TextConditioner, load_stock_text_encoder, load_tokenizer
+from .text import TextConditioner, compiled_text_encoder, load_stock_text_encoder, load_tokenizer
 from .weights import load_weights
 
 
@@ -46,8 +47,8 @@ def load_pipeline(
         )
     keys = _resolution_keys(manifest.unet, resolutions)
     stock = {name: root / rel for name, rel in manifest.stock.items()}
-    # Importing diffusers (for its scheduler classes) takes seconds: it pulls in torch._dynamo and probes many
-    # packages. It runs in a thread while the weights and packages load.
+    # Importing diffusers (for its scheduler classes) takes seconds even without dynamo (see _import_schedulers):
+    # it runs in a thread while the weights and packages load.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if not manifest.text_encoders:
@@ -71,7 +72,8 @@ def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], de
     parts = TEXT_PARTS[manifest.model.family]
     if manifest.text_encoders:
         encoders = [
-            next(iter(_load_packages(root, c, list(c.packages), device).values())) for c in manifest.text_encoders
+            compiled_text_encoder(next(iter(_load_packages(root, c, list(c.packages), device).values())), c.inputs)
+            for c in manifest.text_encoders
         ]
     else:
         dtype = torch_dtype(manifest.dtype)
@@ -82,21 +84,49 @@ def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], de
         force_zeros_for_empty_prompt=manifest.model.force_zeros_for_empty_prompt,
         device=device,
         max_batch=min([c.max_batch for c in manifest.text_encoders], default=manifest.batch_size),
-        pooled=manifest.model.pooled_dim is not None,
+        pooled="text_embeds" in manifest.unet.inputs,
+        masked="encoder_attention_mask" in manifest.unet.inputs,
     )
 
 
-def load_scheduler(path: Path):
-    """The checkpoint's own scheduler class and config (diffusers' scheduler classes are light)."""
-    import diffusers.schedulers
+def _import_schedulers(name: str) -> type:
+    """diffusers' scheduler class `name`, imported without torch._dynamo where possible.
 
+    diffusers.utils imports torch._dynamo when it is first imported (all of dynamo: seconds, the largest part of a
+    cold start once the weights are in the page cache) for a torch.compile decorator that its schedulers never use,
+    and falls back to a no-op decorator when that import fails. The runtime compiles nothing, so on a first import
+    it lets that import fail: dynamo is blocked for the duration of the import only, and imports normally afterwards.
+    """
+    block = "diffusers" not in sys.modules and "torch._dynamo" not in sys.modules
+    if block:
+        sys.modules["torch._dynamo"] = None  # an import of it raises ImportError while this is set
+    try:
+        import diffusers.schedulers
+    except ImportError as e:
+        raise FastDiffError(f"the runtime needs diffusers for its schedulers: {e}", "pip install diffusers") from None
+    finally:
+        if block and sys.modules.get("torch._dynamo", 0) is None:
+            del sys.modules["torch._dynamo"]
+    try:
+        return getattr(diffusers.schedulers, name)
+    except AttributeError:
+        raise FastDiffError(
+            f"the artifact's scheduler {name} is not in the installed diffusers {diffusers.__version__}",
+            "install the diffusers version the artifact was exported with (fastdiff-inspect shows it)",
+        ) from None
+
+
+def load_scheduler(path: Path):
+    """The checkpoint's own scheduler class and config."""
     try:
         name = json.loads((path / "scheduler_config.json").read_text())["_class_name"]
-        return getattr(diffusers.schedulers, name).from_pretrained(path)
-    except Exception as e:
-        raise FastDiffError(
-            f"cannot load scheduler from {path}: {e}", "the artifact is damaged: export again"
-        ) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise FastDiffError(f"cannot read the scheduler config in {path}: {e}", "export the model again") from None
+    scheduler_class = _import_schedulers(name)
+    try:
+        return scheduler_class.from_pretrained(path)
+    except Exception as e:  # diffusers raises several types for a config it cannot use
+        raise FastDiffError(f"cannot load scheduler {name} from {path}: {e}", "export the model again") from None
 
 
 def _resolution_keys(component: CompiledComponent, wanted: Iterable | None) -> list[str]:

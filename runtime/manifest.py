@@ -38,6 +38,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 TEXT_PARTS = {
     "sdxl": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
     "sd": [("tokenizer", "text_encoder")],
+    "pixart": [("tokenizer", "text_encoder")],
 }
 
 
@@ -45,7 +46,9 @@ TEXT_PARTS = {
 class ModelFacts:
     """What the runtime needs from the model configs, so it needs no diffusers model code."""
 
-    family: str  # a key of TEXT_PARTS: "sdxl" (StableDiffusionXLPipeline) or "sd" (StableDiffusionPipeline)
+    # A key of TEXT_PARTS: "sdxl" (StableDiffusionXLPipeline), "sd" (StableDiffusionPipeline) or "pixart"
+    # (PixArtAlphaPipeline, whose denoiser, a transformer, is the manifest's `unet` component).
+    family: str
     latent_channels: int
     vae_scale_factor: int
     scaling_factor: float

@@ -87,20 +87,16 @@ class FastDiffPipeline:
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
 
-        # The UNet's conditioning inputs after the latents and timestep, one row per image: the text states, and for
-        # SDXL the pooled text embedding and the micro-conditioning (original size = target size, no crop).
-        embeds, pooled, neg_embeds, neg_pooled = self.conditioner(prompts, negatives, guidance)
+        # The denoiser's inputs after the latents and timestep, by name, one row per image: the text conditioning,
+        # and the micro-conditioning of SDXL or PixArt-α's 1024² models.
+        text, neg_text = self.conditioner(prompts, negatives, guidance)
+        embeds = text["encoder_hidden_states"]
         n = len(prompts) * num_images_per_prompt
-        cond, neg_cond = [embeds], [neg_embeds]
-        if facts.time_ids is not None:
-            size = torch.tensor(
-                [[res.height, res.width, 0, 0, res.height, res.width]] * len(prompts), dtype=embeds.dtype
-            )
-            cond += [pooled, size]
-            neg_cond += [neg_pooled, size]
-        cond = [_per_image(t, num_images_per_prompt, self.device) for t in cond]
+        micro = _micro_conditioning(res, len(prompts), embeds.dtype)
+        names = self.manifest.unet.inputs[2:]
+        cond = [_per_image({**text, **micro}[name], num_images_per_prompt, self.device) for name in names]
         if guidance:
-            neg_cond = [_per_image(t, num_images_per_prompt, self.device) for t in neg_cond]
+            neg_cond = [_per_image({**neg_text, **micro}[name], num_images_per_prompt, self.device) for name in names]
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         shape = (
@@ -210,6 +206,16 @@ def _check_call(prompts: list[str], steps: int, guidance_scale: float, per_promp
         raise FastDiffError(f"num_images_per_prompt must be a positive integer, got {per_prompt!r}")
     if output_type not in OUTPUT_TYPES:
         raise FastDiffError(f"output_type {output_type!r} is not supported", f"use one of {', '.join(OUTPUT_TYPES)}")
+
+
+def _micro_conditioning(res: Resolution, rows: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The size conditioning, as diffusers computes it; each model takes the ones its denoiser was exported with.
+    SDXL: original size = target size, no crop. PixArt-α: (height, width) and height / width."""
+    return {
+        "time_ids": torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * rows, dtype=dtype),
+        "resolution": torch.tensor([[res.height, res.width]] * rows, dtype=dtype),
+        "aspect_ratio": torch.tensor([[res.height / res.width]] * rows, dtype=dtype),
+    }
 
 
 def _per_image(t: torch.Tensor, per_prompt: int, device: torch.device) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Prompt encoding as diffusers does it: SDXL concatenates both CLIP encoders' penultimate hidden states and takes
-the second encoder's pooled, projected embedding; SD 1.x takes its one encoder's final hidden states. Which hidden
-states a compiled encoder returns was fixed at export.
+the second encoder's pooled, projected embedding; SD 1.x takes its one encoder's final hidden states; PixArt-α takes
+its T5 encoder's final hidden states and passes their attention mask on to the transformer. Which hidden states a
+compiled encoder returns was fixed at export.
 
-Tokenizers run through the `tokenizers` library (the artifact's tokenizer.json has SDXL's padding and truncation
-built in); the encoders are compiled packages, or, for artifacts exported with stock encoders, transformers models.
+Tokenizers run through the `tokenizers` library (the artifact's tokenizer.json has the padding and truncation built
+in); the encoders are compiled packages, or, for artifacts exported with stock encoders, transformers models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tokenizers import Tokenizer
 
 from .errors import FastDiffError
 
-TextEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ids -> (hidden states, pooled)
+# (ids, attention mask) -> (hidden states, pooled embedding or None)
+TextEncoder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
@@ -51,15 +53,36 @@ def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device
             transformers.utils.logging.enable_progress_bar()
     model = model.to(device).eval().requires_grad_(False)
 
-    def encode(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(ids, output_hidden_states=True)
+    def encode_t5(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return model(ids, attention_mask=mask).last_hidden_state, None
+
+    def encode_clip(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(ids, output_hidden_states=True)  # CLIP as diffusers calls it: no attention mask
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return out.hidden_states[-2], pooled
+
+    return encode_t5 if arch == "T5EncoderModel" else encode_clip
+
+
+def compiled_text_encoder(module: Callable, inputs: list[str]) -> TextEncoder:
+    """A compiled encoder package as a TextEncoder: it takes the mask only if it was exported with one (T5), and
+    returns the pooled embedding only if it was exported with one (CLIP)."""
+    masked = "attention_mask" in inputs
+
+    def encode(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = module(ids, mask) if masked else module(ids)
+        return (out, None) if isinstance(out, torch.Tensor) else out
 
     return encode
 
 
+Conditioning = dict[str, torch.Tensor]  # denoiser input name -> one row per prompt
+
+
 class TextConditioner:
+    """Prompts in; the denoiser's text inputs out, by input name: `encoder_hidden_states`, and `text_embeds` (the
+    pooled embedding, SDXL) or `encoder_attention_mask` (PixArt-α) where the model takes them."""
+
     def __init__(
         self,
         tokenizers: list[Tokenizer],
@@ -68,33 +91,41 @@ class TextConditioner:
         device: torch.device,
         max_batch: int,
         pooled: bool,
+        masked: bool = False,
     ) -> None:
         self.tokenizers = tokenizers
         self.encoders = encoders
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.device = device
         self.max_batch = max_batch  # most prompts per encoder call (compiled encoders have a bounded batch)
-        self.pooled = pooled  # whether the UNet takes the last encoder's pooled embedding (SDXL)
+        self.pooled = pooled  # whether the denoiser takes the last encoder's pooled embedding (SDXL)
+        self.masked = masked  # whether the denoiser takes the text's attention mask (PixArt-α)
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden, pooled = [], None
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        hidden, cond = [], {}
         for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
-            ids = torch.tensor([e.ids for e in tokenizer.encode_batch(prompts)], dtype=torch.long)
-            outs = [encoder(chunk.to(self.device)) for chunk in ids.split(self.max_batch)]
+            encodings = tokenizer.encode_batch(prompts)
+            ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+            mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+            outs = [
+                encoder(i.to(self.device), m.to(self.device))
+                for i, m in zip(ids.split(self.max_batch), mask.split(self.max_batch), strict=True)
+            ]
             hidden.append(torch.cat([h for h, _ in outs]))
-            pooled = torch.cat([p for _, p in outs]) if self.pooled else None  # only the last encoder's counts
-        return torch.cat(hidden, dim=-1), pooled
+            if self.pooled:  # only the last encoder's counts
+                cond["text_embeds"] = torch.cat([p for _, p in outs])
+            if self.masked:
+                cond["encoder_attention_mask"] = mask.to(self.device)
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), **cond}
 
     @torch.no_grad()
     def __call__(
         self, prompts: list[str], negative_prompts: list[str] | None, guidance: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(embeds, pooled, negative embeds, negative pooled); pooled ones are None unless the model uses them,
-        the negatives are None without guidance."""
-        embeds, pooled = self._encode(prompts)
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """The conditioning of the prompts, and of the negative prompts (None without guidance)."""
+        cond = self._encode(prompts)
         if not guidance:
-            return embeds, pooled, None, None
+            return cond, None
         if negative_prompts is None and self.force_zeros_for_empty_prompt:
-            return embeds, pooled, torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
-        neg_embeds, neg_pooled = self._encode(negative_prompts or [""] * len(prompts))
-        return embeds, pooled, neg_embeds, neg_pooled
+            return cond, {name: torch.zeros_like(t) for name, t in cond.items()}
+        return cond, self._encode(negative_prompts or [""] * len(prompts))

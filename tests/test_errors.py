@@ -276,6 +276,33 @@ def test_tokenizer_without_padding(tiny_artifact: Path, tmp_path: Path) -> None:
         load_pipeline(art, device="cpu")
 
 
+def _edit_scheduler(art: Path, edit: Callable[[dict[str, Any]], object] | None, text: str | None = None) -> None:
+    path = art / "scheduler" / "scheduler_config.json"
+    if text is None:
+        config = json.loads(path.read_text())
+        edit(config)
+        text = json.dumps(config)
+    path.write_text(text)
+    edit_manifest(art, lambda d: d["files"]["scheduler/scheduler_config.json"].update(size=path.stat().st_size))
+
+
+@pytest.mark.parametrize(
+    "edit, text, phrase",
+    [
+        (None, "{not json", "cannot read the scheduler config"),
+        (lambda c: c.pop("_class_name"), None, "cannot read the scheduler config"),
+        (lambda c: c.update(_class_name="WarpDriveScheduler"), None, "scheduler WarpDriveScheduler is not in the"),
+        (lambda c: c.update(beta_schedule="zigzag"), None, "cannot load scheduler EulerDiscreteScheduler"),
+    ],
+)
+def test_bad_scheduler_config(tiny_artifact: Path, tmp_path: Path, edit, text, phrase: str) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    _edit_scheduler(art, edit, text)
+    with pytest.raises(FastDiffError, match=phrase):
+        load_pipeline(art, device="cpu")
+    assert_clean_error(run(art, tmp_path, "--res", "64"), phrase)
+
+
 # compatibility ---------------------------------------------------------------------------------------
 
 

@@ -219,3 +219,24 @@ def test_resolution_subset(tiny_artifact: Path, tiny_pipeline, recorded: dict) -
     mine = subset(**kwargs, generator=torch.Generator().manual_seed(0)).images
     full = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(mine, full, rtol=0, atol=0)
+
+
+def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
+    """diffusers imports torch._dynamo when first imported (seconds); the runtime's scheduler import avoids it through
+    diffusers' own fallback, and leaves torch._dynamo importable afterwards."""
+    probe = textwrap.dedent(
+        """
+        import sys, torch
+        from fastdiff.runtime import load_pipeline
+        pipe = load_pipeline(sys.argv[1], device="cpu")
+        pipe.set_progress_bar_config(disable=True)
+        pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+        import torch._dynamo
+        from diffusers.utils.torch_utils import maybe_allow_in_graph
+        assert torch._dynamo.allow_in_graph is not maybe_allow_in_graph
+        print("OK")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(tiny_artifact)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
