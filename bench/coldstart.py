@@ -1,4 +1,4 @@
-"""Cold start: from process start to the first image (SDXL or SD 1.x), in fresh processes, phases timed.
+"""Cold start: from process start to the first image (SDXL, SD 1.x or PixArt-α), in fresh processes, phases timed.
 
     python bench/coldstart.py --model CHECKPOINT_DIR --artifact NAME=ARTIFACT_DIR [...] --out bench/results/NAME
 
@@ -43,7 +43,8 @@ from diffusers import DiffusionPipeline
 t1 = time.time()
 pipe = DiffusionPipeline.from_pretrained(sys.argv[2], torch_dtype=torch.bfloat16).to("cuda")
 if sys.argv[5] == "compile":
-    pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    name = "transformer" if hasattr(pipe, "transformer") else "unet"
+    setattr(pipe, name, torch.compile(getattr(pipe, name), fullgraph=True))
     pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True)
 torch.cuda.synchronize(); t2 = time.time()
 pipe.set_progress_bar_config(disable=True)

@@ -1,16 +1,18 @@
-"""Speed and quality of SDXL or SD 1.x generation: diffusers eager, diffusers + torch.compile (the seed's recipe), and
-fastdiff artifacts, in one process on one device.
+"""Speed and quality of SDXL, SD 1.x or PixArt-α generation: diffusers eager, diffusers + torch.compile (the seed's
+recipe), and fastdiff artifacts, in one process on one device.
 
     python bench/speed.py --model CHECKPOINT_DIR --artifact NAME=ARTIFACT_DIR [...] --out bench/results/NAME
 
-Times the UNet step (batch 2 = one image with CFG), the VAE decode, and the whole call (prompt -> PIL image);
-medians after warm-up. Quality: each variant's UNet output and final image against diffusers eager fp32.
+Times the denoiser step (UNet or PixArt transformer; batch 2 = one image with CFG), the VAE decode, and the whole call
+(prompt -> PIL image); medians after warm-up. Quality: each variant's denoiser output and final image against
+diffusers eager fp32.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import math
 import time
 from pathlib import Path
@@ -23,32 +25,55 @@ PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def step_inputs(pipe_config: dict, res: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Fixed random UNet inputs in fp32 (batch 2 = CFG), cast per variant; SDXL adds pooled embeds and time ids."""
+def denoiser_name(pipe) -> str:
+    return "transformer" if hasattr(pipe, "transformer") else "unet"
+
+
+def step_inputs(shape: dict, res: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Fixed random denoiser inputs in fp32 (batch 2 = CFG), cast per variant, in the order of the artifact's
+    inputs: SDXL adds pooled embeds and time ids; PixArt-α the text mask, resolution and aspect ratio."""
     g = torch.Generator().manual_seed(0)
-    f = pipe_config["vae_scale_factor"]
+    f = shape["vae_scale_factor"]
     inputs = (
         torch.randn(2, 4, res // f, res // f, generator=g).to(device),
         torch.tensor(500.0, device=device),
-        torch.randn(2, 77, pipe_config["cross_dim"], generator=g).to(device),
+        torch.randn(2, shape["text_length"], shape["text_dim"], generator=g).to(device),
     )
-    if pipe_config["pooled_dim"] is None:
+    if shape["family"] == "pixart":
+        return (
+            *inputs,
+            torch.ones(2, shape["text_length"], dtype=torch.long, device=device),
+            torch.tensor([[res, res]] * 2, dtype=torch.float32, device=device),
+            torch.tensor([[1.0]] * 2, device=device),
+        )
+    if shape["pooled_dim"] is None:
         return inputs
     return (
         *inputs,
-        torch.randn(2, pipe_config["pooled_dim"], generator=g).to(device),
+        torch.randn(2, shape["pooled_dim"], generator=g).to(device),
         torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float32, device=device),
     )
 
 
-def diffusers_unet(unet, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """A diffusers UNet called on step_inputs' tensors."""
+def diffusers_step(model, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A diffusers UNet or PixArt transformer called on step_inputs' tensors (as its pipeline calls it)."""
+    if len(x) == 6:
+        out = model(
+            x[0],
+            encoder_hidden_states=x[2],
+            encoder_attention_mask=x[3],
+            timestep=x[1].expand(x[0].shape[0]),
+            added_cond_kwargs={"resolution": x[4], "aspect_ratio": x[5]},
+            return_dict=False,
+        )[0]
+        return out[:, : x[0].shape[1]]  # the learned-variance half dropped, as the pipeline does
     cond = {"text_embeds": x[3], "time_ids": x[4]} if len(x) == 5 else None
-    return unet(x[0], x[1], x[2], added_cond_kwargs=cond, return_dict=False)[0]
+    return model(x[0], x[1], x[2], added_cond_kwargs=cond, return_dict=False)[0]
 
 
 def cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    return tuple(t if i == 1 else t.to(dtype) for i, t in enumerate(inputs))
+    """Floating inputs to `dtype`, except the timestep (a float32 scalar in every variant)."""
+    return tuple(t if i == 1 or not t.is_floating_point() else t.to(dtype) for i, t in enumerate(inputs))
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -62,6 +87,9 @@ def psnr(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def generate(pipe, args, device, output_type: str):
+    # diffusers' PixArt pipeline would otherwise snap the size to its nearest trained aspect-ratio bin and resize.
+    accepted = inspect.signature(pipe).parameters
+    binning = {"use_resolution_binning": False} if "use_resolution_binning" in accepted else {}
     return pipe(
         PROMPT,
         num_inference_steps=args.steps,
@@ -69,6 +97,7 @@ def generate(pipe, args, device, output_type: str):
         width=args.res,
         generator=torch.Generator().manual_seed(42),
         output_type=output_type,
+        **binning,
     ).images
 
 
@@ -119,17 +148,19 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
 
             for flag, value in SEED_INDUCTOR_FLAGS.items():
                 setattr(inductor, flag, value)
-        pipe.fuse_qkv_projections()
-        pipe.unet.to(memory_format=torch.channels_last)
+        part = denoiser_name(pipe)
+        getattr(pipe, part).fuse_qkv_projections()
+        pipe.vae.fuse_qkv_projections()
+        getattr(pipe, part).to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
+        setattr(pipe, part, torch.compile(getattr(pipe, part), mode=compile_mode, fullgraph=True))
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
-    unet, vae = pipe.unet, pipe.vae
+    denoiser, vae = getattr(pipe, denoiser_name(pipe)), pipe.vae
     x = cast(inputs, dtype)
 
     @torch.no_grad()
     def unet_step(_):
-        return diffusers_unet(unet, x)
+        return diffusers_step(denoiser, x)
 
     latents = torch.randn(latents_shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
@@ -231,9 +262,13 @@ def main() -> None:
 
     config_pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     text_encoder_2 = getattr(config_pipe, "text_encoder_2", None)
+    denoiser = getattr(config_pipe, denoiser_name(config_pipe))
+    pixart = denoiser_name(config_pipe) == "transformer"
     shape = {
+        "family": "pixart" if pixart else "unet",
         "vae_scale_factor": config_pipe.vae_scale_factor,
-        "cross_dim": config_pipe.unet.config.cross_attention_dim,
+        "text_length": 120 if pixart else 77,
+        "text_dim": denoiser.config.caption_channels if pixart else denoiser.config.cross_attention_dim,
         "pooled_dim": text_encoder_2.config.projection_dim if text_encoder_2 is not None else None,
     }
     record_model = type(config_pipe).__name__
@@ -245,7 +280,7 @@ def main() -> None:
     if not args.no_reference:
         pipe = config_pipe.to(device)
         with torch.no_grad():
-            ref_out = diffusers_unet(pipe.unet, inputs).float().cpu()
+            ref_out = diffusers_step(getattr(pipe, denoiser_name(pipe)), inputs).float().cpu()
         pipe.set_progress_bar_config(disable=True)
         reference = (ref_out, generate(pipe, args, device, "np"))
     del config_pipe

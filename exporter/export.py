@@ -326,6 +326,8 @@ def _model_facts(source: Source) -> ModelFacts:
         default_guidance_scale=inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default,
         latents_mean=getattr(vae_config, "latents_mean", None),
         latents_std=getattr(vae_config, "latents_std", None),
+        # diffusers' PixArt-α pipeline without caption cleaning (which needs bs4 and ftfy): lowercase and strip.
+        lowercase_prompts=pixart,
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .random_models import random_sdxl_base, tiny_pixart, tiny_sd, tiny_sdxl
+from .random_models import random_pixart_xl, random_sdxl_base, tiny_pixart, tiny_sd, tiny_sdxl
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,14 @@ PRESETS = {
             None,
             "1024",
             "PixArt-α XL-2 1024 (a DiT transformer with a T5-XXL text encoder)",
+        ),
+        Preset(
+            "pixart-random",
+            "",
+            None,
+            "1024",
+            "PixArt-XL-2-1024-MS's architecture with random weights, built offline (benchmarks)",
+            build=random_pixart_xl,
         ),
         Preset(
             "tiny-pixart",

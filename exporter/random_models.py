@@ -259,6 +259,32 @@ TINY_PIXART_ARCH = {
 }
 
 
+def pixart_xl_arch() -> dict:
+    """PixArt-XL-2-1024-MS's architecture, for random-weight benchmarks: the transformer is diffusers'
+    PixArtTransformer2DModel defaults (which are that model's) with T5-XXL's 4096-wide captions; the text encoder is
+    T5 v1.1 XXL's published config; the VAE is SDXL's architecture with SD's scaling factor (PixArt-α uses SD's VAE).
+    Unlike sdxl-base-1.0.json, not checked against a downloaded config here."""
+    return {
+        "family": "pixart",
+        "transformer": {"sample_size": 128, "caption_channels": 4096},
+        "vae": {**sdxl_base_arch()["vae"], "scaling_factor": 0.18215},
+        "text_encoder": {
+            "vocab_size": 32128,
+            "d_model": 4096,
+            "d_kv": 64,
+            "d_ff": 10240,
+            "num_layers": 24,
+            "num_heads": 64,
+            "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128,
+            "feed_forward_proj": "gated-gelu",
+            "is_encoder_decoder": False,
+            "use_cache": False,
+        },
+        "scheduler": TINY_PIXART_ARCH["scheduler"],
+    }
+
+
 def sdxl_base_arch() -> dict:
     """SDXL base 1.0's real architecture (configs/sdxl-base-1.0.json), for random-weight benchmarks."""
     return json.loads((Path(__file__).parent / "configs" / "sdxl-base-1.0.json").read_text())
@@ -278,7 +304,9 @@ def _text_config(arch: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
 def _build_pixart(arch: dict, seed: int) -> PixArtAlphaPipeline:
     tokenizer = _t5_tokenizer()
     torch.manual_seed(seed)
-    config = T5Config(**arch["text_encoder"], vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1)
+    t5 = arch["text_encoder"]
+    vocab_size = max(len(tokenizer), t5.get("vocab_size", 0))
+    config = T5Config(**{**t5, "vocab_size": vocab_size}, pad_token_id=0, eos_token_id=1)
     text_encoder = T5EncoderModel(config)
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(**arch["transformer"])
@@ -365,6 +393,12 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> Path:
 def tiny_sd() -> Path:
     """The tiny Stable Diffusion 1.x-family checkpoint (float32), built offline."""
     return build_random_checkpoint(cache_path("tiny-sd"), TINY_SD_ARCH)
+
+
+def random_pixart_xl() -> Path:
+    """PixArt-XL-2-1024-MS's architecture with random weights, saved in fp16 (~11 GB, most of it T5-XXL)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_random_checkpoint(cache_path("pixart-random"), pixart_xl_arch(), dtype=torch.float16, device=device)
 
 
 def tiny_pixart() -> Path:

@@ -86,6 +86,7 @@ def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], de
         max_batch=min([c.max_batch for c in manifest.text_encoders], default=manifest.batch_size),
         pooled="text_embeds" in manifest.unet.inputs,
         masked="encoder_attention_mask" in manifest.unet.inputs,
+        lowercase=manifest.model.lowercase_prompts,
     )
 
 

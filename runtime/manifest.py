@@ -60,6 +60,7 @@ class ModelFacts:
     default_guidance_scale: float
     latents_mean: list[float] | None = None
     latents_std: list[float] | None = None
+    lowercase_prompts: bool = False  # PixArt-α's pipeline lowercases and strips prompts before tokenizing
 
 
 @dataclass

@@ -92,6 +92,7 @@ class TextConditioner:
         max_batch: int,
         pooled: bool,
         masked: bool = False,
+        lowercase: bool = False,
     ) -> None:
         self.tokenizers = tokenizers
         self.encoders = encoders
@@ -100,8 +101,11 @@ class TextConditioner:
         self.max_batch = max_batch  # most prompts per encoder call (compiled encoders have a bounded batch)
         self.pooled = pooled  # whether the denoiser takes the last encoder's pooled embedding (SDXL)
         self.masked = masked  # whether the denoiser takes the text's attention mask (PixArt-α)
+        self.lowercase = lowercase  # prompts lowercased and stripped first (PixArt-α)
 
     def _encode(self, prompts: list[str]) -> Conditioning:
+        if self.lowercase:
+            prompts = [p.lower().strip() for p in prompts]
         hidden, cond = [], {}
         for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
             encodings = tokenizer.encode_batch(prompts)

@@ -69,6 +69,7 @@ def test_manifest_records_the_family(pixart_artifact: Path) -> None:
     assert model["text_max_length"] == 120  # PixArtAlphaPipeline's max_sequence_length
     assert model["default_guidance_scale"] == 4.5  # PixArtAlphaPipeline's default
     assert model["pooled_dim"] is None and model["time_ids"] is None
+    assert model["lowercase_prompts"] is True
     assert manifest["unet"]["inputs"] == [
         "sample",
         "timestep",
@@ -87,7 +88,7 @@ def test_manifest_records_the_family(pixart_artifact: Path) -> None:
         pytest.param({}, id="defaults-cfg4.5"),
         pytest.param({"guidance_scale": 1.0}, id="no-cfg"),
         pytest.param({"negative_prompt": "blurry, ugly"}, id="negative"),
-        pytest.param({"prompt": ["a cat", "an astronaut riding a horse in the jungle"]}, id="list"),
+        pytest.param({"prompt": ["a cat", "An Astronaut riding a horse in the jungle, 8k "]}, id="list-mixed-case"),
         pytest.param({"num_images_per_prompt": 3, "num_inference_steps": 6}, id="chunked"),
     ],
 )
@@ -104,7 +105,7 @@ def test_stock_t5_and_non_square(pixart_checkpoint: Path, reference, tmp_path_fa
     assert manifest["text_encoders"] == [] and "text_encoder" in manifest["stock"]
     mine = load_pipeline(artifact, device="cpu")
     mine.set_progress_bar_config(disable=True)
-    assert_matches(mine, reference, width=96, height=64, negative_prompt="a dog")
+    assert_matches(mine, reference, width=96, height=64, negative_prompt="  A Dog")
 
 
 def test_run_cli_writes_an_image(pixart_artifact: Path, tmp_path: Path) -> None:
