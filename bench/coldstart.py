@@ -25,8 +25,9 @@ t0 = time.time()
 import torch
 from fastdiff.runtime import load_pipeline
 t1 = time.time()
-pipe = load_pipeline(sys.argv[2], device="cuda")
-torch.cuda.synchronize(); t2 = time.time()
+device = sys.argv[6]
+pipe = load_pipeline(sys.argv[2], device=device)
+torch.cuda.synchronize() if device == "cuda" else None; t2 = time.time()
 pipe.set_progress_bar_config(disable=True)
 pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]
 t3 = time.time()
@@ -41,12 +42,14 @@ t0 = time.time()
 import torch
 from diffusers import DiffusionPipeline
 t1 = time.time()
-pipe = DiffusionPipeline.from_pretrained(sys.argv[2], torch_dtype=torch.bfloat16).to("cuda")
+device = sys.argv[6]
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+pipe = DiffusionPipeline.from_pretrained(sys.argv[2], torch_dtype=dtype).to(device)
 if sys.argv[5] == "compile":
     name = "transformer" if hasattr(pipe, "transformer") else "unet"
     setattr(pipe, name, torch.compile(getattr(pipe, name), fullgraph=True))
     pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True)
-torch.cuda.synchronize(); t2 = time.time()
+torch.cuda.synchronize() if device == "cuda" else None; t2 = time.time()
 pipe.set_progress_bar_config(disable=True)
 pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]
 t3 = time.time()
@@ -56,10 +59,10 @@ print("RESULT " + json.dumps({"start": t0, "imports": t1, "load": t2, "first_ima
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 
 
-def run_child(code: str, target: str, steps: int, mode: str = "", env: dict | None = None) -> dict:
+def run_child(code: str, target: str, args: argparse.Namespace, mode: str = "", env: dict | None = None) -> dict:
     spawn = time.time()
     proc = subprocess.run(
-        [sys.executable, "-c", code, "x", target, PROMPT, str(steps), mode],
+        [sys.executable, "-c", code, "x", target, PROMPT, str(args.steps), mode, args.device],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke check with tiny models")
     parser.add_argument(
         "--baselines",
         default="eager",
@@ -96,9 +100,11 @@ def main() -> None:
 
     variants = [(f"fastdiff {name}", CHILD_FASTDIFF, path) for name, path in (a.split("=", 1) for a in args.artifact)]
     baselines = set(filter(None, args.baselines.split(","))) if args.model else set()
+    dtype = "bf16" if args.device == "cuda" else "fp32"
     if "eager" in baselines:
-        variants.append(("diffusers eager bf16", CHILD_DIFFUSERS, args.model))
-    record = {"steps": args.steps, "runs": args.runs, "environment": environment(torch.device("cuda")), "results": []}
+        variants.append((f"diffusers eager {dtype}", CHILD_DIFFUSERS, args.model))
+    env = environment(torch.device(args.device))
+    record = {"steps": args.steps, "runs": args.runs, "environment": env, "results": []}
 
     def add(name: str, runs: list[dict]) -> None:
         ok = [r for r in runs if not r.get("failed")]
@@ -109,14 +115,14 @@ def main() -> None:
         write_results(args.out, record, table(record))
 
     for name, code, target in variants:
-        warm = run_child(code, target, args.steps)  # warms the page cache
-        add(name, [warm] if warm.get("failed") else [run_child(code, target, args.steps) for _ in range(args.runs)])
+        warm = run_child(code, target, args)  # warms the page cache
+        add(name, [warm] if warm.get("failed") else [run_child(code, target, args) for _ in range(args.runs)])
     if "compile" in baselines:
         with tempfile.TemporaryDirectory() as cache:  # the first run fills it (cold), the second reads it (warm)
             env = {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton"}
             for state in ("cold", "warm"):
-                run = run_child(CHILD_DIFFUSERS, args.model, args.steps, "compile", env)
-                add(f"diffusers torch.compile bf16, {state} compile cache", [run])
+                run = run_child(CHILD_DIFFUSERS, args.model, args, "compile", env)
+                add(f"diffusers torch.compile {dtype}, {state} compile cache", [run])
 
 
 def table(record: dict) -> str:
@@ -124,7 +130,8 @@ def table(record: dict) -> str:
     lines = [
         f"# Cold start: process start -> first image ({record['steps']} steps), page cache warm",
         "",
-        f"{env.get('gpu')}, torch {env['torch']}, CUDA {env['cuda']}, diffusers {env['diffusers']}; {env['date']}",
+        f"{env.get('gpu', 'cpu')}, torch {env['torch']}, CUDA {env['cuda']}, diffusers {env['diffusers']}; "
+        f"{env['date']}",
         f"Command: `{env['command']}`",
         "",
         "| variant | interpreter s | imports s | load s | first image s | total s |",

@@ -116,3 +116,31 @@ def test_run_cli_writes_an_image(pixart_artifact: Path, tmp_path: Path) -> None:
     proc = run_cli("fastdiff-run", str(pixart_artifact), *args)
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (64, 64)
+
+
+def test_step_without_micro_conditioning() -> None:
+    """The 512 and 256 models (sample size 64, 32) take no resolution conditioning: PixArtStep, the transformer's
+    own output less its learned-variance half."""
+    from diffusers import PixArtTransformer2DModel
+
+    from fastdiff.exporter.random_models import TINY_PIXART_ARCH
+    from fastdiff.exporter.wrappers import PixArtStep
+
+    config = {**TINY_PIXART_ARCH["transformer"], "sample_size": 64, "use_additional_conditions": None}
+    transformer = PixArtTransformer2DModel(**config).eval()
+    assert not transformer.use_additional_conditions
+    g = torch.Generator().manual_seed(0)
+    sample, states = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 120, 32, generator=g)
+    mask = torch.ones(2, 120, dtype=torch.long)
+    mask[0, 10:] = 0
+    timestep = torch.tensor(500.0)
+    with torch.no_grad():
+        out = PixArtStep(transformer)(sample, timestep, states, mask)
+        expected = transformer(
+            sample,
+            encoder_hidden_states=states,
+            encoder_attention_mask=mask,
+            timestep=timestep.expand(2),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample[:, :4]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
