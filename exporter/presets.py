@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .random_models import random_pixart_xl, random_sdxl_base, tiny_pixart, tiny_sd, tiny_sdxl
+from .random_models import random_pixart_xl, random_sd15, random_sdxl_base, tiny_pixart, tiny_sd, tiny_sdxl
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,14 @@ PRESETS = {
             None,
             "512",
             "Stable Diffusion 1.5 (one CLIP text encoder, 512x512; exported without its safety checker)",
+        ),
+        Preset(
+            "sd15-random",
+            "",
+            None,
+            "512",
+            "Stable Diffusion 1.5's architecture with random weights, built offline (benchmarks)",
+            build=random_sd15,
         ),
         Preset(
             "tiny-sd",

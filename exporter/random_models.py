@@ -259,6 +259,21 @@ TINY_PIXART_ARCH = {
 }
 
 
+def sd15_arch() -> dict:
+    """Stable Diffusion 1.5's architecture, for random-weight benchmarks: the UNet is diffusers'
+    UNet2DConditionModel defaults with 768-wide cross-attention (859,520,964 parameters, SD 1.5's published count);
+    the CLIP ViT-L/14 text encoder and the VAE are SDXL's first encoder and VAE (the same architectures), the VAE with
+    SD's scaling factor."""
+    sdxl = sdxl_base_arch()
+    return {
+        "family": "sd",
+        "unet": {"sample_size": 64, "cross_attention_dim": 768},
+        "vae": {**sdxl["vae"], "scaling_factor": 0.18215, "sample_size": 512},
+        "text_encoder": sdxl["text_encoder"],
+        "scheduler": TINY_SD_ARCH["scheduler"],
+    }
+
+
 def pixart_xl_arch() -> dict:
     """PixArt-XL-2-1024-MS's architecture, for random-weight benchmarks: the transformer is diffusers'
     PixArtTransformer2DModel defaults (which are that model's) with T5-XXL's 4096-wide captions; the text encoder is
@@ -301,6 +316,12 @@ def _text_config(arch: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
+def _scheduler(scheduler_class: type, arch: dict):
+    # Schedulers keep their tables on the CPU (some go through numpy), whatever device the models are built on.
+    with torch.device("cpu"):
+        return scheduler_class(**arch["scheduler"])
+
+
 def _build_pixart(arch: dict, seed: int) -> PixArtAlphaPipeline:
     tokenizer = _t5_tokenizer()
     torch.manual_seed(seed)
@@ -312,7 +333,7 @@ def _build_pixart(arch: dict, seed: int) -> PixArtAlphaPipeline:
     transformer = PixArtTransformer2DModel(**arch["transformer"])
     torch.manual_seed(seed)
     vae = AutoencoderKL(**arch["vae"])
-    scheduler = DPMSolverMultistepScheduler(**arch["scheduler"])
+    scheduler = _scheduler(DPMSolverMultistepScheduler, arch)
     return PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
@@ -334,7 +355,7 @@ def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline | Stable
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=PNDMScheduler(**arch["scheduler"]),
+            scheduler=_scheduler(PNDMScheduler, arch),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -349,7 +370,7 @@ def _build_pipeline(arch: dict, seed: int) -> StableDiffusionXLPipeline | Stable
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**arch["scheduler"]),
+        scheduler=_scheduler(EulerDiscreteScheduler, arch),
         force_zeros_for_empty_prompt=True,
     )
 
@@ -393,6 +414,12 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> Path:
 def tiny_sd() -> Path:
     """The tiny Stable Diffusion 1.x-family checkpoint (float32), built offline."""
     return build_random_checkpoint(cache_path("tiny-sd"), TINY_SD_ARCH)
+
+
+def random_sd15() -> Path:
+    """Stable Diffusion 1.5's architecture with random weights, saved in fp16 (~2 GB)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_random_checkpoint(cache_path("sd15-random"), sd15_arch(), dtype=torch.float16, device=device)
 
 
 def random_pixart_xl() -> Path:

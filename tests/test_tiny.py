@@ -126,3 +126,29 @@ def test_pooled_output_at_eos(pipe: StableDiffusionXLPipeline) -> None:
         expected = encoder.text_projection(out.last_hidden_state[0, eos])
     torch.testing.assert_close(out.text_embeds[0], expected)
     assert not torch.allclose(out.text_embeds[0], encoder.text_projection(out.last_hidden_state[0, -1]))
+
+
+def _parameter_counts(arch: dict) -> dict[str, int]:
+    from fastdiff.exporter.random_models import _build_pipeline
+
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        pipe = _build_pipeline(arch, 0)
+    return {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
+    }
+
+
+def test_benchmark_architectures_have_the_published_sizes() -> None:
+    """The random-weight benchmark models are the real architectures: SDXL base against the verified counts in its
+    config file; SD 1.5 and PixArt-XL-2 against their published parameter counts."""
+    from fastdiff.exporter.random_models import pixart_xl_arch, sd15_arch, sdxl_base_arch
+
+    sdxl = sdxl_base_arch()
+    expected = {k: v for k, v in sdxl["parameter_counts"].items() if k != "vae_decoder"}
+    assert _parameter_counts(sdxl) == expected
+    assert _parameter_counts(sd15_arch()) == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    pixart = _parameter_counts(pixart_xl_arch())
+    assert pixart["transformer"] == 611_349_152  # PixArt-α XL-2: "0.6B"
+    assert 4.7e9 < pixart["text_encoder"] < 4.8e9  # T5 v1.1 XXL's encoder
