@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 t_torch = time.perf_counter()
 from fastdiff.runtime import load_pipeline, loader  # noqa: E402
+from fastdiff.runtime.pipeline import FastDiffPipeline  # noqa: E402
 
 t_runtime = time.perf_counter()
 print(f"import torch {t_torch - t0:.2f} s, then fastdiff.runtime {t_runtime - t_torch:.2f} s")
@@ -40,6 +41,7 @@ for mod, name in [
     (loader, "load_scheduler"),
     (loader, "load_weights"),
     (loader, "CompiledModule"),
+    (FastDiffPipeline, "warm_up"),
 ]:
     timed(mod, name)
 t = time.perf_counter()

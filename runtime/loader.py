@@ -26,6 +26,7 @@ def load_pipeline(
     resolutions: Iterable[str | int | Resolution] | None = None,
     verify: bool = False,
     cuda_graphs: bool = True,
+    warmup: bool | None = None,
 ) -> FastDiffPipeline:
     """Load an artifact written by fastdiff-export.
 
@@ -34,6 +35,9 @@ def load_pipeline(
         the weights.
     verify: re-hash every file against the manifest first (slow for large models; sizes are always checked).
     cuda_graphs: on a GPU, replay each UNet step as a CUDA graph (captured on the first call at each batch size).
+    warmup: run each compiled module once at a default request's shapes before returning (FastDiffPipeline.warm_up),
+        overlapped with the scheduler import; default: on a GPU, where the first call would otherwise pay for kernel
+        loading, algorithm selection and the CUDA-graph capture.
     """
     root = Path(artifact_dir)
     manifest = read_manifest(root)
@@ -58,14 +62,20 @@ def load_pipeline(
             unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
         vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device)
         conditioner = _load_conditioner(root, manifest, stock, device)
-        return FastDiffPipeline(
+        pipeline = FastDiffPipeline(
             manifest=manifest,
             device=device,
             conditioner=conditioner,
-            scheduler=scheduler.result(),
+            scheduler=None,  # set below, once the thread has imported it
             unets=unets,
             vae_decoders=vae_decoders,
         )
+        if warmup is None:
+            warmup = device.type == "cuda"
+        if warmup:
+            pipeline.warm_up()
+        pipeline.scheduler = scheduler.result()
+        return pipeline
 
 
 def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], device: torch.device) -> TextConditioner:

@@ -32,7 +32,7 @@ class FastDiffPipelineOutput:
 
 class FastDiffPipeline:
     """A text-to-image pipeline over compiled artifacts; call it like diffusers' StableDiffusionXLPipeline (or
-    StableDiffusionPipeline, for SD 1.x artifacts)."""
+    StableDiffusionPipeline, PixArtAlphaPipeline, for those families' artifacts)."""
 
     def __init__(
         self,
@@ -87,46 +87,64 @@ class FastDiffPipeline:
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
 
-        # The denoiser's inputs after the latents and timestep, by name, one row per image: the text conditioning,
-        # and the micro-conditioning of SDXL or PixArt-α's 1024² models.
-        text, neg_text = self.conditioner(prompts, negatives, guidance)
-        embeds = text["encoder_hidden_states"]
         n = len(prompts) * num_images_per_prompt
-        micro = _micro_conditioning(res, len(prompts), embeds.dtype)
-        names = self.manifest.unet.inputs[2:]
-        cond = [_per_image({**text, **micro}[name], num_images_per_prompt, self.device) for name in names]
-        if guidance:
-            neg_cond = [_per_image({**neg_text, **micro}[name], num_images_per_prompt, self.device) for name in names]
-
+        chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        shape = (
-            n,
-            facts.latent_channels,
-            res.height // facts.vae_scale_factor,
-            res.width // facts.vae_scale_factor,
-        )
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+        latents = randn_tensor(self._latent_shape(n, res), generator=generator, device=self.device, dtype=self.dtype)
         latents = latents * self.scheduler.init_noise_sigma
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
-        # The UNet was compiled for at most `batch_size` images; larger requests call it in chunks of that size
-        # within each step, while the scheduler steps all images at once as in diffusers (so that a stochastic
-        # scheduler draws the same noise from the generator).
-        chunks = []
-        for chunk in _chunks(n, self.manifest.batch_size):
-            if guidance:
-                chunks.append(
-                    (chunk, tuple(torch.cat([u[chunk], c[chunk]]) for u, c in zip(neg_cond, cond, strict=True)))
-                )
-            else:
-                chunks.append((chunk, tuple(c[chunk] for c in cond)))
         latents = self._denoise(unet, latents, chunks, num_inference_steps, guidance_scale, step_kwargs)
         if output_type == "latent":
             return FastDiffPipelineOutput(images=latents)
         out = torch.cat([vae(latents[chunk].to(self.vae_dtype)) for chunk, _ in chunks])
         images = VaeImageProcessor.pt_to_numpy(out)
         return FastDiffPipelineOutput(images=images if output_type == "np" else VaeImageProcessor.numpy_to_pil(images))
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run every compiled module once at the shapes of a default request (one image, the default resolution and
+        guidance): their kernels load, cuDNN and cuBLAS pick their algorithms, and the UNet step's CUDA graph is
+        captured, before the first request. Needs no scheduler, so load_pipeline runs it while diffusers is still
+        being imported."""
+        res = self._resolution(None, None)
+        guidance = self.manifest.model.default_guidance_scale > 1.0
+        latents = torch.zeros(self._latent_shape(1, res), device=self.device, dtype=self.dtype)
+        timestep = torch.tensor(999.0, device=self.device)
+        for chunk, cond in self._conditioning([""], None, guidance, res, 1):
+            self.unets[res.key](torch.cat([latents[chunk]] * 2) if guidance else latents[chunk], timestep, *cond)
+        self.vae_decoders[res.key](latents.to(self.vae_dtype))
+
+    def _conditioning(
+        self, prompts: list[str], negatives: list[str] | None, guidance: bool, res: Resolution, per_prompt: int
+    ) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
+        """The denoiser's inputs after the latents and timestep, in its input order, one row per image (the text
+        conditioning, and the micro-conditioning of SDXL or PixArt-α's 1024² models), split into the chunks of at
+        most `batch_size` images the UNet was compiled for; with guidance each chunk is [negative rows, rows]."""
+        text, neg_text = self.conditioner(prompts, negatives, guidance)
+        micro = _micro_conditioning(res, len(prompts), text["encoder_hidden_states"].dtype)
+        names = self.manifest.unet.inputs[2:]
+
+        def rows(conditioning: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            return [_per_image({**conditioning, **micro}[name], per_prompt, self.device) for name in names]
+
+        cond = rows(text)
+        neg_cond = rows(neg_text) if guidance else None
+        chunks = []
+        for chunk in _chunks(len(prompts) * per_prompt, self.manifest.batch_size):
+            if guidance:
+                chunks.append(
+                    (chunk, tuple(torch.cat([u[chunk], c[chunk]]) for u, c in zip(neg_cond, cond, strict=True)))
+                )
+            else:
+                chunks.append((chunk, tuple(c[chunk] for c in cond)))
+        return chunks
+
+    def _latent_shape(self, n: int, res: Resolution) -> tuple[int, int, int, int]:
+        facts = self.manifest.model
+        f = facts.vae_scale_factor
+        return n, facts.latent_channels, res.height // f, res.width // f
 
     def _denoise(
         self,

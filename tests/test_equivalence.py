@@ -200,3 +200,18 @@ def test_other_scheduler_changes_result(scheduler_case, tiny_pipeline) -> None:
     """The copied artifact really runs its own scheduler (else the comparison above would prove little)."""
     ours, _ = scheduler_case
     assert not torch.allclose(_call(ours, 3, "latent"), _call(tiny_pipeline, 3, "latent"), **LATENT_TOL)
+
+
+def test_warm_up_changes_nothing(tiny_artifact: Path, tiny_pipeline) -> None:
+    """load_pipeline(warmup=True) (the GPU default) runs every compiled module once before the first request; the
+    results are the same to the bit, and the warm-up needs no scheduler."""
+    from fastdiff.runtime import load_pipeline
+
+    warm = load_pipeline(tiny_artifact, device="cpu", warmup=True)
+    warm.set_progress_bar_config(disable=True)
+    for kwargs in ({}, {"guidance_scale": 1.0, "height": 64, "width": 96}, {"num_images_per_prompt": 3}):
+        torch.testing.assert_close(
+            _call(warm, 0, "latent", **kwargs), _call(tiny_pipeline, 0, "latent", **kwargs), rtol=0, atol=0
+        )
+    warm.scheduler = None
+    warm.warm_up()

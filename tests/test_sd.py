@@ -70,6 +70,11 @@ def test_matches_diffusers(sd_pipelines, kwargs: dict) -> None:
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=tol)
 
 
+def test_warm_up(sd_pipelines) -> None:
+    mine, _ = sd_pipelines
+    mine.warm_up()  # one CLIP encoder, no added conditioning
+
+
 def test_run_cli_writes_an_image(sd_artifact: Path, tmp_path: Path) -> None:
     from PIL import Image
 
