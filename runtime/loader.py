@@ -113,18 +113,19 @@ def _import_schedulers(name: str) -> type:
         sys.modules["torch._dynamo"] = None  # an import of it raises ImportError while this is set
     try:
         import diffusers.schedulers
+
+        scheduler_class = getattr(diffusers.schedulers, name, None)  # imports the class's own module (lazily)
     except ImportError as e:
         raise FastDiffError(f"the runtime needs diffusers for its schedulers: {e}", "pip install diffusers") from None
     finally:
         if block and sys.modules.get("torch._dynamo", 0) is None:
             del sys.modules["torch._dynamo"]
-    try:
-        return getattr(diffusers.schedulers, name)
-    except AttributeError:
+    if scheduler_class is None:
         raise FastDiffError(
             f"the artifact's scheduler {name} is not in the installed diffusers {diffusers.__version__}",
             "install the diffusers version the artifact was exported with (fastdiff-inspect shows it)",
-        ) from None
+        )
+    return scheduler_class
 
 
 def load_scheduler(path: Path):
