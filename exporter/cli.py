@@ -63,7 +63,8 @@ def _presets_help() -> str:
     type=click.Choice(["compiled", "stock"]),
     default="compiled",
     show_default=True,
-    help="Compile the CLIP text encoders too, or ship the stock ones (the runtime then needs transformers).",
+    help="Compile the text encoders (CLIP, or PixArt-α's T5) too, or ship the stock ones (the runtime then needs "
+    "transformers).",
 )
 @click.option(
     "--attention",
@@ -94,8 +95,8 @@ def main(
     vae: str | None,
     overwrite: bool,
 ) -> None:
-    """Export MODEL (a preset, a hub id or a local diffusers folder) to compiled UNet, VAE-decoder and text-encoder
-    packages.
+    """Export MODEL (a preset, a hub id or a local diffusers folder: SDXL, SD 1.x or PixArt-α) to compiled denoiser
+    (UNet or PixArt transformer), VAE-decoder and text-encoder packages.
 
     One AOTInductor package is written per component and resolution; the weights sit beside them in one
     safetensors file per component, with the tokenizers, the scheduler config and a manifest.
