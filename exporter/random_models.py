@@ -1,10 +1,11 @@
-"""Random-weight SDXL checkpoints that fastdiff builds itself, offline: no hub access needed.
+"""Random-weight checkpoints that fastdiff builds itself, offline: no hub access needed.
 
 - tiny-sdxl, the embedded default model: SDXL's architecture family (two CLIP text encoders, text-time
   conditioned UNet, 4-block VAE with scale factor 8) shrunk so that a CPU AOTInductor compile is fast.
-- sdxl-random: SDXL base 1.0's real architecture, for benchmarks (latency does not depend on weight values).
 - tiny-sd: the Stable Diffusion 1.x family (one CLIP text encoder, no added conditioning), shrunk the same way.
 - tiny-pixart: the PixArt-α family (a DiT transformer with micro-conditioning, a T5 text encoder), shrunk the same way.
+- sdxl-random, sd15-random, pixart-random: the real architectures of SDXL base 1.0, Stable Diffusion 1.5 and
+  PixArt-XL-2-1024-MS, for benchmarks (latency does not depend on weight values).
 
 Weights are random but deterministic; the tokenizers are a tiny byte-level CLIP BPE, and for T5 a tiny unigram model.
 """
