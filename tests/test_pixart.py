@@ -98,11 +98,15 @@ def test_matches_diffusers(pixart_artifact: Path, reference, kwargs: dict) -> No
     assert_matches(mine, reference, **kwargs)
 
 
-def test_stock_t5_and_non_square(pixart_checkpoint: Path, reference, tmp_path_factory: pytest.TempPathFactory):
-    """The transformers T5 encoder shipped as is, at 96x64 (aspect ratio 2/3 in the micro-conditioning)."""
-    artifact = _export(tmp_path_factory, "--res", "96x64", "--text-encoders", "stock")
+def test_stock_t5_non_square_math_attention(
+    pixart_checkpoint: Path, reference, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The transformers T5 encoder shipped as is, at 96x64 (aspect ratio 2/3 in the micro-conditioning), with the
+    attention compiled as plain matmul + softmax (`--attention math`, recorded per package)."""
+    artifact = _export(tmp_path_factory, "--res", "96x64", "--text-encoders", "stock", "--attention", "math")
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["text_encoders"] == [] and "text_encoder" in manifest["stock"]
+    assert manifest["options"]["attention"] == {"unet/96x64.pt2": "math", "vae_decoder/96x64.pt2": "math"}
     mine = load_pipeline(artifact, device="cpu")
     mine.set_progress_bar_config(disable=True)
     assert_matches(mine, reference, width=96, height=64, negative_prompt="  A Dog")
