@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.files import set_default_mode
 from fastdiff.runtime.manifest import MANIFEST_NAME, Manifest, describe_files
 from fastdiff.runtime.weights import to_storage_layout
 
@@ -32,7 +33,9 @@ class ArtifactWriter:
             )
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+            # Not mkdtemp, which makes the folder private: the artifact keeps the umask's permissions.
+            self.root = self.out.with_name(f".{self.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            self.root.mkdir()
         except OSError as e:
             raise FastDiffError(
                 f"cannot write to {self.out.parent}: {e.strerror}", "choose an --out in a writable folder"
@@ -56,7 +59,9 @@ class ArtifactWriter:
             stored[name], is_nhwc = to_storage_layout(tensor.detach().cpu())
             if is_nhwc:
                 nhwc.append(name)
-        save_file(stored, self.path(rel), metadata={"format": "pt"})
+        path = self.path(rel)
+        save_file(stored, path, metadata={"format": "pt"})
+        set_default_mode(path)
         return sorted(nhwc)
 
     def commit(self, manifest: Manifest) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import FastDiffError
+from .files import set_default_mode
 from .manifest import check_files, read_manifest
 from .resolution import parse_resolution
 
@@ -60,6 +61,7 @@ def _save_atomically(image, path: Path) -> None:
     os.close(fd)
     try:
         image.save(tmp)
+        set_default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,7 +3,9 @@ an artifact, and every command documents its options."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,22 @@ def test_run_writes_png(seeded_image: Path) -> None:
         assert image.mode == "RGB"
     assert pixels(seeded_image).std() > 0  # not a blank image
     assert sorted(p.name for p in seeded_image.parent.iterdir()) == ["x.png"]  # no temp file left
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_written_files_get_the_umask_modes(tiny_artifact: Path, seeded_image: Path) -> None:
+    """Not the private 0600/0700 of temporary files: an artifact built by one user is served by another."""
+    mask = _umask()
+    assert stat.S_IMODE(seeded_image.stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(tiny_artifact.stat().st_mode) == 0o777 & ~mask
+    for path in tiny_artifact.rglob("*"):
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
 def test_run_same_seed_same_pixels(tiny_artifact: Path, seeded_image: Path, tmp_path: Path) -> None:

@@ -1,0 +1,18 @@
+"""File permissions: what fastdiff writes gets the mode a plain open() or mkdir() would give it (the umask's)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: Path) -> None:
+    """Files made by mkstemp, or by libraries that create them private (safetensors), are 0600: an artifact built by
+    one user (a CI job) and served by another (a container's) would not load. Give them 0666 less the umask."""
+    os.chmod(path, 0o666 & ~_umask())
