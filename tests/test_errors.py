@@ -46,6 +46,17 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *phrases: str, usage: 
         assert phrase in proc.stderr, f"{phrase!r} not in:\n{proc.stderr}"
 
 
+def assert_refused_everywhere(
+    target: Path, tmp_path: Path, phrase: str, *more: str, run_args: tuple = (), inspect_args: tuple = ()
+) -> None:
+    """The same problem refused cleanly by fastdiff-run (naming `phrase` and `more`), fastdiff-inspect and
+    load_pipeline (both naming `phrase`)."""
+    assert_clean_error(run(target, tmp_path, *run_args), phrase, *more)
+    assert_clean_error(run_cli("fastdiff-inspect", str(target), *inspect_args), phrase)
+    with pytest.raises(FastDiffError, match=re.escape(phrase)):
+        load_pipeline(target, device="cpu")
+
+
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under root with its content, to check that a refused command changed nothing."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -77,10 +88,7 @@ def images_in(folder: Path) -> list[str]:
 
 def test_missing_folder(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    assert_clean_error(run(missing, tmp_path), "does not exist", str(missing))
-    assert_clean_error(run_cli("fastdiff-inspect", str(missing)), "does not exist")
-    with pytest.raises(FastDiffError, match="does not exist"):
-        load_pipeline(missing, device="cpu")
+    assert_refused_everywhere(missing, tmp_path, "does not exist", str(missing))
     assert images_in(tmp_path) == []
 
 
@@ -88,19 +96,13 @@ def test_folder_without_manifest(tmp_path: Path) -> None:
     folder = tmp_path / "empty"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    assert_clean_error(run(folder, tmp_path), "not a fastdiff artifact", "manifest.json is missing")
-    assert_clean_error(run_cli("fastdiff-inspect", str(folder)), "not a fastdiff artifact")
-    with pytest.raises(FastDiffError, match="manifest.json is missing"):
-        load_pipeline(folder, device="cpu")
+    assert_refused_everywhere(folder, tmp_path, "manifest.json is missing", "not a fastdiff artifact")
     assert tree(folder) == {"notes.txt": b"mine"}
 
 
 def test_file_instead_of_folder(tiny_artifact: Path, tmp_path: Path) -> None:
     file = tiny_artifact / MANIFEST_NAME
-    assert_clean_error(run(file, tmp_path), "is not a folder")
-    assert_clean_error(run_cli("fastdiff-inspect", str(file)), "is not a folder")
-    with pytest.raises(FastDiffError, match="is not a folder"):
-        load_pipeline(file, device="cpu")
+    assert_refused_everywhere(file, tmp_path, "is not a folder")
 
 
 # the manifest ----------------------------------------------------------------------------------------
@@ -109,10 +111,7 @@ def test_file_instead_of_folder(tiny_artifact: Path, tmp_path: Path) -> None:
 def test_manifest_invalid_json(tiny_artifact: Path, tmp_path: Path) -> None:
     art = copy_artifact(tiny_artifact, tmp_path)
     (art / MANIFEST_NAME).write_text('{"format": "fastdiff-artifact", ')
-    assert_clean_error(run(art, tmp_path), "not valid JSON")
-    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "not valid JSON")
-    with pytest.raises(FastDiffError, match="not valid JSON"):
-        load_pipeline(art, device="cpu")
+    assert_refused_everywhere(art, tmp_path, "not valid JSON")
 
 
 def test_manifest_not_utf8(tiny_artifact: Path, tmp_path: Path) -> None:
@@ -124,10 +123,7 @@ def test_manifest_not_utf8(tiny_artifact: Path, tmp_path: Path) -> None:
 def test_manifest_newer_format(tiny_artifact: Path, tmp_path: Path) -> None:
     art = copy_artifact(tiny_artifact, tmp_path)
     edit_manifest(art, lambda d: d.update(format_version=d["format_version"] + 1))
-    assert_clean_error(run(art, tmp_path), "newer than this fastdiff reads", "upgrade fastdiff")
-    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "newer than this fastdiff reads")
-    with pytest.raises(FastDiffError, match="newer than this fastdiff reads"):
-        load_pipeline(art, device="cpu")
+    assert_refused_everywhere(art, tmp_path, "newer than this fastdiff reads", "upgrade fastdiff")
 
 
 @pytest.mark.parametrize(
@@ -246,10 +242,14 @@ def test_safetensors_header_length_absurd(tiny_artifact: Path, tmp_path: Path) -
 def test_missing_package(tiny_artifact: Path, tmp_path: Path) -> None:
     art = copy_artifact(tiny_artifact, tmp_path)
     (art / "unet" / "96x64.pt2").unlink()
-    assert_clean_error(run(art, tmp_path, "--res", "64"), "unet/96x64.pt2: missing", "export the model again")
-    assert_clean_error(run_cli("fastdiff-inspect", str(art), "--verify"), "unet/96x64.pt2: missing")
-    with pytest.raises(FastDiffError, match="unet/96x64.pt2: missing"):
-        load_pipeline(art, device="cpu")
+    assert_refused_everywhere(
+        art,
+        tmp_path,
+        "unet/96x64.pt2: missing",
+        "export the model again",
+        run_args=("--res", "64"),
+        inspect_args=("--verify",),
+    )
 
 
 def test_damaged_package(tiny_artifact: Path, tmp_path: Path) -> None:
