@@ -28,6 +28,13 @@ from fastdiff.runtime.manifest import MANIFEST_NAME, sha256_file
 
 EXPORTED = "64x64, 96x64"  # how messages list conftest's EXPORT_RESOLUTIONS
 UNET_WEIGHTS = "unet/weights.safetensors"
+INVALID_RES = [  # --res values every command refuses, and the phrase its error names
+    ("100", "not a multiple of 8"),
+    ("abc", "invalid resolution 'abc'"),
+    ("8x8", "between 64 and 4096"),
+    ("99999", "between 64 and 4096"),
+    ("0", "between 64 and 4096"),
+]
 
 
 # helpers ---------------------------------------------------------------------------------------------
@@ -469,16 +476,7 @@ def test_run_unknown_device(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_clean_error(run(tiny_artifact, tmp_path, "--device", "tpu"), "unknown device 'tpu'")
 
 
-@pytest.mark.parametrize(
-    ("res", "phrase"),
-    [
-        ("100", "not a multiple of 8"),
-        ("abc", "invalid resolution 'abc'"),
-        ("8x8", "between 64 and 4096"),
-        ("99999", "between 64 and 4096"),
-        ("0", "between 64 and 4096"),
-    ],
-)
+@pytest.mark.parametrize(("res", "phrase"), INVALID_RES)
 def test_invalid_res_api(tiny_artifact: Path, res: str, phrase: str) -> None:
     with pytest.raises(FastDiffError, match=re.escape(phrase)):
         parse_resolution(res)
@@ -551,16 +549,7 @@ def test_export_folder_without_model_index(exports: Path, tmp_path: Path) -> Non
     assert tree(checkpoint) == {"unet/config.json": b"{}"}
 
 
-@pytest.mark.parametrize(
-    ("res", "phrase"),
-    [
-        ("100", "not a multiple of 8"),
-        ("abc", "invalid resolution 'abc'"),
-        ("8x8", "between 64 and 4096"),
-        ("99999", "between 64 and 4096"),
-        ("0", "between 64 and 4096"),
-    ],
-)
+@pytest.mark.parametrize(("res", "phrase"), INVALID_RES)
 def test_export_invalid_res(exports: Path, res: str, phrase: str) -> None:
     proc, seconds = export("tiny-sdxl", "--res", res, "--device", "cpu", "--out", str(exports / "a"))
     assert_export_refused(proc, seconds, exports, phrase)
