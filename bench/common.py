@@ -41,6 +41,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, run
 
 
 # GPU kernel families by name (cuDNN, cuBLAS, CUTLASS, flash-attention and Triton kernel naming), checked in order.
+# Inductor names its fused Triton kernels after the ops they fused (triton_poi_fused_convolution_native_group_norm_...
+# is a bias add + GroupNorm, not a convolution), so those are Triton whatever their names say.
+TRITON_FUSED = ("triton_poi", "triton_red", "triton_per")
 KERNEL_FAMILIES = [
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("convolution", ("conv", "fprop", "implicit_gemm", "winograd")),
@@ -51,6 +54,8 @@ KERNEL_FAMILIES = [
 
 def kernel_family(name: str) -> str:
     lowered = name.lower()
+    if lowered.startswith(TRITON_FUSED):
+        return KERNEL_FAMILIES[-1][0]
     return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
 
 
