@@ -1,4 +1,9 @@
-"""Component weights: one safetensors file per component, read straight onto the target device.
+"""Component weights: one safetensors file per component, streamed onto the target device.
+
+Copying each tensor to a GPU from pageable (mmap'd) memory, as safetensors' `load_file(device="cuda")` does, ran at
+~2 GB/s on the H200 (3.4 s for SDXL's 7 GB). Here reader threads fill a small ring of pinned buffers with chunks of
+the file while the copies out of the chunks already read run asynchronously, so the file moves at the speed of the
+page cache (or the disk) rather than of pageable copies. On the CPU the file is memory-mapped instead (no copy).
 
 safetensors stores dense row-major tensors. A weight the compiled code expects in channels_last layout is stored
 as its NHWC permutation and viewed back as NCHW here, which restores the strides without a copy.
@@ -6,13 +11,46 @@ as its NHWC permutation and viewed back as NCHW here, which restores the strides
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import FastDiffError
+
+CHUNK_BYTES = 32 << 20
+STAGING_BUFFERS = 4  # also the number of reader threads
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors, "Format")
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the file
+    end: int
 
 
 def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -25,11 +63,99 @@ def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def load_weights(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file on `device`, with channels_last ones given their strides back."""
     try:
-        tensors = load_file(path, device=str(device))
-    except Exception as e:  # safetensors raises its own error types for damaged headers and short files
+        tensors = load_file(path) if device.type == "cpu" else stream_weights(path, device)
+    except (OSError, ValueError, SafetensorError) as e:
         raise FastDiffError(
             f"cannot read weights {path}: {e}", "the file is truncated or corrupted: export the model again"
         ) from None
     for name in channels_last:
         tensors[name] = tensors[name].permute(0, 3, 1, 2)
+    return tensors
+
+
+def read_header(path: Path) -> list[StoredTensor]:
+    """The tensors a safetensors file holds, checked against the file's size; ValueError if it is damaged."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise ValueError(f"header length {length} runs past the end of the {size}-byte file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    base = 8 + length
+    stored = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (base + int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name!r} has an invalid entry {info!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if min(shape, default=0) < 0 or not base <= begin <= end <= size or end - begin != numel * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: offsets {info['data_offsets']} do not fit its shape or the file")
+        stored.append(StoredTensor(name, dtype, shape, begin, end))
+    return stored
+
+
+def stream_weights(
+    path: Path, device: torch.device, chunk_bytes: int = CHUNK_BYTES, buffers: int = STAGING_BUFFERS
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, allocated on `device` and filled chunk by chunk through `buffers` staging buffers
+    (pinned for a GPU): reading chunk i + buffers waits only for the copies out of chunk i. Works for any device;
+    load_weights uses it for GPUs."""
+    header = read_header(path)
+    tensors = {t.name: torch.empty(t.shape, dtype=t.dtype, device=device) for t in header}
+    stored = sorted((t for t in header if t.end > t.start), key=lambda t: t.start)
+    if not stored:
+        return tensors
+    end = max(t.end for t in stored)
+    chunks = [(offset, min(chunk_bytes, end - offset)) for offset in range(stored[0].start, end, chunk_bytes)]
+    on_gpu = device.type == "cuda"
+    staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(min(buffers, len(chunks)))]
+    copied: list[torch.cuda.Event | None] = [None] * len(staging)  # per buffer: its last chunk's copies are done
+
+    def read(i: int) -> torch.Tensor:
+        offset, size = chunks[i]
+        slot = i % len(staging)
+        if copied[slot] is not None:
+            copied[slot].synchronize()
+        view = memoryview(staging[slot].numpy())[:size]
+        while view:
+            n = os.preadv(fd, [view], offset)
+            if n == 0:
+                raise ValueError(f"the file ends at byte {offset}, inside its tensor data")
+            view, offset = view[n:], offset + n
+        return staging[slot][:size]
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(len(staging), thread_name_prefix="fastdiff-weights") as pool:
+            reads = [pool.submit(read, i) for i in range(len(staging))]
+            first = 0  # the first tensor not yet completely copied
+            for i, (offset, size) in enumerate(chunks):
+                chunk = reads[i].result()
+                for t in stored[first:]:
+                    if t.start >= offset + size:
+                        break
+                    lo, hi = max(t.start, offset), min(t.end, offset + size)
+                    target = tensors[t.name].view(-1).view(torch.uint8)
+                    target[lo - t.start : hi - t.start].copy_(chunk[lo - offset : hi - offset], non_blocking=True)
+                    if t.end <= offset + size:
+                        first += 1
+                if on_gpu:
+                    copied[i % len(staging)] = torch.cuda.Event()
+                    copied[i % len(staging)].record()
+                if i + len(staging) < len(chunks):
+                    reads.append(pool.submit(read, i + len(staging)))
+    finally:
+        os.close(fd)
     return tensors
