@@ -1,80 +1,97 @@
 #!/usr/bin/env bash
-# One whole GPU measurement session (H200 machine of the device tool). Two phases: first every export, all at once
-# (none is timed; they share the 16 cores), then the timed runs one at a time, most important first. Compiles never
-# run beside timed benchmarks: session B (bench/results/2026-11-30-h200-b) showed the baselines' wall times doubling
-# when a compile shared the CPU. Steps, each skipped unless named in STEPS (default: all):
-#   sdxl      random SDXL, bf16 export with the default passes, speed + quality + profile against diffusers eager
-#             and torch.compile, cold starts (fastdiff, eager, torch.compile cold and warm compile cache)
-#   fp8stack  the fp8 SDXL export with Python stacks of every thread dumped each FP8_STACK_EVERY seconds (where does
-#             its compile time go?); stopped when the timed phase begins
-#   fp8       the fp8 export to the end, then its speed
-#   sd15      random SD 1.5 at 512², export and speed against eager and torch.compile
-#   pixart    random PixArt-XL-2 at 1024², export and speed against eager and torch.compile
+# One whole GPU measurement session (H200 machine of the device tool). Two phases: first every export the steps
+# need, all at once (none is timed; they share the 16 cores), then the timed runs one at a time, in STEPS order.
+# Compiles never run beside timed benchmarks: session B (bench/results/2026-11-30-h200-b) showed the baselines'
+# wall times doubling when a compile shared the CPU. Steps (STEPS, space-separated):
+#   sdxl               SDXL bf16 speed + quality + profile against diffusers eager and torch.compile (default mode)
+#   sdxl-coldstart     process start -> first SDXL image: fastdiff and diffusers eager, then load_pipeline's phases
+#   sdxl-compile-cold  the same for diffusers + torch.compile with a cold, then a warm compile cache
+#   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
+#   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
+#   gpu-tests          the test files that need a GPU (GPU_TESTS), run with the exports
+#   a VARIANTS name    an export with other options (below), speed + quality + profile of the artifact alone
+# Every export's main-thread Python stack is appended to $R/stacks-NAME.txt each STACK_EVERY seconds (a SIGUSR1
+# handler: unlike faulthandler's timed dump, which crashed an export in session C, it runs between bytecodes; ignored
+# from exit on, when Python would otherwise restore the default action, which ends the process).
+# Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
-# Seen on the H200: SDXL bf16 export ~6 min (UNet AOTInductor 217 s, text encoders 56 s); the fp8 export's UNet
-# compile had not finished after 18.5 min on 8 cores.
+# Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min; the fp8 SDXL
+# export's UNet compile had not finished after 18.5 min on 8 cores (session B).
 set -u
 R=${R:-/tmp/r}
-STEPS=${STEPS:-sdxl sd15 pixart fp8stack}
+STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
+GPU_TESTS=${GPU_TESTS:-tests/test_weights.py}
+STACK_EVERY=${STACK_EVERY:-60}
+EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
 mkdir -p "$R" /tmp/fd/fastdiff /tmp/art
 export PYTHONUNBUFFERED=1 FASTDIFF_CACHE=/tmp/cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 ln -sfn "$PWD/exporter" /tmp/fd/fastdiff/exporter
 ln -sfn "$PWD/runtime" /tmp/fd/fastdiff/runtime
 export PYTHONPATH=/tmp/fd:/tmp/site
-EXPORT='import sys; from fastdiff.exporter.cli import main; sys.argv[0]="fastdiff-export"; main()'
+declare -A VARIANTS=(
+  [sdxl-fp8]="--quantize fp8" [sdxl-seedflags]="--seed-flags" [sdxl-attn-auto]="--attention auto"
+  [sdxl-autotune]="--max-autotune" [sd15-fp8]="--quantize fp8" [sd15-autotune]="--max-autotune"
+)
 stamp() { echo "=== $(date +%T) $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 build() { python3 -c "from fastdiff.exporter.presets import PRESETS; print(PRESETS['$1'].build())" 2>"$R/build-$1.log" | tail -1; }
-export_model() {  # preset, artifact name, extra export options
-  local preset=$1 name=$2; shift 2
-  python3 -c "$EXPORT" "$preset" --device cuda --dtype bf16 --out "/tmp/art/$name" --overwrite "$@" \
-    > "$R/export-$name.log" 2>&1
-  grep -h "done in\|error" "$R/export-$name.log"
+prepare() {  # preset, artifact name, extra export options: build the random model, export it (stacks on SIGUSR1)
+  local preset=$1 name=$2 model; shift 2
+  model=$(build "$preset"); echo "$model" > "$R/model-$name"
+  python3 -c "import atexit, signal, sys, traceback
+signal.signal(signal.SIGUSR1, lambda s, frame: traceback.print_stack(frame, file=open('$R/stacks-$name.txt', 'a')))
+atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)  # Python resets its handlers to the default (exit)
+from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()" \
+    "$preset" --device cuda --dtype bf16 --out "/tmp/art/$name" --overwrite "$@" > "$R/export-$name.log" 2>&1
+  grep -h "done in\|error" "$R/export-$name.log"; stamp "export $name ended"
 }
-speed() {  # model, artifact name, baselines, extra options
-  python3 bench/speed.py --model "$1" --artifact "$2=/tmp/art/$2" --baselines "$3" --compile-mode default \
-    --no-seed-flags --profile --out "$R/speed-$2" "${@:4}" > "$R/speed-$2.log" 2>&1
-  grep -A8 "^| variant" "$R/speed-$2.md"
+exported() { [[ -f /tmp/art/$1/manifest.json ]] || { stamp "skipping: no artifact $1"; return 1; }; }
+model() { cat "$R/model-$1"; }
+speed() {  # artifact name, baselines, extra options
+  python3 bench/speed.py --model "$(model "$1")" --artifact "$1=/tmp/art/$1" --baselines "$2" --compile-mode default \
+    --no-seed-flags --profile --out "$R/speed-$1" "${@:3}" > "$R/speed-$1.log" 2>&1
+  grep -A8 "^| variant" "$R/speed-$1.md"
 }
 
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv
 python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__, torchao.__version__)'
 
-prepare() {  # preset, artifact name, extra export options: build the random model, export it
-  local model; model=$(build "$1"); echo "$model" > "$R/model-$2"
-  export_model "$@"; stamp "exported $2"
-}
-model() { cat "$R/model-$1"; }
-
 stamp "exports, all at once"
-want sdxl && prepare sdxl-random sdxl-bf16 &
+{ want sdxl || want sdxl-coldstart; } && prepare sdxl-random sdxl-bf16 &
 want sd15 && prepare sd15-random sd15-bf16 &
+for variant in "${!VARIANTS[@]}"; do
+  # shellcheck disable=SC2086  # the options are words
+  want "$variant" && prepare "${variant%%-*}-random" "$variant" ${VARIANTS[$variant]} &
+done
 want pixart && prepare pixart-random pixart-bf16 &
-want fp8 && prepare sdxl-random sdxl-fp8 --quantize fp8 &
-if want fp8stack; then
-  EXPORT="import faulthandler, sys; faulthandler.dump_traceback_later(${FP8_STACK_EVERY:-60}, repeat=True, file=open('$R/fp8-stacks.txt', 'w')); $EXPORT" \
-    prepare sdxl-random sdxl-fp8stack --quantize fp8 &
-  STACK_PID=$!
-fi
-for job in $(jobs -p); do [[ $job == "${STACK_PID:-}" ]] || wait "$job"; done
-if [[ -n ${STACK_PID:-} ]]; then
-  stamp "stopping the fp8 export (its stacks are in fp8-stacks.txt)"; pkill -f "sdxl-fp8stack"; wait "$STACK_PID"
-fi
+want gpu-tests && { python3 -m pytest -q -rs $GPU_TESTS > "$R/gpu-tests.log" 2>&1; tail -3 "$R/gpu-tests.log"; } &
+start=$SECONDS
+while [[ -n $(jobs -pr) ]] && (( SECONDS - start < EXPORT_DEADLINE )); do
+  sleep "$STACK_EVERY"; pkill -USR1 --older 5 -f -- "--out /tmp/art/"  # not while an interpreter starts
+done
+if [[ -n $(jobs -pr) ]]; then stamp "deadline: stopping the exports still running"; pkill -f -- "--out /tmp/art/"; fi
+wait
 
-if want sdxl; then
-  SDXL=$(model sdxl-bf16)
-  stamp "sdxl: speed, quality, profile (eager, torch.compile default mode)"; speed "$SDXL" sdxl-bf16 eager,compile
+if want sdxl && exported sdxl-bf16; then
+  stamp "sdxl: speed, quality, profile (eager, torch.compile default mode)"; speed sdxl-bf16 eager,compile
+fi
+if want sdxl-coldstart && exported sdxl-bf16; then
   stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases"
-  python3 bench/coldstart.py --model "$SDXL" --artifact bf16=/tmp/art/sdxl-bf16 --runs 2 --out "$R/coldstart" \
-    > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
+  python3 bench/coldstart.py --model "$(model sdxl-bf16)" --artifact bf16=/tmp/art/sdxl-bf16 --runs 2 \
+    --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
   python3 bench/probe_load.py /tmp/art/sdxl-bf16 > "$R/probe-load.txt" 2>&1; cat "$R/probe-load.txt"
+fi
+if want sdxl-compile-cold; then
   stamp "sdxl: cold start of torch.compile (cold, then warm compile cache)"
-  python3 bench/coldstart.py --model "$SDXL" --baselines compile --out "$R/coldstart-compile" \
+  python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
     > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
-want sd15 && { stamp "sd15: speed"; speed "$(model sd15-bf16)" sd15-bf16 eager,compile --res 512; }
-want pixart && { stamp "pixart: speed"; speed "$(model pixart-bf16)" pixart-bf16 eager,compile; }
-want fp8 && { stamp "fp8: speed, quality, profile"; speed "$(model sdxl-fp8)" sdxl-fp8 ""; }
+want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 eager,compile --res 512; }
+for variant in $STEPS; do
+  [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue
+  stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
+done
+want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 eager,compile; }
 stamp "ALL DONE"
