@@ -151,9 +151,8 @@ def stream_weights(
                     target[lo - t.start : hi - t.start].copy_(chunk[lo - offset : hi - offset], non_blocking=True)
                     if t.end <= offset + size:
                         first += 1
-                if on_gpu:
-                    copied[i % len(staging)] = torch.cuda.Event()
-                    copied[i % len(staging)].record()
+                if on_gpu:  # the copies run on the target device's current stream
+                    copied[i % len(staging)] = torch.cuda.current_stream(device).record_event()
                 if i + len(staging) < len(chunks):
                     reads.append(pool.submit(read, i + len(staging)))
     finally:
