@@ -35,9 +35,11 @@ print("RESULT " + json.dumps({"start": t0, "imports": t1, "load": t2, "first_ima
 """
 
 # argv[5] "compile": the UNet and VAE decode under torch.compile (default mode, fullgraph), compiled on the first call;
-# the compile cache is wherever TORCHINDUCTOR_CACHE_DIR points.
+# the compile cache is wherever TORCHINDUCTOR_CACHE_DIR points. With COMPILE_ARTIFACTS set to a file: if it exists,
+# torch.compiler.load_cache_artifacts(its bytes) first (in the load phase); else save_cache_artifacts() into it once
+# the first image is out (untimed) -- PyTorch's way to ship a compile cache to a fresh machine.
 CHILD_DIFFUSERS = """
-import json, sys, time
+import json, os, sys, time
 t0 = time.time()
 import torch
 from diffusers import DiffusionPipeline
@@ -45,7 +47,10 @@ t1 = time.time()
 device = sys.argv[6]
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 pipe = DiffusionPipeline.from_pretrained(sys.argv[2], torch_dtype=dtype).to(device)
+artifacts = os.environ.get("COMPILE_ARTIFACTS")
 if sys.argv[5] == "compile":
+    if artifacts and os.path.exists(artifacts):
+        torch.compiler.load_cache_artifacts(open(artifacts, "rb").read())
     name = "transformer" if hasattr(pipe, "transformer") else "unet"
     setattr(pipe, name, torch.compile(getattr(pipe, name), fullgraph=True))
     pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True)
@@ -53,6 +58,8 @@ torch.cuda.synchronize() if device == "cuda" else None; t2 = time.time()
 pipe.set_progress_bar_config(disable=True)
 pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]
 t3 = time.time()
+if sys.argv[5] == "compile" and artifacts and not os.path.exists(artifacts):
+    open(artifacts, "wb").write(torch.compiler.save_cache_artifacts()[0])
 print("RESULT " + json.dumps({"start": t0, "imports": t1, "load": t2, "first_image": t3}))
 """
 
@@ -90,7 +97,8 @@ def main() -> None:
     parser.add_argument(
         "--baselines",
         default="eager",
-        help="with --model: eager, compile (torch.compile, cold then warm compile cache: minutes), or both",
+        help="with --model: eager, compile (torch.compile with a cold, a warm, then a loaded compile cache: "
+        "minutes), or both",
     )
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
@@ -118,9 +126,16 @@ def main() -> None:
         warm = run_child(code, target, args)  # warms the page cache
         add(name, [warm] if warm.get("failed") else [run_child(code, target, args) for _ in range(args.runs)])
     if "compile" in baselines:
-        with tempfile.TemporaryDirectory() as cache:  # the first run fills it (cold), the second reads it (warm)
-            env = {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton"}
-            for state in ("cold", "warm"):
+        # The first run fills an empty cache folder (cold) and saves the compile-cache artifacts; the second reuses
+        # the folder (warm); the third starts from another empty folder with the saved artifacts loaded.
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = f"{tmp}/artifacts.bin"
+            for state, cache in (("cold", "a"), ("warm", "a"), ("artifacts-loaded", "b")):
+                env = {
+                    "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/{cache}",
+                    "TRITON_CACHE_DIR": f"{tmp}/{cache}/triton",
+                    "COMPILE_ARTIFACTS": saved,
+                }
                 run = run_child(CHILD_DIFFUSERS, args.model, args, "compile", env)
                 add(f"diffusers torch.compile {dtype}, {state} compile cache", [run])
 
@@ -149,7 +164,8 @@ def table(record: dict) -> str:
     lines.append("")
     lines.append(
         f"Medians of {record['runs']} runs after one untimed run that warms the page cache; torch.compile: one run "
-        "with an empty compile cache (Inductor and Triton caches in a fresh folder), then one that reuses it."
+        "with an empty compile cache (Inductor and Triton caches in a fresh folder), then one that reuses it, then one "
+        "with another empty folder and the first run's torch.compiler.save_cache_artifacts() loaded."
     )
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,71 @@
+"""SDXL UNets reshaped by distillation, as in SSD-1B: per-layer transformer depths that differ between the down and
+the up path (diffusers' `reverse_transformer_layers_per_block`) and no mid block. The SDXL path exports them from a
+local folder like any SDXL checkpoint and matches StableDiffusionXLPipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from fastdiff.runtime import load_pipeline
+
+DISTILLED_UNET = {
+    # one resnet per down block, two per up block: a depth per layer, deeper on the way up
+    "transformer_layers_per_block": [[1], [2]],
+    "reverse_transformer_layers_per_block": [[3, 1], [1, 1]],
+    "mid_block_type": None,
+}
+
+
+@pytest.fixture(scope="module")
+def distilled_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fastdiff.exporter.random_models import TINY_ARCH, build_random_checkpoint
+
+    arch = {**TINY_ARCH, "unet": {**TINY_ARCH["unet"], **DISTILLED_UNET}}
+    return build_random_checkpoint(tmp_path_factory.mktemp("distilled") / "checkpoint", arch, seed=5)
+
+
+@pytest.fixture(scope="module")
+def pipelines(distilled_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path_factory.mktemp("distilled") / "artifact"
+    proc = run_cli(
+        "fastdiff-export",
+        str(distilled_checkpoint),
+        *("--res", "64", "--device", "cpu", "--text-encoders", "stock", "--out", str(out)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    mine = load_pipeline(out, device="cpu")
+    reference = StableDiffusionXLPipeline.from_pretrained(distilled_checkpoint)
+    for pipe in (mine, reference):
+        pipe.set_progress_bar_config(disable=True)
+    return mine, reference
+
+
+def test_the_unet_is_distilled(pipelines) -> None:
+    _, reference = pipelines
+    unet = reference.unet
+    assert unet.mid_block is None
+    down = [len(a.transformer_blocks) for a in unet.down_blocks[1].attentions]
+    up = [len(a.transformer_blocks) for a in unet.up_blocks[0].attentions]
+    assert (down, up) == ([2], [3, 1])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param({"prompt": ["a cat", "a dog"], "negative_prompt": ["blurry", "dark"]}, id="negative-list"),
+    ],
+)
+def test_matches_diffusers(pipelines, kwargs: dict) -> None:
+    mine, reference = pipelines
+    args = {"prompt": "a photo of a cat", "num_inference_steps": 4, "height": 64, "width": 64, **kwargs}
+    for output_type, tol in (("latent", 1e-4), ("np", 1e-5)):
+        a = mine(**args, output_type=output_type, generator=torch.Generator().manual_seed(3)).images
+        b = reference(**args, output_type=output_type, generator=torch.Generator().manual_seed(3)).images
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=tol)
