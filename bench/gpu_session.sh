@@ -4,8 +4,9 @@
 # Compiles never run beside timed benchmarks: session B (bench/results/2026-11-30-h200-b) showed the baselines'
 # wall times doubling when a compile shared the CPU. Steps (STEPS, space-separated):
 #   sdxl               SDXL bf16 speed + quality + profile against diffusers eager and torch.compile (default mode)
-#   sdxl-coldstart     process start -> first SDXL image: fastdiff and diffusers eager, then load_pipeline's phases
-#   sdxl-compile-cold  the same for diffusers + torch.compile with a cold, then a warm compile cache
+#   sdxl-coldstart     process start -> first SDXL image: fastdiff and diffusers eager (page cache warm, then cold),
+#                      then load_pipeline's phases
+#   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
 #   gpu-tests          the test files that need a GPU (GPU_TESTS), run with the exports
@@ -79,7 +80,7 @@ if want sdxl && exported sdxl-bf16; then
 fi
 if want sdxl-coldstart && exported sdxl-bf16; then
   stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases"
-  python3 bench/coldstart.py --model "$(model sdxl-bf16)" --artifact bf16=/tmp/art/sdxl-bf16 --runs 2 \
+  python3 bench/coldstart.py --model "$(model sdxl-bf16)" --artifact bf16=/tmp/art/sdxl-bf16 --runs 2 --page-cache-cold \
     --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
   python3 bench/probe_load.py /tmp/art/sdxl-bf16 > "$R/probe-load.txt" 2>&1; cat "$R/probe-load.txt"
 fi
