@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import run_cli
+from conftest import assert_matches_diffusers, run_cli
 
 from fastdiff.runtime import load_pipeline
 
@@ -63,9 +62,4 @@ def test_the_unet_is_distilled(pipelines) -> None:
     ],
 )
 def test_matches_diffusers(pipelines, kwargs: dict) -> None:
-    mine, reference = pipelines
-    args = {"prompt": "a photo of a cat", "num_inference_steps": 4, "height": 64, "width": 64, **kwargs}
-    for output_type, tol in (("latent", 1e-4), ("np", 1e-5)):
-        a = mine(**args, output_type=output_type, generator=torch.Generator().manual_seed(3)).images
-        b = reference(**args, output_type=output_type, generator=torch.Generator().manual_seed(3)).images
-        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=tol)
+    assert_matches_diffusers(*pipelines, **kwargs)
