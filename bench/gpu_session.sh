@@ -22,7 +22,7 @@
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
-GPU_TESTS=${GPU_TESTS:-tests/test_weights.py}
+GPU_TESTS=${GPU_TESTS:-tests/test_weights.py tests/test_gpu.py}
 STACK_EVERY=${STACK_EVERY:-60}
 EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
 mkdir -p "$R" /tmp/fd/fastdiff /tmp/art

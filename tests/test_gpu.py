@@ -1,0 +1,77 @@
+"""What only a GPU shows: on CUDA (weights streamed through pinned buffers, the UNet step replayed as a CUDA graph)
+an artifact still matches diffusers, and the denoise loop never waits for the GPU. Skipped without one; the GPU
+machine runs this file (bench/gpu_session.sh, step gpu-tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_matches_diffusers, run_cli
+
+from fastdiff.runtime import load_pipeline
+from fastdiff.runtime.packages import CUDAGraphModule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def exact_float32():
+    """fp32 without TF32 in both pipelines, so that they can be compared as tightly as on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def cuda_pipelines(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, exact_float32):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path_factory.mktemp("cuda") / "tiny"
+    args = ("--res", "64", "--device", "cuda", "--dtype", "fp32", "--out", str(out))
+    proc = run_cli("fastdiff-export", "tiny-sdxl", *args)
+    assert proc.returncode == 0, proc.stderr
+    mine = load_pipeline(out, device="cuda")
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_checkpoint).to("cuda")
+    for pipe in (mine, reference):
+        pipe.set_progress_bar_config(disable=True)
+    return mine, reference
+
+
+def test_loaded_for_cuda_graphs(cuda_pipelines) -> None:
+    mine, _ = cuda_pipelines
+    unet = mine.unets["64x64"]
+    assert isinstance(unet, CUDAGraphModule)
+    assert len(unet.graphs) == 1  # captured by the warm-up, at a default request's shapes
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param({"prompt": ["a cat", "a dog"], "negative_prompt": "blurry"}, id="batch-negative"),
+        pytest.param({"guidance_scale": 1.0}, id="no-cfg"),
+    ],
+)
+def test_matches_diffusers_on_the_gpu(cuda_pipelines, kwargs: dict) -> None:
+    assert_matches_diffusers(*cuda_pipelines, **kwargs)
+
+
+def test_the_denoise_loop_never_waits_for_the_gpu(cuda_pipelines, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timesteps and sigmas stay on the CPU, no .item() or data-dependent branch: CUDA's sync debug mode would raise
+    on the first synchronizing call."""
+    mine, _ = cuda_pipelines
+    denoise = mine._denoise
+
+    def checked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return denoise(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(mine, "_denoise", checked)
+    latents = mine("a photo of a cat", num_inference_steps=8, height=64, width=64, output_type="latent").images
+    assert torch.isfinite(latents).all()
