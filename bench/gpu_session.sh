@@ -85,7 +85,7 @@ if want sdxl-coldstart && exported sdxl-bf16; then
   python3 bench/probe_load.py /tmp/art/sdxl-bf16 > "$R/probe-load.txt" 2>&1; cat "$R/probe-load.txt"
 fi
 if want sdxl-compile-cold; then
-  stamp "sdxl: cold start of torch.compile (cold, then warm compile cache)"
+  stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
   python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
     > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
