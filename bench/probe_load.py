@@ -5,6 +5,7 @@ python bench/probe_load.py ARTIFACT_DIR
 
 import sys
 import time
+from pathlib import Path
 
 t0 = time.perf_counter()
 import torch  # noqa: E402
@@ -47,4 +48,11 @@ for mod, name in [
 t = time.perf_counter()
 pipe = load_pipeline(sys.argv[1])
 print(f"load_pipeline {time.perf_counter() - t:.2f} s:", {k: round(v, 2) for k, v in timings.items()})
+manifest = pipe.manifest
+parts = (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
+weight_bytes = sum((Path(sys.argv[1]) / c.weights).stat().st_size for c in parts)
+print(
+    f"weights: {weight_bytes / 1e9:.2f} GB in {timings['load_weights']:.2f} s, "
+    f"{weight_bytes / 1e9 / timings['load_weights']:.1f} GB/s"
+)
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "torchao"}))
