@@ -33,7 +33,9 @@ ln -sfn "$PWD/runtime" /tmp/fd/fastdiff/runtime
 export PYTHONPATH=/tmp/fd:/tmp/site
 declare -A VARIANTS=(
   [sdxl-fp8]="--quantize fp8" [sdxl-seedflags]="--seed-flags" [sdxl-attn-auto]="--attention auto"
-  [sdxl-autotune]="--max-autotune" [sd15-fp8]="--quantize fp8" [sd15-autotune]="--max-autotune"
+  [sdxl-autotune]="--max-autotune" [sdxl-int8]="--quantize int8"
+  [sdxl-conv1x1]="--passes sdpa,fuse_qkv,channels_last,conv1x1_to_linear"
+  [sd15-fp8]="--quantize fp8" [sd15-autotune]="--max-autotune"
 )
 stamp() { echo "=== $(date +%T) $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
