@@ -17,7 +17,7 @@ from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
 from .text import TextConditioner, compiled_text_encoder, load_stock_text_encoder, load_tokenizer
-from .weights import load_weights
+from .weights import shared_weights
 
 
 def load_pipeline(
@@ -157,5 +157,5 @@ def _resolution_keys(component: CompiledComponent, wanted: Iterable | None) -> l
 def _load_packages(
     root: Path, component: CompiledComponent, keys: list[str], device: torch.device
 ) -> dict[str, CompiledModule]:
-    weights = load_weights(root / component.weights, device, component.channels_last)
+    weights = shared_weights(root / component.weights, device, component.channels_last)
     return {key: CompiledModule(root / component.packages[key], weights, device) for key in keys}

@@ -63,6 +63,7 @@ class CompiledModule:
                 "the artifact's files do not belong together: export the model again",
             )
         self._loader.load_constants({n: weights[n] for n in names}, False, False, True)
+        self.weights = weights  # user-managed: the package uses these tensors in place
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         outputs = self._loader.run(list(inputs))

@@ -5,6 +5,10 @@ Copying each tensor to a GPU from pageable (mmap'd) memory, as safetensors' `loa
 the file while the copies out of the chunks already read run asynchronously, so the file moves at the speed of the
 page cache (or the disk) rather than of pageable copies. On the CPU the file is memory-mapped instead (no copy).
 
+Pipelines of one process share weights: a file that a live pipeline already holds on a device (unchanged on disk
+since) is not loaded again, so a second pipeline over the same artifact -- for another resolution, say -- adds no
+second copy. The registry holds the tensors weakly: they go when the last pipeline using them does.
+
 safetensors stores dense row-major tensors. A weight the compiled code expects in channels_last layout is stored
 as its NHWC permutation and viewed back as NCHW here, which restores the strides without a copy.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +57,28 @@ class StoredTensor:
     shape: tuple[int, ...]
     start: int  # byte offsets in the file
     end: int
+
+
+class Weights(dict):
+    """A component's tensors on one device, by name (a dict the process-wide registry can reference weakly)."""
+
+
+_live: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary()
+_live_lock = threading.Lock()
+
+
+def shared_weights(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> Weights:
+    """load_weights, unless a live pipeline of this process already holds this file, unchanged, on `device`.
+    Callers keep the returned Weights alive for as long as they use its tensors."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stat = path.stat()
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, str(device), tuple(channels_last))
+    with _live_lock:
+        weights = _live.get(key)
+        if weights is None:
+            weights = _live[key] = Weights(load_weights(path, device, channels_last))
+    return weights
 
 
 def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -3,8 +3,10 @@ and the packages of several resolutions share one copy of the weights."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import torch
 
 from fastdiff.runtime import load_pipeline
 from fastdiff.runtime import loader as loader_module
+from fastdiff.runtime import weights as weights_module
 
 FORBIDDEN_PREFIXES = ("fastdiff.exporter", "diffusers.models", "diffusers.pipelines")
 COMPILERS = {"gcc", "g++", "cc", "c++", "clang", "clang++", "nvcc"}
@@ -143,21 +146,28 @@ def test_compile_detection_works(tiny_artifact: Path) -> None:
 
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Record the weight dicts the loader reads and the mapping each compiled package is bound to."""
-    record: dict = {"weights": [], "packages": []}
-    load_weights, compiled_module = loader_module.load_weights, loader_module.CompiledModule
+    """Record the weight dicts the loader asks for, the files actually read, and the mapping each compiled package
+    is bound to."""
+    record: dict = {"weights": [], "reads": [], "packages": []}
+    shared_weights, load_weights = loader_module.shared_weights, weights_module.load_weights
+    compiled_module = loader_module.CompiledModule
 
-    def recording_load_weights(*args, **kwargs):
-        weights = load_weights(*args, **kwargs)
+    def recording_shared_weights(*args, **kwargs):
+        weights = shared_weights(*args, **kwargs)
         record["weights"].append(weights)
         return weights
+
+    def recording_load_weights(path, *args, **kwargs):
+        record["reads"].append(Path(path))
+        return load_weights(path, *args, **kwargs)
 
     class RecordingCompiledModule(compiled_module):
         def __init__(self, path, weights, device) -> None:
             super().__init__(path, weights, device)
             record["packages"].append((Path(path), weights))
 
-    monkeypatch.setattr(loader_module, "load_weights", recording_load_weights)
+    monkeypatch.setattr(loader_module, "shared_weights", recording_shared_weights)
+    monkeypatch.setattr(weights_module, "load_weights", recording_load_weights)
     monkeypatch.setattr(loader_module, "CompiledModule", RecordingCompiledModule)
     return record
 
@@ -177,7 +187,7 @@ def _unet_call(unet, width: int) -> torch.Tensor:
 def test_resolutions_share_weights(tiny_artifact: Path, recorded: dict) -> None:
     pipe = load_pipeline(tiny_artifact, device="cpu")
     assert sorted(pipe.unets) == sorted(pipe.vae_decoders) == ["64x64", "96x64"]
-    assert len(recorded["weights"]) == 4  # one safetensors read per component, not per package
+    assert len(recorded["weights"]) == 4  # one set of weights per component, not per package
     by_component: dict[str, list[dict]] = {}
     for path, weights in recorded["packages"]:
         by_component.setdefault(path.parent.name, []).append(weights)
@@ -219,6 +229,42 @@ def test_resolution_subset(tiny_artifact: Path, tiny_pipeline, recorded: dict) -
     mine = subset(**kwargs, generator=torch.Generator().manual_seed(0)).images
     full = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(mine, full, rtol=0, atol=0)
+
+
+def test_pipelines_share_weights(tiny_artifact: Path, tmp_path: Path, recorded: dict) -> None:
+    """A second pipeline over the same artifact (here: its other resolution) reads no weights and adds no copy;
+    a weight file changed on disk is read again; weights go with the last pipeline that uses them."""
+    art = Path(shutil.copytree(tiny_artifact, tmp_path / "art"))  # no other pipeline of the session holds it
+    first = load_pipeline(art, device="cpu", resolutions=["64"])
+    assert len(recorded["reads"]) == 4
+    second = load_pipeline(art, device="cpu", resolutions=["96x64"])
+    assert len(recorded["reads"]) == 4
+    first_weights, second_weights = recorded["weights"][:4], recorded["weights"][4:]
+    assert all(a is b for a, b in zip(first_weights, second_weights, strict=True))
+    unet_first, unet_second = first.unets["64x64"].weights, second.unets["96x64"].weights
+    assert all(unet_first[n].data_ptr() == unet_second[n].data_ptr() for n in unet_first)
+
+    kwargs = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "latent"}
+    for pipe, (w, h) in ((first, (64, 64)), (second, (96, 64))):
+        pipe.set_progress_bar_config(disable=True)
+        full = load_pipeline(art, device="cpu")
+        full.set_progress_bar_config(disable=True)
+        mine = pipe(**kwargs, width=w, height=h, generator=torch.Generator().manual_seed(0)).images
+        expected = full(**kwargs, width=w, height=h, generator=torch.Generator().manual_seed(0)).images
+        torch.testing.assert_close(mine, expected, rtol=0, atol=0)
+    assert len(recorded["reads"]) == 4
+
+    unet_file = art / "unet" / "weights.safetensors"
+    os.utime(unet_file, ns=(unet_file.stat().st_atime_ns, unet_file.stat().st_mtime_ns + 10**9))
+    load_pipeline(art, device="cpu", resolutions=["64"])
+    assert recorded["reads"][4:] == [unet_file]
+
+    del first, second, full, pipe, unet_first, unet_second, first_weights, second_weights
+    recorded["weights"].clear()
+    recorded["packages"].clear()
+    gc.collect()
+    load_pipeline(art, device="cpu", resolutions=["64"])
+    assert len(recorded["reads"]) == 5 + 4
 
 
 def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
