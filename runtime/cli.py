@@ -21,8 +21,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
-    """FastDiffError -> its message on stderr and exit code 2; Ctrl-C -> `interrupted` and exit 130. Bad input
-    never shows a traceback (the fastdiff-export command uses this too)."""
+    """FastDiffError -> its message on stderr and exit code 2 (a device out of memory too); Ctrl-C -> `interrupted`
+    and exit 130. Bad input never shows a traceback (the fastdiff-export command uses this too)."""
 
     def decorate(fn: Callable) -> Callable:
         @wraps(fn)
@@ -32,6 +32,13 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
             except FastDiffError as e:
                 click.echo(f"error: {e}", err=True)
                 sys.exit(2)
+            except RuntimeError as e:
+                if not _out_of_memory(e):
+                    raise
+                problem = f"out of memory on the device: {str(e).splitlines()[0]}"
+                fix = "free memory there (other processes), load fewer resolutions (--res), or use a larger device"
+                click.echo(f"error: {FastDiffError(problem, fix)}", err=True)
+                sys.exit(2)
             except KeyboardInterrupt:
                 click.echo(interrupted, err=True)
                 sys.exit(130)
@@ -39,6 +46,11 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
         return wrapper
 
     return decorate
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    torch = sys.modules.get("torch")  # an error from torch means torch is imported; the CLI imports it lazily
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
 def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:

@@ -164,3 +164,25 @@ def test_help(command: str) -> None:
     assert proc.stdout.startswith(f"Usage: {command} "), proc.stdout
     for option in HELP_OPTIONS[command]:
         assert re.search(rf"(^|[\s,/]){re.escape(option)}\b", proc.stdout), f"{option} missing from {command} --help"
+
+
+def test_out_of_device_memory_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    from fastdiff.runtime.cli import clean_errors
+
+    @clean_errors()
+    def load_too_much() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has ...\n(details)")
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_too_much()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory on the device: CUDA out of memory. Tried to allocate 20.00 GiB.")
+    assert "fix: free memory there" in err and "(details)" not in err
+
+    @clean_errors()
+    def other_bug() -> None:
+        raise RuntimeError("not a memory problem")
+
+    with pytest.raises(RuntimeError, match="not a memory problem"):  # real bugs keep their traceback
+        other_bug()
