@@ -89,13 +89,15 @@ class FastDiffPipeline:
 
         n = len(prompts) * num_images_per_prompt
         chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)  # the call's one host-to-device copy
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)  # so step() never searches the timesteps (a device sync)
         latents = randn_tensor(self._latent_shape(n, res), generator=generator, device=self.device, dtype=self.dtype)
         latents = latents * self.scheduler.init_noise_sigma
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
-        latents = self._denoise(unet, latents, chunks, num_inference_steps, guidance_scale, step_kwargs)
+        latents = self._denoise(unet, latents, chunks, guidance_scale, step_kwargs)
         if output_type == "latent":
             return FastDiffPipelineOutput(images=latents)
         out = torch.cat([vae(latents[chunk].to(self.vae_dtype)) for chunk, _ in chunks])
@@ -151,14 +153,11 @@ class FastDiffPipeline:
         unet: CompiledModule | CUDAGraphModule,
         latents: torch.Tensor,
         chunks: list[tuple[slice, tuple[torch.Tensor, ...]]],
-        steps: int,
         guidance_scale: float,
         step_kwargs: dict[str, Any],
     ) -> torch.Tensor:
+        """All steps over the scheduler's timesteps (set by the caller): nothing here waits for the device."""
         guidance = guidance_scale > 1.0
-        self.scheduler.set_timesteps(steps, device=self.device)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)  # so step() never searches the timesteps (a device sync)
         timesteps = self.scheduler.timesteps
         unet_timesteps = timesteps.to(torch.float32)  # the package takes a float32 scalar
         for i, t in enumerate(tqdm(timesteps, **self._progress)):
