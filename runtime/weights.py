@@ -171,14 +171,14 @@ def stream_weights(
             first = 0  # the first tensor not yet completely copied
             for i, (offset, size) in enumerate(chunks):
                 chunk = reads[i].result()
-                for t in stored[first:]:
-                    if t.start >= offset + size:
-                        break
+                while first < len(stored) and stored[first].start < offset + size:
+                    t = stored[first]
                     lo, hi = max(t.start, offset), min(t.end, offset + size)
                     target = tensors[t.name].view(-1).view(torch.uint8)
                     target[lo - t.start : hi - t.start].copy_(chunk[lo - offset : hi - offset], non_blocking=True)
-                    if t.end <= offset + size:
-                        first += 1
+                    if t.end > offset + size:
+                        break  # its rest is in the next chunk
+                    first += 1
                 if on_gpu:  # the copies run on the target device's current stream
                     copied[i % len(staging)] = torch.cuda.current_stream(device).record_event()
                 if i + len(staging) < len(chunks):
