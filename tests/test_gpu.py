@@ -4,8 +4,6 @@ machine runs this file (bench/gpu_session.sh, step gpu-tests)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import assert_matches_diffusers, run_cli
@@ -25,16 +23,20 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.fixture(scope="module")
-def cuda_pipelines(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, exact_float32):
-    from diffusers import StableDiffusionXLPipeline
+@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd"])
+def cuda_pipelines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, exact_float32):
+    """The SDXL and SD 1.x families (Euler and PNDM schedulers), exported for CUDA in fp32, beside diffusers'."""
+    import diffusers
 
-    out = tmp_path_factory.mktemp("cuda") / "tiny"
+    from fastdiff.exporter.presets import PRESETS
+
+    preset = request.param
+    out = tmp_path_factory.mktemp("cuda") / preset
     args = ("--res", "64", "--device", "cuda", "--dtype", "fp32", "--out", str(out))
-    proc = run_cli("fastdiff-export", "tiny-sdxl", *args)
+    proc = run_cli("fastdiff-export", preset, *args)
     assert proc.returncode == 0, proc.stderr
     mine = load_pipeline(out, device="cuda")
-    reference = StableDiffusionXLPipeline.from_pretrained(tiny_checkpoint).to("cuda")
+    reference = diffusers.DiffusionPipeline.from_pretrained(PRESETS[preset].build()).to("cuda")
     for pipe in (mine, reference):
         pipe.set_progress_bar_config(disable=True)
     return mine, reference
