@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.runtime import load_pipeline
+from fastdiff.runtime import FastDiffError, load_pipeline
 from fastdiff.runtime import loader as loader_module
 from fastdiff.runtime import weights as weights_module
 
@@ -265,6 +265,31 @@ def test_pipelines_share_weights(tiny_artifact: Path, tmp_path: Path, recorded: 
     gc.collect()
     load_pipeline(art, device="cpu", resolutions=["64"])
     assert len(recorded["reads"]) == 5 + 4
+
+
+def test_load_shortens_the_switch_interval(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the scheduler's import thread runs beside the weight loading, Python switches threads more often (less
+    GIL convoy); afterwards, and after a failed load, the process's interval is back."""
+    before = sys.getswitchinterval()
+    seen = []
+    shared_weights = loader_module.shared_weights
+
+    def spy(*args, **kwargs):
+        seen.append(sys.getswitchinterval())
+        return shared_weights(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "shared_weights", spy)
+    load_pipeline(tiny_artifact, device="cpu")
+    assert seen == [pytest.approx(loader_module.LOAD_SWITCH_INTERVAL)] * 4
+    assert sys.getswitchinterval() == pytest.approx(before) != pytest.approx(loader_module.LOAD_SWITCH_INTERVAL)
+
+    def failing(*args, **kwargs):
+        raise FastDiffError("cannot read weights: test")
+
+    monkeypatch.setattr(loader_module, "shared_weights", failing)
+    with pytest.raises(FastDiffError, match="test"):
+        load_pipeline(tiny_artifact, device="cpu")
+    assert sys.getswitchinterval() == pytest.approx(before)
 
 
 def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
