@@ -7,6 +7,9 @@
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff and diffusers eager (page cache warm, then cold),
 #                      then load_pipeline's phases
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
+#   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
+#                      (bf16, and sdxl-autotune's if that step is on); its compile runs once in the export phase to
+#                      fill Inductor's caches, so the timed run compiles from a warm cache
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
 #   gpu-tests          the test files that need a GPU (GPU_TESTS), run with the exports
@@ -62,7 +65,10 @@ stamp "environment"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks
 python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__, torchao.__version__)'
 
 stamp "exports, all at once"
-{ want sdxl || want sdxl-coldstart; } && prepare sdxl-random sdxl-bf16 &
+{ want sdxl || want sdxl-coldstart || want sdxl-seed; } && prepare sdxl-random sdxl-bf16 &
+want sdxl-seed && { python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference --runs 1 \
+  --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1
+  stamp "seed recipe compiled (cache filled)"; } &
 want sd15 && prepare sd15-random sd15-bf16 &
 for variant in "${!VARIANTS[@]}"; do
   # shellcheck disable=SC2086  # the options are words
@@ -74,7 +80,9 @@ start=$SECONDS
 while [[ -n $(jobs -pr) ]] && (( SECONDS - start < EXPORT_DEADLINE )); do
   sleep "$STACK_EVERY"; pkill -USR1 --older 5 -f -- "--out /tmp/art/"  # not while an interpreter starts
 done
-if [[ -n $(jobs -pr) ]]; then stamp "deadline: stopping the exports still running"; pkill -f -- "--out /tmp/art/"; fi
+if [[ -n $(jobs -pr) ]]; then
+  stamp "deadline: stopping the compiles still running"; pkill -f -- "--out (/tmp/art/|$R/seed-cache-fill)"
+fi
 wait
 
 if want sdxl && exported sdxl-bf16; then
@@ -91,9 +99,22 @@ if want sdxl-compile-cold; then
   python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
     > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
+if want sdxl-seed && exported sdxl-bf16; then
+  if [[ -f $R/seed-cache-fill.json ]]; then
+    stamp "sdxl: the seed's recipe (warm compile cache) against the artifacts"
+    seed_artifacts=(--artifact "sdxl-bf16=/tmp/art/sdxl-bf16")
+    [[ -f /tmp/art/sdxl-autotune/manifest.json ]] && seed_artifacts+=(--artifact "sdxl-autotune=/tmp/art/sdxl-autotune")
+    python3 bench/speed.py --model "$(model sdxl-bf16)" "${seed_artifacts[@]}" --baselines compile --profile \
+      --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
+    grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
+  else
+    stamp "skipping sdxl-seed: the seed recipe's compile did not finish"
+  fi
+fi
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 eager,compile --res 512; }
 for variant in $STEPS; do
   [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue
+  [[ $variant == sdxl-autotune && -f $R/speed-sdxl-seed.json ]] && continue  # measured beside the seed's recipe
   stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 eager,compile; }
