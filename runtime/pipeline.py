@@ -89,15 +89,18 @@ class FastDiffPipeline:
 
         n = len(prompts) * num_images_per_prompt
         chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)  # the call's one host-to-device copy
+        # The scheduler's tables and timesteps stay on the CPU: indexing them with a device timestep would wait for
+        # the GPU at every step (PNDM's alphas_cumprod[t]). The denoiser gets the timesteps in one copy per call.
+        self.scheduler.set_timesteps(num_inference_steps, device="cpu")
         if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)  # so step() never searches the timesteps (a device sync)
+            self.scheduler.set_begin_index(0)  # so step() never searches the timesteps
+        unet_timesteps = self.scheduler.timesteps.to(self.device, torch.float32)  # the package takes float32 scalars
         latents = randn_tensor(self._latent_shape(n, res), generator=generator, device=self.device, dtype=self.dtype)
         latents = latents * self.scheduler.init_noise_sigma
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
-        latents = self._denoise(unet, latents, chunks, guidance_scale, step_kwargs)
+        latents = self._denoise(unet, latents, unet_timesteps, chunks, guidance_scale, step_kwargs)
         if output_type == "latent":
             return FastDiffPipelineOutput(images=latents)
         out = torch.cat([vae(latents[chunk].to(self.vae_dtype)) for chunk, _ in chunks])
@@ -152,15 +155,15 @@ class FastDiffPipeline:
         self,
         unet: CompiledModule | CUDAGraphModule,
         latents: torch.Tensor,
+        unet_timesteps: torch.Tensor,
         chunks: list[tuple[slice, tuple[torch.Tensor, ...]]],
         guidance_scale: float,
         step_kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        """All steps over the scheduler's timesteps (set by the caller): nothing here waits for the device."""
+        """All steps over the scheduler's timesteps (set by the caller; `unet_timesteps` are the same on the device):
+        nothing here waits for the device."""
         guidance = guidance_scale > 1.0
-        timesteps = self.scheduler.timesteps
-        unet_timesteps = timesteps.to(torch.float32)  # the package takes a float32 scalar
-        for i, t in enumerate(tqdm(timesteps, **self._progress)):
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, **self._progress)):
             scaled = self.scheduler.scale_model_input(latents, t)  # elementwise: the same as on the CFG batch
             noise = []
             for chunk, cond in chunks:

@@ -53,7 +53,7 @@ def test_loaded_for_cuda_graphs(cuda_pipelines) -> None:
     "kwargs",
     [
         pytest.param({}, id="defaults"),
-        pytest.param({"prompt": ["a cat", "a dog"], "negative_prompt": "blurry"}, id="batch-negative"),
+        pytest.param({"prompt": ["a cat", "a dog"], "negative_prompt": ["blurry", "dark"]}, id="batch-negative"),
         pytest.param({"guidance_scale": 1.0}, id="no-cfg"),
     ],
 )
