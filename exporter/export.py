@@ -76,6 +76,8 @@ class ExportOptions:
         configs = dict(SEED_INDUCTOR_FLAGS) if self.seed_inductor_flags else {}
         if self.max_autotune:
             configs["max_autotune"] = True
+        if "int8" in self.passes:
+            configs["force_fuse_int_mm_with_mul"] = True  # int8 matmul and its scales in one kernel (the seed's flag)
         return configs
 
     def default_out(self) -> Path:

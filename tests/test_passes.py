@@ -25,6 +25,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from safetensors import safe_open
 from torch import nn
 
+from fastdiff.exporter.export import ExportOptions
 from fastdiff.exporter.passes import (
     PASSES,
     SEED_INT8_SKIP_SHAPES,
@@ -36,6 +37,7 @@ from fastdiff.exporter.passes import (
 )
 from fastdiff.exporter.wrappers import SDXLUNetStep, VAEDecode
 from fastdiff.runtime import FastDiffError
+from fastdiff.runtime.resolution import Resolution
 
 LAYOUT_TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 rounding of a reordered computation, ~5x the measured difference
 INT8_MAX_REL_L2 = 0.03  # one UNet evaluation, ~3x the measured 1.0e-2
@@ -217,6 +219,24 @@ def test_int8_pass_follows_filter() -> None:
     assert quantized == {"kept", "transposed"}
 
 
+def test_quantization_leaves_the_compile_flags_alone() -> None:
+    """torchao's configs would switch on coordinate-descent tuning for every later compile in the process."""
+    pytest.importorskip("torchao")
+    flags = {"coordinate_descent_tuning": False, "coordinate_descent_check_all_directions": False}
+    with torch._inductor.config.patch(**flags, force_fuse_int_mm_with_mul=False):
+        before = torch._inductor.config.get_config_copy()
+        apply_passes(nn.Sequential(nn.Linear(64, 48)), ["int8"])
+        assert torch._inductor.config.get_config_copy() == before
+
+
+def test_int8_compiles_with_fused_scales() -> None:
+    options = ExportOptions("m", [Resolution(64, 64)], torch.device("cpu"), passes=["sdpa", "int8"])
+    assert options.inductor_configs() == {"force_fuse_int_mm_with_mul": True}
+    options.max_autotune = True
+    options.passes = ["sdpa"]
+    assert options.inductor_configs() == {"max_autotune": True}
+
+
 def test_fp8_filter() -> None:
     def linear(i: int, o: int) -> nn.Linear:
         return nn.Linear(i, o, device="meta")
@@ -242,7 +262,9 @@ def test_fp8_unet(tiny_checkpoint: Path) -> None:
     selected = {name for name, m in model.named_modules() if fp8_filter(m, name)}
     inputs = unet_inputs(reference, "cuda", torch.bfloat16)
     expected = run_unet(reference, inputs)
+    before = torch._inductor.config.get_config_copy()
     out = run_unet(apply_passes(model, ["fp8"]), inputs)
+    assert torch._inductor.config.get_config_copy() == before
     quantized = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _is_quantized(m.weight)}
     assert selected and quantized == selected
     assert torch.isfinite(out).all()
