@@ -95,9 +95,10 @@ def fp8_filter(module: nn.Module, fqn: str) -> bool:
 
 
 # The quantization passes keep torchao from setting its recommended Inductor flags (set_inductor_config=False): those
-# are process-wide and switched coordinate-descent tuning on for every later compile, the VAE's too; an fp8 SD 1.5
-# export took 731 s for its UNet and over 120 s for its unquantized VAE (31 s without), on the H200. The compile flags
-# an export uses are ExportOptions.inductor_configs, recorded in the manifest.
+# are process-wide and switched coordinate-descent tuning on for every later compile, the VAE's too: on the H200 an
+# fp8 SD 1.5 export spent 731 s on its UNet and was still compiling its unquantized 512² VAE after 120 s, when the
+# 1024² SDXL VAE of a bf16 export took 31 s in the same run. The compile flags of an export are
+# ExportOptions.inductor_configs, recorded in the manifest.
 
 
 def int8_dynamic(model: nn.Module) -> nn.Module:
