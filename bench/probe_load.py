@@ -1,9 +1,13 @@
 """Where a fastdiff cold start spends its time: imports, each part of load_pipeline, and within the warm-up the first
 call of each compiled package and the CUDA-graph capture (nested in warm_up: they overlap it, not add to it).
 
-python bench/probe_load.py ARTIFACT_DIR
+python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB]
+
+--scheduler-first imports diffusers' scheduler before load_pipeline (shows the weights without the import beside
+them); --staging sets stream_weights' ring of pinned buffers.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,6 +21,20 @@ from fastdiff.runtime.pipeline import FastDiffPipeline  # noqa: E402
 
 t_runtime = time.perf_counter()
 print(f"import torch {t_torch - t0:.2f} s, then fastdiff.runtime {t_runtime - t_torch:.2f} s")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("artifact", type=Path)
+parser.add_argument("--scheduler-first", action="store_true")
+parser.add_argument("--staging", nargs=2, type=int, metavar=("BUFFERS", "CHUNK_MIB"))
+args = parser.parse_args()
+if args.staging:
+    from fastdiff.runtime import weights
+
+    weights.stream_weights.__defaults__ = (args.staging[1] << 20, args.staging[0])
+if args.scheduler_first:
+    t = time.perf_counter()
+    loader._import_schedulers("EulerDiscreteScheduler")
+    print(f"scheduler imported first, in {time.perf_counter() - t:.2f} s")
 
 timings: dict[str, float] = {}
 
@@ -65,11 +83,11 @@ def first_call_timed(self, *inputs):
 
 packages.CompiledModule.__call__ = first_call_timed
 t = time.perf_counter()
-pipe = load_pipeline(sys.argv[1])
+pipe = load_pipeline(args.artifact)
 print(f"load_pipeline {time.perf_counter() - t:.2f} s:", {k: round(v, 2) for k, v in timings.items()})
 manifest = pipe.manifest
 parts = (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
-weight_bytes = sum((Path(sys.argv[1]) / c.weights).stat().st_size for c in parts)
+weight_bytes = sum((args.artifact / c.weights).stat().st_size for c in parts)
 print(
     f"weights: {weight_bytes / 1e9:.2f} GB in {timings['shared_weights']:.2f} s, "
     f"{weight_bytes / 1e9 / timings['shared_weights']:.1f} GB/s"
