@@ -17,7 +17,7 @@ from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
 from .text import TextConditioner, compiled_text_encoder, load_stock_text_encoder, load_tokenizer
-from .weights import shared_weights
+from .weights import Weights, shared_weights
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; Python's default is 0.005
 
@@ -53,8 +53,8 @@ def load_pipeline(
         )
     keys = _resolution_keys(manifest.unet, resolutions)
     # Importing diffusers (for its scheduler classes) takes seconds even without dynamo (see _import_schedulers):
-    # it runs in a thread while the weights and packages load. That pure-Python thread holds the GIL for whole switch
-    # intervals, which stalls the weight streaming's threads each time they wake: 1 GB streamed with a busy Python
+    # it runs in a thread while the packages load and warm up. That pure-Python thread holds the GIL for whole switch
+    # intervals, which stalls the other threads each time they wake: 1 GB of weights streamed with a busy Python
     # thread beside it took 1.77 s at the default 5 ms interval, 0.62 s at 0.5 ms (0.43 s alone; CPU machine).
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
@@ -68,15 +68,21 @@ def _load(
     root: Path, manifest: Manifest, device: torch.device, keys: list[str], cuda_graphs: bool, warmup: bool | None
 ) -> FastDiffPipeline:
     stock = {name: root / rel for name, rel in manifest.stock.items()}
+    # The weights first, before the scheduler's import starts: beside it, every tensor's copy waited for the GIL and
+    # SDXL's 6.9 GB moved at 1.9 GB/s instead of 10 GB/s on the H200 (bench/results/2026-11-30-h200-d).
+    weights = {
+        c.weights: shared_weights(root / c.weights, device, c.channels_last)
+        for c in (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
+    }
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if not manifest.text_encoders:
             scheduler.result()  # stock encoders import transformers below: keep the two big imports apart
-        unets = _load_packages(root, manifest.unet, keys, device)
+        unets = _load_packages(root, manifest.unet, keys, device, weights)
         if cuda_graphs and device.type == "cuda":
             unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
-        vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device)
-        conditioner = _load_conditioner(root, manifest, stock, device)
+        vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
+        conditioner = _load_conditioner(root, manifest, stock, device, weights)
         pipeline = FastDiffPipeline(
             manifest=manifest,
             device=device,
@@ -93,11 +99,15 @@ def _load(
         return pipeline
 
 
-def _load_conditioner(root: Path, manifest: Manifest, stock: dict[str, Path], device: torch.device) -> TextConditioner:
+def _load_conditioner(
+    root: Path, manifest: Manifest, stock: dict[str, Path], device: torch.device, weights: dict[str, Weights]
+) -> TextConditioner:
     parts = TEXT_PARTS[manifest.model.family]
     if manifest.text_encoders:
         encoders = [
-            compiled_text_encoder(next(iter(_load_packages(root, c, list(c.packages), device).values())), c.inputs)
+            compiled_text_encoder(
+                next(iter(_load_packages(root, c, list(c.packages), device, weights).values())), c.inputs
+            )
             for c in manifest.text_encoders
         ]
     else:
@@ -170,7 +180,7 @@ def _resolution_keys(component: CompiledComponent, wanted: Iterable | None) -> l
 
 
 def _load_packages(
-    root: Path, component: CompiledComponent, keys: list[str], device: torch.device
+    root: Path, component: CompiledComponent, keys: list[str], device: torch.device, weights: dict[str, Weights]
 ) -> dict[str, CompiledModule]:
-    weights = shared_weights(root / component.weights, device, component.channels_last)
-    return {key: CompiledModule(root / component.packages[key], weights, device) for key in keys}
+    """The component's packages for `keys`, bound to its loaded weights (`weights`: by weight file)."""
+    return {key: CompiledModule(root / component.packages[key], weights[component.weights], device) for key in keys}

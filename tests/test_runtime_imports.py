@@ -292,6 +292,27 @@ def test_load_shortens_the_switch_interval(tiny_artifact: Path, monkeypatch: pyt
     assert sys.getswitchinterval() == pytest.approx(before)
 
 
+def test_weights_load_before_the_scheduler_import(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler's import (pure Python, seconds) starts only once every weight file is loaded: beside it, the
+    weights' many small GIL-releasing copies moved at a fifth of their speed on the H200."""
+    events = []
+    shared_weights, load_scheduler = loader_module.shared_weights, loader_module.load_scheduler
+
+    def weights_spy(path, *args, **kwargs):
+        events.append(("weights", Path(path).parent.name))
+        return shared_weights(path, *args, **kwargs)
+
+    def scheduler_spy(*args, **kwargs):
+        events.append(("scheduler", ""))
+        return load_scheduler(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "shared_weights", weights_spy)
+    monkeypatch.setattr(loader_module, "load_scheduler", scheduler_spy)
+    load_pipeline(tiny_artifact, device="cpu")
+    assert sorted(events[:4]) == [("weights", c) for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")]
+    assert events[4:] == [("scheduler", "")]
+
+
 def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
     """diffusers imports torch._dynamo when first imported (seconds); the runtime's scheduler import avoids it through
     diffusers' own fallback, and leaves torch._dynamo importable afterwards."""
