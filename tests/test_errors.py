@@ -297,6 +297,8 @@ def _edit_scheduler(art: Path, edit: Callable[[dict[str, Any]], object] | None, 
     "edit, text, phrase",
     [
         (None, "{not json", "cannot read the scheduler config"),
+        (None, '["EulerDiscreteScheduler"]', "cannot read the scheduler config"),
+        (lambda c: c.update(num_train_timesteps="many"), None, "cannot load scheduler EulerDiscreteScheduler"),
         (lambda c: c.pop("_class_name"), None, "cannot read the scheduler config"),
         (lambda c: c.update(_class_name="WarpDriveScheduler"), None, "scheduler WarpDriveScheduler is not in the"),
         (lambda c: c.update(beta_schedule="zigzag"), None, "cannot load scheduler EulerDiscreteScheduler"),

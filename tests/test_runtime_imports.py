@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdiff.exporter.random_models import TINY_ARCH, TINY_PIXART_ARCH, TINY_SD_ARCH
 from fastdiff.runtime import FastDiffError, load_pipeline
 from fastdiff.runtime import loader as loader_module
 from fastdiff.runtime import weights as weights_module
@@ -311,6 +312,64 @@ def test_weights_load_before_the_scheduler_import(tiny_artifact: Path, monkeypat
     load_pipeline(tiny_artifact, device="cpu")
     assert sorted(events[:4]) == [("weights", c) for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")]
     assert events[4:] == [("scheduler", "")]
+
+
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("EulerDiscreteScheduler", TINY_ARCH),
+        ("PNDMScheduler", TINY_SD_ARCH),
+        ("DPMSolverMultistepScheduler", TINY_PIXART_ARCH),
+        # SDXL's file has PNDM's and DDIM's keys too; diffusers keeps them in the config, and keys it does not know
+        ("EulerDiscreteScheduler", {"scheduler": {"use_karras_sigmas": True, "skip_prk_steps": True, "unknown": 1}}),
+    ],
+    ids=["euler", "pndm", "dpm-solver", "euler-karras-extra-keys"],
+)
+def test_scheduler_as_diffusers_loads_it(name: str, arch: dict, tmp_path: Path) -> None:
+    """Built from its own config keys, the scheduler is the one diffusers' from_pretrained gives: the same config
+    and the same timesteps and sigmas."""
+    import diffusers
+
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": name, **arch["scheduler"]}))
+    mine, reference = loader_module.load_scheduler(tmp_path), getattr(diffusers, name).from_pretrained(tmp_path)
+    assert type(mine) is type(reference)
+    configs = [{k: v for k, v in s.config.items() if not k.startswith("_")} for s in (mine, reference)]
+    assert configs[0] == configs[1]
+    for scheduler in (mine, reference):
+        scheduler.set_timesteps(30)
+    torch.testing.assert_close(mine.timesteps, reference.timesteps, rtol=0, atol=0)
+    if hasattr(reference, "sigmas"):
+        torch.testing.assert_close(mine.sigmas, reference.sigmas, rtol=0, atol=0)
+
+
+def test_scheduler_import_defers_scipy_stats(tiny_artifact: Path) -> None:
+    """The Euler scheduler's module imports scipy.stats (a second or more) for beta sigmas only: a load whose config
+    has none leaves it unimported, and it still works afterwards, for diffusers' beta sigmas too; a config with beta
+    sigmas imports it as usual."""
+    probe = textwrap.dedent(
+        """
+        import sys, types, torch
+        from fastdiff.runtime import load_pipeline, loader
+        pipe = load_pipeline(sys.argv[1], device="cpu")
+        assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+        assert "scipy.stats" not in sys.modules, "scipy.stats was imported"
+        from diffusers import EulerDiscreteScheduler
+        beta = EulerDiscreteScheduler(use_beta_sigmas=True)
+        beta.set_timesteps(4)
+        assert type(sys.modules["scipy.stats"]) is types.ModuleType
+        import scipy.stats
+        assert scipy.stats.beta.ppf(0.5, 2.0, 2.0) == 0.5
+        print("OK")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(tiny_artifact)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+    probe = "import sys, types; from fastdiff.runtime import loader; "
+    probe += "loader._import_schedulers('EulerDiscreteScheduler', needs_scipy=True); "
+    probe += "assert type(sys.modules['scipy.stats']) is types.ModuleType; print('OK')"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
