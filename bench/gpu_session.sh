@@ -20,8 +20,10 @@
 # Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
-# Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min; the fp8 SDXL
-# export's UNet compile had not finished after 18.5 min on 8 cores (session B).
+# Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min. Session D: SDXL
+# bf16 8 min beside a max-autotune SDXL export (unfinished after 14 min of AOTInductor compile: 45 ops autotuned,
+# 5-9 s each) and the seed recipe's torch.compile (62 ops in 16 min); fp8 compiles were slow because torchao switched
+# on coordinate-descent tuning process-wide (fixed since; fp8 not re-run).
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
