@@ -70,7 +70,7 @@ stamp "exports, all at once"
 { want sdxl || want sdxl-coldstart || want sdxl-seed; } && prepare sdxl-random sdxl-bf16 &
 want sdxl-seed && { python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference --runs 1 \
   --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1
-  stamp "seed recipe compiled (cache filled)"; } &
+  [[ -f $R/seed-cache-fill.json ]] && stamp "seed recipe compiled (cache filled)"; } &
 want sd15 && prepare sd15-random sd15-bf16 &
 for variant in "${!VARIANTS[@]}"; do
   # shellcheck disable=SC2086  # the options are words
