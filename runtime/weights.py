@@ -1,9 +1,9 @@
 """Component weights: one safetensors file per component, streamed onto the target device.
 
-Copying each tensor to a GPU from pageable (mmap'd) memory, as safetensors' `load_file(device="cuda")` does, ran at
-~2 GB/s on the H200 (3.4 s for SDXL's 7 GB). Here reader threads fill a small ring of pinned buffers with chunks of
-the file while the copies out of the chunks already read run asynchronously, so the file moves at the speed of the
-page cache (or the disk) rather than of pageable copies. On the CPU the file is memory-mapped instead (no copy).
+safetensors' `load_file(device="cuda")` copies each tensor from pageable (mmap'd) memory: 4.6 GB/s for SDXL's 5.1 GB
+UNet file on the H200. Here reader threads fill a small ring of pinned buffers with chunks of the file while the
+copies out of the chunks already read run asynchronously: 12 GB/s for the same file, the speed of the page cache
+(bench/results/2026-11-30-h200-d). On the CPU the file is memory-mapped instead (no copy).
 
 Pipelines of one process share weights: a file that a live pipeline already holds on a device (unchanged on disk
 since) is not loaded again, so a second pipeline over the same artifact -- for another resolution, say -- adds no
