@@ -10,6 +10,7 @@ from fastdiff.runtime.compat import resolve_device
 from fastdiff.runtime.resolution import parse_resolution
 
 from .attention import CHOICES as ATTENTION_CHOICES
+from .compile import parse_inductor_config
 from .export import ExportOptions, export_artifact
 from .passes import DEFAULT_PASSES, PASSES
 from .presets import PRESETS
@@ -53,6 +54,14 @@ def _presets_help() -> str:
 )
 @click.option("--max-autotune/--no-max-autotune", default=False, show_default=True, help="Inductor max-autotune.")
 @click.option(
+    "--inductor-config",
+    "inductor_config",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any torch._inductor.config setting for the compiles, applied last (repeatable), e.g. "
+    "max_autotune_conv_backends=ATEN to autotune only the matmuls.",
+)
+@click.option(
     "--seed-flags/--no-seed-flags",
     default=False,
     show_default=True,
@@ -88,6 +97,7 @@ def main(
     passes: str,
     quantize: str,
     max_autotune: bool,
+    inductor_config: tuple[str, ...],
     seed_flags: bool,
     text_encoders: str,
     attention: str,
@@ -114,6 +124,7 @@ def main(
         passes=pass_list,
         seed_inductor_flags=seed_flags,
         max_autotune=max_autotune,
+        inductor_overrides=parse_inductor_config(list(inductor_config)),
         revision=revision,
         vae=vae,
         out=out,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,45 @@ SEED_INDUCTOR_FLAGS = {
     "epilogue_fusion": False,
     "coordinate_descent_check_all_directions": True,
 }
+
+
+def parse_inductor_config(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE settings of torch._inductor.config, checked against its keys and their defaults' types."""
+    known = torch._inductor.config.get_config_copy()
+    configs: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise FastDiffError(
+                f"inductor config {item!r} is not KEY=VALUE", "e.g. --inductor-config max_autotune=true"
+            )
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see torch/_inductor/config.py for the settings"
+            raise FastDiffError(f"unknown inductor config {key!r}", hint)
+        configs[key] = _config_value(key, text.strip(), known[key])
+    return configs
+
+
+def _config_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise FastDiffError(f"inductor config {key} takes true or false, not {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(default, int | float):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise FastDiffError(f"inductor config {key} takes a number, not {text!r}") from None
+    if isinstance(default, str):
+        return text
+    if default is None:  # an optional setting of any type: a JSON literal if it is one, else a string
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    raise FastDiffError(f"inductor config {key} ({type(default).__name__}) cannot be set from the command line")
 
 
 def export_program(

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.export import Dim
@@ -65,6 +66,7 @@ class ExportOptions:
     vae_passes: list[str] | None = None  # default: the UNet's passes without quantization
     seed_inductor_flags: bool = False
     max_autotune: bool = False
+    inductor_overrides: dict[str, Any] = field(default_factory=dict)  # any torch._inductor.config keys, applied last
     revision: str | None = None
     vae: str | None = None
     out: Path | None = None
@@ -78,7 +80,7 @@ class ExportOptions:
             configs["max_autotune"] = True
         if "int8" in self.passes:
             configs["force_fuse_int_mm_with_mul"] = True  # int8 matmul and its scales in one kernel (the seed's flag)
-        return configs
+        return {**configs, **self.inductor_overrides}
 
     def default_out(self) -> Path:
         name = self.model.rstrip("/").split("/")[-1] if "/" in self.model else self.model

@@ -139,6 +139,7 @@ HELP_OPTIONS = {
         "--passes",
         "--quantize",
         "--max-autotune",
+        "--inductor-config",
         "--overwrite",
     ],
     "fastdiff-run": [

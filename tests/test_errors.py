@@ -571,6 +571,12 @@ def test_export_unknown_pass(exports: Path) -> None:
     assert list(exports.iterdir()) == []
 
 
+def test_export_unknown_inductor_config(exports: Path) -> None:
+    proc, seconds = export("tiny-sdxl", "--res", "64", "--inductor-config", "max_autotun=1", "--out", f"{exports}/a")
+    assert_export_refused(proc, seconds, exports, "unknown inductor config 'max_autotun'", "did you mean max_autotune?")
+    assert list(exports.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp8's requirement is only checked on a CPU-only machine here")
 def test_export_fp8_on_cpu(exports: Path) -> None:
     proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--quantize", "fp8", "--out", f"{exports}/a")

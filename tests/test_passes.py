@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from safetensors import safe_open
 from torch import nn
 
+from fastdiff.exporter.compile import parse_inductor_config
 from fastdiff.exporter.export import ExportOptions
 from fastdiff.exporter.passes import (
     PASSES,
@@ -235,6 +237,44 @@ def test_int8_compiles_with_fused_scales() -> None:
     options.max_autotune = True
     options.passes = ["sdpa"]
     assert options.inductor_configs() == {"max_autotune": True}
+
+
+def test_inductor_config_from_the_command_line() -> None:
+    configs = parse_inductor_config(
+        [
+            "max_autotune=true",
+            "max_autotune_conv_backends=ATEN",
+            "unroll_reductions_threshold = 20",
+            "epilogue_fusion=0",
+        ]
+    )
+    assert configs == {
+        "max_autotune": True,
+        "max_autotune_conv_backends": "ATEN",
+        "unroll_reductions_threshold": 20,
+        "epilogue_fusion": False,
+    }
+    options = ExportOptions("m", [Resolution(64, 64)], torch.device("cpu"), seed_inductor_flags=True)
+    options.inductor_overrides = {"epilogue_fusion": True}  # the user's settings come last
+    assert options.inductor_configs()["epilogue_fusion"] is True
+    with torch._inductor.config.patch(options.inductor_configs()):  # every key is one Inductor knows
+        pass
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("max_autotune", "is not KEY=VALUE"),
+        ("=true", "is not KEY=VALUE"),
+        ("max_autotun=true", "did you mean max_autotune?"),
+        ("no_such_setting_at_all=1", "unknown inductor config 'no_such_setting_at_all'"),
+        ("max_autotune=yes", "takes true or false"),
+        ("unroll_reductions_threshold=many", "takes a number"),
+    ],
+)
+def test_inductor_config_errors(item: str, message: str) -> None:
+    with pytest.raises(FastDiffError, match=re.escape(message)):
+        parse_inductor_config([item])
 
 
 def test_fp8_filter() -> None:
