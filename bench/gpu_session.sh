@@ -17,6 +17,7 @@
 # Every export's main-thread Python stack is appended to $R/stacks-NAME.txt each STACK_EVERY seconds (a SIGUSR1
 # handler: unlike faulthandler's timed dump, which crashed an export in session C, it runs between bytecodes; ignored
 # from exit on, when Python would otherwise restore the default action, which ends the process).
+# Every export is bf16 without quantization unless its variant says otherwise (the CLI's auto picks fp8 for SDXL).
 # Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
@@ -53,7 +54,7 @@ prepare() {  # preset, artifact name, extra export options: build the random mod
 signal.signal(signal.SIGUSR1, lambda s, frame: traceback.print_stack(frame, file=open('$R/stacks-$name.txt', 'a')))
 atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)  # Python resets its handlers to the default (exit)
 from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()" \
-    "$preset" --device cuda --dtype bf16 --out "/tmp/art/$name" --overwrite "$@" > "$R/export-$name.log" 2>&1
+    "$preset" --device cuda --dtype bf16 --quantize none --out "/tmp/art/$name" --overwrite "$@" > "$R/export-$name.log" 2>&1
   grep -h "done in\|error" "$R/export-$name.log"; stamp "export $name ended"
 }
 exported() { [[ -f /tmp/art/$1/manifest.json ]] || { stamp "skipping: no artifact $1"; return 1; }; }

@@ -11,10 +11,10 @@ from fastdiff.runtime.resolution import parse_resolution
 
 from .attention import CHOICES as ATTENTION_CHOICES
 from .compile import parse_inductor_config
-from .export import ExportOptions, export_artifact
-from .passes import DEFAULT_PASSES, PASSES
+from .export import ExportOptions, export_artifact, log
+from .passes import DEFAULT_PASSES, PASSES, default_quantization
 from .presets import PRESETS
-from .source import default_resolution
+from .source import default_resolution, model_family
 
 LAYOUT_PASSES = [p for p in PASSES if p not in ("int8", "fp8")]
 
@@ -47,10 +47,12 @@ def _presets_help() -> str:
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["none", "int8", "fp8"]),
-    default="none",
+    type=click.Choice(["auto", "none", "int8", "fp8"]),
+    default="auto",
     show_default=True,
-    help="torchao dynamic quantization of the UNet's linears (fp8 needs compute capability >= 8.9).",
+    help="torchao dynamic quantization of the denoiser's linears (fp8: its feed-forward input projections; needs "
+    "compute capability >= 8.9). auto: what measured fastest for the model on the export GPU: fp8 for SDXL on such "
+    "GPUs, else none.",
 )
 @click.option("--max-autotune/--no-max-autotune", default=False, show_default=True, help="Inductor max-autotune.")
 @click.option(
@@ -113,13 +115,19 @@ def main(
     """
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
+    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    if quantize == "auto":
+        capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+        family = model_family(model, revision) if capability else None  # reads the model's config only
+        quantize = default_quantization(family, dtype, capability)
+        log(f"--quantize auto: {quantize}")
     if quantize != "none":
         pass_list.append(quantize)
     options = ExportOptions(
         model=model,
         resolutions=[parse_resolution(r) for r in resolutions] or [default_resolution(model, revision)],
         device=dev,
-        dtype=dtype or ("bf16" if dev.type == "cuda" else "fp32"),
+        dtype=dtype,
         batch_size=batch_size,
         passes=pass_list,
         seed_inductor_flags=seed_flags,

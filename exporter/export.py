@@ -30,7 +30,7 @@ from .compile import (
     package_constant_names,
     plain_constants,
 )
-from .passes import DEFAULT_PASSES, PASSES, apply_passes
+from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, apply_passes
 from .source import Source, load_source
 from .wrappers import (
     T5_ENCODER_INPUTS,
@@ -287,7 +287,7 @@ def _check_passes(options: ExportOptions) -> None:
             raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
     dev = torch.device(options.device)
     capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-    if "fp8" in options.passes and (capability is None or capability < (8, 9)):
+    if "fp8" in options.passes and (capability is None or capability < FP8_CAPABILITY):
         have = f"compute capability {capability[0]}.{capability[1]}" if capability else dev.type
         raise FastDiffError(
             f"--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer, not {have}",

@@ -89,9 +89,23 @@ def int8_filter(module: nn.Module, fqn: str) -> bool:
     )
 
 
+# Dynamic fp8 pays only where a matmul is large and its input cheap to quantize. Measured per linear of the SDXL UNet
+# on the H200 (bench/results/2026-11-30-h200-e, probe-fp8.txt): the feed-forward input projections (1280 -> 10240)
+# gain 12 us a call; every other linear loses, the per-row quantization of its input costing more than the faster
+# matmul saves. Quantizing every linear made the step 0.8 ms slower than bf16 (30.79 vs 29.99 ms of GPU time).
+FP8_CAPABILITY = (8, 9)  # float8 matmuls: Ada, Hopper and newer
+FP8_LINEARS = ("ff.net.0.proj",)  # diffusers' FeedForward input projection (GEGLU / GELU), in SDXL, SD and PixArt
+FP8_ACTIVATION_AMAX_MIN = 1e-12  # a row of zeros (SDXL's negative prompt when empty) would get scale 0: 0 / 0 = NaN
+
+
 def fp8_filter(module: nn.Module, fqn: str) -> bool:
     # float8 matmuls need both dimensions divisible by 16.
-    return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.endswith(FP8_LINEARS)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
 # The quantization passes keep torchao from setting its recommended Inductor flags (set_inductor_config=False): those
@@ -99,6 +113,15 @@ def fp8_filter(module: nn.Module, fqn: str) -> bool:
 # fp8 SD 1.5 export spent 731 s on its UNet and was still compiling its unquantized 512² VAE after 120 s, when the
 # 1024² SDXL VAE of a bf16 export took 31 s in the same run. The compile flags of an export are
 # ExportOptions.inductor_configs, recorded in the manifest.
+
+
+def default_quantization(family: str | None, dtype: str, capability: tuple[int, int] | None) -> str:
+    """What measured fastest at an acceptable error for a model family in `dtype` on a CUDA GPU of this compute
+    capability (None: not a CUDA GPU): fp8 for SDXL in bf16 where fp8 matmuls exist (H200: 29.05 vs 31.06 ms per
+    UNet step, step error against fp32 1.19e-2 vs bf16's 0.92e-2, bench/results/2026-11-30-h200-e); no quantization
+    elsewhere, where it was slower or is unmeasured, nor for an fp32 export, which asks for precision."""
+    fp8_matmuls = capability is not None and capability >= FP8_CAPABILITY
+    return "fp8" if family == "sdxl" and dtype == "bf16" and fp8_matmuls else "none"
 
 
 def int8_dynamic(model: nn.Module) -> nn.Module:
@@ -110,10 +133,13 @@ def int8_dynamic(model: nn.Module) -> nn.Module:
 
 
 def fp8_dynamic(model: nn.Module) -> nn.Module:
-    """torchao dynamic float8 (e4m3, per-row scales) quantization of linears; needs compute capability >= 8.9."""
+    """torchao dynamic float8 (e4m3, per-row scales) quantization of the linears the filter keeps; needs compute
+    capability >= 8.9."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    config = Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), activation_value_lb=FP8_ACTIVATION_AMAX_MIN, set_inductor_config=False
+    )
     quantize_(model, config, filter_fn=fp8_filter)
     return model
 

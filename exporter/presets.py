@@ -15,6 +15,7 @@ class Preset:
     model: str  # hub id, or "" for a checkpoint fastdiff builds itself
     vae: str | None  # a VAE that replaces the checkpoint's own
     resolution: str
+    family: str  # as in source.FAMILIES
     about: str
     build: Callable[[], Path] | None = None  # builds the checkpoint offline and returns its folder
 
@@ -27,6 +28,7 @@ PRESETS = {
             "stabilityai/stable-diffusion-xl-base-1.0",
             "madebyollin/sdxl-vae-fp16-fix",
             "1024",
+            "sdxl",
             "SDXL base 1.0 with the fp16-fix VAE, as in 'Diffusion, Fast'",
         ),
         Preset(
@@ -34,6 +36,7 @@ PRESETS = {
             "",
             None,
             "128",
+            "sdxl",
             "a tiny random-weight SDXL-architecture model built offline (demo and tests)",
             build=tiny_sdxl,
         ),
@@ -42,6 +45,7 @@ PRESETS = {
             "",
             None,
             "1024",
+            "sdxl",
             "SDXL base 1.0's architecture with random weights, built offline (benchmarks)",
             build=random_sdxl_base,
         ),
@@ -50,6 +54,7 @@ PRESETS = {
             "segmind/SSD-1B",
             "madebyollin/sdxl-vae-fp16-fix",
             "1024",
+            "sdxl",
             "Segmind's SSD-1B (SDXL pipeline, distilled UNet) with the fp16-fix VAE, as in 'Diffusion, Fast'",
         ),
         Preset(
@@ -57,6 +62,7 @@ PRESETS = {
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             None,
             "512",
+            "sd",
             "Stable Diffusion 1.5 (one CLIP text encoder, 512x512; exported without its safety checker)",
         ),
         Preset(
@@ -64,6 +70,7 @@ PRESETS = {
             "",
             None,
             "512",
+            "sd",
             "Stable Diffusion 1.5's architecture with random weights, built offline (benchmarks)",
             build=random_sd15,
         ),
@@ -72,6 +79,7 @@ PRESETS = {
             "",
             None,
             "64",
+            "sd",
             "a tiny random-weight Stable Diffusion 1.x-architecture model built offline (tests)",
             build=tiny_sd,
         ),
@@ -80,6 +88,7 @@ PRESETS = {
             "PixArt-alpha/PixArt-XL-2-1024-MS",
             None,
             "1024",
+            "pixart",
             "PixArt-α XL-2 1024 (a DiT transformer with a T5-XXL text encoder)",
         ),
         Preset(
@@ -87,6 +96,7 @@ PRESETS = {
             "",
             None,
             "1024",
+            "pixart",
             "PixArt-XL-2-1024-MS's architecture with random weights, built offline (benchmarks)",
             build=random_pixart_xl,
         ),
@@ -95,6 +105,7 @@ PRESETS = {
             "",
             None,
             "64",
+            "pixart",
             "a tiny random-weight PixArt-α-architecture model built offline (tests)",
             build=tiny_pixart,
         ),

@@ -81,6 +81,15 @@ def default_resolution(model: str, revision: str | None = None) -> Resolution:
     return parse_resolution(denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
 
 
+def model_family(model: str, revision: str | None = None) -> str | None:
+    """MODEL's family (a FAMILIES key) from its pipeline config alone, without loading weights; None if unsupported."""
+    preset = PRESETS.get(model)
+    if preset is not None:
+        return preset.family
+    index = _load(DiffusionPipeline.load_config, _location(model), revision=revision)
+    return next((name for name, cls in FAMILIES.items() if cls.__name__ == index.get("_class_name")), None)
+
+
 def _location(model: str) -> str:
     """Where diffusers loads MODEL from: a preset's hub id or built folder, a local folder, or a hub id."""
     preset = PRESETS.get(model)

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import run_cli
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 from safetensors import safe_open
 from torch import nn
@@ -29,14 +30,18 @@ from torch import nn
 from fastdiff.exporter.compile import parse_inductor_config
 from fastdiff.exporter.export import ExportOptions
 from fastdiff.exporter.passes import (
+    FP8_ACTIVATION_AMAX_MIN,
     PASSES,
     SEED_INT8_SKIP_SHAPES,
     Conv1x1AsLinear,
     _is_pointwise,
     apply_passes,
+    default_quantization,
     fp8_filter,
     int8_filter,
 )
+from fastdiff.exporter.presets import PRESETS
+from fastdiff.exporter.source import FAMILIES, model_family
 from fastdiff.exporter.wrappers import SDXLUNetStep, VAEDecode
 from fastdiff.runtime import FastDiffError
 from fastdiff.runtime.resolution import Resolution
@@ -281,13 +286,49 @@ def test_fp8_filter() -> None:
     def linear(i: int, o: int) -> nn.Linear:
         return nn.Linear(i, o, device="meta")
 
-    assert fp8_filter(linear(64, 48), "x")
-    assert fp8_filter(linear(16, 16), "x")
-    assert fp8_filter(linear(1280, 640), "x")  # no seed skip list for fp8
-    assert not fp8_filter(linear(64, 40), "x")
-    assert not fp8_filter(linear(40, 64), "x")
-    assert not fp8_filter(linear(8, 8), "x")
-    assert not fp8_filter(nn.Conv2d(64, 64, 1, device="meta"), "x")
+    ff_in = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
+    assert fp8_filter(linear(1280, 10240), ff_in)
+    assert fp8_filter(linear(16, 16), "ff.net.0.proj")
+    assert not fp8_filter(linear(64, 40), ff_in)  # float8 matmuls need dimensions divisible by 16
+    assert not fp8_filter(linear(40, 64), ff_in)
+    for other in ("ff.net.2", "attn1.to_qkv", "attn2.to_kv", "attn1.to_out.0", "proj_in", "time_embedding.linear_1"):
+        assert not fp8_filter(linear(1280, 1280), f"down_blocks.1.attentions.0.transformer_blocks.0.{other}")
+    assert not fp8_filter(nn.Conv2d(64, 64, 1, device="meta"), ff_in)
+
+
+def test_auto_quantization(tmp_path: Path) -> None:
+    """fp8 only where it measured faster: SDXL in bf16 on GPUs with fp8 matmuls."""
+    assert default_quantization("sdxl", "bf16", (9, 0)) == "fp8"
+    assert default_quantization("sdxl", "bf16", (8, 9)) == "fp8"
+    assert default_quantization("sdxl", "bf16", (8, 0)) == "none"  # A100: no fp8 matmuls
+    assert default_quantization("sdxl", "fp32", (9, 0)) == "none"
+    assert default_quantization("sdxl", "bf16", None) == "none"
+    assert default_quantization("sd", "bf16", (9, 0)) == "none"
+    assert default_quantization("pixart", "bf16", (9, 0)) == "none"
+    assert default_quantization(None, "bf16", (9, 0)) == "none"
+    for name in ("tiny-sdxl", "tiny-sd", "tiny-pixart"):  # a preset's family is what its checkpoint says
+        assert model_family(name) == model_family(str(PRESETS[name].build())) == PRESETS[name].family
+    assert {p.family for p in PRESETS.values()} == set(FAMILIES)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1"}))
+    assert model_family(str(other)) is None
+
+
+def _feed_forward(dim: int) -> nn.Module:
+    holder = nn.Module()
+    holder.ff = FeedForward(dim, activation_fn="geglu")
+    return holder
+
+
+def test_fp8_bounds_the_activation_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row of zeros (the empty negative prompt of SDXL is all zeros) must not get a zero scale: 0 / 0 = NaN."""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    configs = []
+    monkeypatch.setattr(torchao_quantization, "quantize_", lambda model, config, filter_fn: configs.append(config))
+    apply_passes(_feed_forward(64), ["fp8"])
+    assert [c.activation_value_lb for c in configs] == [FP8_ACTIVATION_AMAX_MIN]
+    assert 0 < FP8_ACTIVATION_AMAX_MIN < torch.finfo(torch.bfloat16).max
 
 
 def _fp8_capable() -> bool:
@@ -309,6 +350,19 @@ def test_fp8_unet(tiny_checkpoint: Path) -> None:
     assert selected and quantized == selected
     assert torch.isfinite(out).all()
     assert 1e-5 < rel_l2(out, expected) < FP8_MAX_REL_L2
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 needs a CUDA GPU of compute capability >= 8.9")
+def test_fp8_rows_of_zeros_stay_finite() -> None:
+    pytest.importorskip("torchao")
+    model = _feed_forward(64).to("cuda", torch.bfloat16)
+    apply_passes(model, ["fp8"])
+    assert _is_quantized(model.ff.net[0].proj.weight)
+    x = torch.randn(2, 77, 64, device="cuda", dtype=torch.bfloat16)
+    x[1] = 0
+    with torch.no_grad():
+        out = model.ff(x)
+    assert torch.isfinite(out).all()
 
 
 def test_apply_passes_rejects_unknown(tiny_checkpoint: Path) -> None:
