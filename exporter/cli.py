@@ -12,7 +12,7 @@ from fastdiff.runtime.resolution import parse_resolution
 from .attention import CHOICES as ATTENTION_CHOICES
 from .compile import parse_inductor_config
 from .export import ExportOptions, export_artifact, log
-from .passes import DEFAULT_PASSES, PASSES, default_quantization
+from .passes import DEFAULT_PASSES, PASSES, default_quantization, have_torchao
 from .presets import PRESETS
 from .source import default_resolution, model_family
 
@@ -21,6 +21,18 @@ LAYOUT_PASSES = [p for p in PASSES if p not in ("int8", "fp8")]
 
 def _presets_help() -> str:
     return "; ".join(f"{p.name}: {p.about}" for p in PRESETS.values())
+
+
+def auto_quantization(model: str, revision: str | None, dtype: str, device: torch.device) -> str:
+    """--quantize auto: passes.default_quantization for this model and GPU, if torchao is there to do it."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    family = model_family(model, revision) if capability else None  # reads the model's config only
+    choice = default_quantization(family, dtype, capability)
+    if choice != "none" and not have_torchao():
+        log(f"--quantize auto: none ({choice} would be faster here: pip install 'fastdiff[quant]')")
+        return "none"
+    log(f"--quantize auto: {choice}")
+    return choice
 
 
 @click.command(
@@ -117,10 +129,7 @@ def main(
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if quantize == "auto":
-        capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-        family = model_family(model, revision) if capability else None  # reads the model's config only
-        quantize = default_quantization(family, dtype, capability)
-        log(f"--quantize auto: {quantize}")
+        quantize = auto_quantization(model, revision, dtype, dev)
     if quantize != "none":
         pass_list.append(quantize)
     options = ExportOptions(

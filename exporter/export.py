@@ -30,7 +30,7 @@ from .compile import (
     package_constant_names,
     plain_constants,
 )
-from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, apply_passes
+from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, apply_passes, have_torchao
 from .source import Source, load_source
 from .wrappers import (
     T5_ENCODER_INPUTS,
@@ -287,6 +287,12 @@ def _check_passes(options: ExportOptions) -> None:
             raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
     dev = torch.device(options.device)
     capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    quantization = [p for p in options.passes if p in ("int8", "fp8")]
+    if quantization and not have_torchao():
+        raise FastDiffError(
+            f"--quantize {quantization[0]} needs torchao, which is not installed",
+            "pip install 'fastdiff[quant]' (or torchao), or export with --quantize none",
+        )
     if "fp8" in options.passes and (capability is None or capability < FP8_CAPABILITY):
         have = f"compute capability {capability[0]}.{capability[1]}" if capability else dev.type
         raise FastDiffError(

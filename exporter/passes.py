@@ -115,6 +115,14 @@ def fp8_filter(module: nn.Module, fqn: str) -> bool:
 # ExportOptions.inductor_configs, recorded in the manifest.
 
 
+def have_torchao() -> bool:
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_quantization(family: str | None, dtype: str, capability: tuple[int, int] | None) -> str:
     """What measured fastest at an acceptable error for a model family in `dtype` on a CUDA GPU of this compute
     capability (None: not a CUDA GPU): fp8 for SDXL in bf16 where fp8 matmuls exist (H200: 29.05 vs 31.06 ms per

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from fastdiff.exporter.compile import parse_inductor_config
-from fastdiff.exporter.export import ExportOptions
+from fastdiff.exporter.export import ExportOptions, export_artifact
 from fastdiff.exporter.passes import (
     FP8_ACTIVATION_AMAX_MIN,
     PASSES,
@@ -313,6 +313,28 @@ def test_auto_quantization(tmp_path: Path) -> None:
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1"}))
     assert model_family(str(other)) is None
+
+
+def test_auto_quantization_on_an_fp8_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from fastdiff.exporter.cli import auto_quantization
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    assert auto_quantization("tiny-sdxl", None, "bf16", cuda) == "fp8"
+    assert auto_quantization("tiny-sd", None, "bf16", cuda) == "none"
+    assert auto_quantization("tiny-sdxl", None, "bf16", torch.device("cpu")) == "none"
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now fails, as where it is not installed
+    assert auto_quantization("tiny-sdxl", None, "bf16", cuda) == "none"
+    assert "fp8 would be faster here: pip install 'fastdiff[quant]'" in capsys.readouterr().err
+
+
+def test_quantization_without_torchao_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    options = ExportOptions("tiny-sdxl", [Resolution(64, 64)], torch.device("cpu"), out=tmp_path / "a")
+    options.passes = ["sdpa", "int8"]
+    with pytest.raises(FastDiffError, match=re.escape("--quantize int8 needs torchao, which is not installed")):
+        export_artifact(options)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _feed_forward(dim: int) -> nn.Module:
