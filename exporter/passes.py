@@ -99,12 +99,12 @@ FP8_ACTIVATION_AMAX_MIN = 1e-12  # a row of zeros (SDXL's negative prompt when e
 
 
 def fp8_filter(module: nn.Module, fqn: str) -> bool:
-    # float8 matmuls need both dimensions divisible by 16.
     return (
         isinstance(module, nn.Linear)
         and fqn.endswith(FP8_LINEARS)
-        and module.in_features % 16 == 0
+        and module.in_features % 16 == 0  # float8 matmuls need both dimensions divisible by 16
         and module.out_features % 16 == 0
+        and bool(module.weight.detach().abs().amax(dim=1).gt(0).all())  # a zero row's scale would be 0 (NaN), as above
     )
 
 
