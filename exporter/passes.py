@@ -115,23 +115,6 @@ def fp8_filter(module: nn.Module, fqn: str) -> bool:
 # ExportOptions.inductor_configs, recorded in the manifest.
 
 
-def have_torchao() -> bool:
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def default_quantization(family: str | None, dtype: str, capability: tuple[int, int] | None) -> str:
-    """What measured fastest at an acceptable error for a model family in `dtype` on a CUDA GPU of this compute
-    capability (None: not a CUDA GPU): fp8 for SDXL in bf16 where fp8 matmuls exist (H200: 29.05 vs 31.06 ms per
-    UNet step, step error against fp32 1.19e-2 vs bf16's 0.92e-2, bench/results/2026-11-30-h200-e); no quantization
-    elsewhere, where it was slower or is unmeasured, nor for an fp32 export, which asks for precision."""
-    fp8_matmuls = capability is not None and capability >= FP8_CAPABILITY
-    return "fp8" if family == "sdxl" and dtype == "bf16" and fp8_matmuls else "none"
-
-
 def int8_dynamic(model: nn.Module) -> nn.Module:
     """torchao dynamic int8 activation x int8 weight quantization of the linears the filter keeps."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -150,6 +133,23 @@ def fp8_dynamic(model: nn.Module) -> nn.Module:
     )
     quantize_(model, config, filter_fn=fp8_filter)
     return model
+
+
+def have_torchao() -> bool:
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_quantization(family: str | None, dtype: str, capability: tuple[int, int] | None) -> str:
+    """What measured fastest at an acceptable error for a model family in `dtype` on a CUDA GPU of this compute
+    capability (None: not a CUDA GPU): fp8 for SDXL in bf16 where fp8 matmuls exist (H200: 29.05 vs 31.06 ms per
+    UNet step, step error against fp32 1.19e-2 vs bf16's 0.92e-2, bench/results/2026-11-30-h200-e); no quantization
+    elsewhere, where it was slower or is unmeasured, nor for an fp32 export, which asks for precision."""
+    fp8_matmuls = capability is not None and capability >= FP8_CAPABILITY
+    return "fp8" if family == "sdxl" and dtype == "bf16" and fp8_matmuls else "none"
 
 
 # channels_last: with NCHW weights, cuDNN converts every convolution's input and output to NHWC and back (2.8 ms
