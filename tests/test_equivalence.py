@@ -139,6 +139,21 @@ def test_pil_images(tiny_pipeline, reference_pipeline, height: int, width: int, 
         assert diff.max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_pixels_round_as_diffusers(dtype: torch.dtype) -> None:
+    """On a GPU the PIL images are rounded to 8 bits on the device: the same arithmetic as diffusers' numpy_to_pil."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from fastdiff.runtime.pipeline import uint8_pixels
+
+    levels = torch.arange(256) / 255
+    edges = torch.cat([levels, levels + 0.5 / 255, levels - 0.5 / 255]).clamp(0, 1)  # 8-bit levels and half-way points
+    noise = torch.rand(2 * 3 * 32 * 32 - len(edges), generator=torch.Generator().manual_seed(0))
+    images = torch.cat([edges, noise]).reshape(2, 3, 32, 32).to(dtype)
+    expected = [np.asarray(p) for p in VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))]
+    assert np.array_equal(uint8_pixels(images).numpy(), np.stack(expected))
+
+
 def test_default_resolution_is_first_exported(tiny_pipeline, reference_pipeline) -> None:
     """The tiny preset's default (128) was not exported here, so the runtime falls back to the smallest exported."""
     manifest = tiny_pipeline.manifest
