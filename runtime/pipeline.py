@@ -210,7 +210,7 @@ def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
     """diffusers' numpy_to_pil arithmetic ((x * 255).round() in float32, as uint8, NHWC), bit for bit, computed where
     the images are: on a GPU a quarter of the bytes then cross to the host and the CPU does no per-pixel work (numpy
     took 23-32 ms for one 1024² image on the 2-core CPU machine)."""
-    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # NHWC where computed
 
 
 def _negative_prompts(negative_prompt: str | list[str] | None, batch: int) -> list[str] | None:
