@@ -5,6 +5,8 @@
    and the rowwise scaled matmul. (Run before the fp8 pass kept only the feed-forward input projections: this chose
    them.)
 2. The first step and module whose output is not finite in a 30-step eager generation with the fp8 pass (torchao).
+   (probe-fp8.txt in bench/results/2026-11-30-h200-e ran both with the pass of the time, fp8 on every fp8-able
+   linear and no bound on the activation scale: the NaN it found is fixed since.)
 
 python bench/probe_fp8.py MODEL_DIR [--no-timing]
 """

@@ -14,8 +14,8 @@ import torch
 from fastdiff.runtime import load_pipeline
 
 
-def unet_inputs(pipe) -> tuple:
-    """The UNet package's inputs of a one-step generation."""
+def unet_and_inputs(pipe) -> tuple:
+    """The UNet package and its inputs in a one-step generation."""
     key = next(iter(pipe.unets))
     unet, seen = pipe.unets[key], []
     pipe.unets[key] = lambda *inputs: seen.append(inputs) or unet(*inputs)
@@ -52,7 +52,7 @@ def main() -> None:
     sys.setswitchinterval(0.0001)
     pipe = load_pipeline(sys.argv[1], device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    unet, inputs = unet_inputs(pipe)
+    unet, inputs = unet_and_inputs(pipe)
     x = torch.randn(2048, 2048)
     for label, call in [("UNet package call", lambda: unet(*inputs)), ("torch.mm 2048²", lambda: torch.mm(x, x))]:
         call()
