@@ -3,9 +3,11 @@
 # need, all at once (none is timed; they share the 16 cores), then the timed runs one at a time, in STEPS order.
 # Compiles never run beside timed benchmarks: session B (bench/results/2026-11-30-h200-b) showed the baselines'
 # wall times doubling when a compile shared the CPU. Steps (STEPS, space-separated):
-#   sdxl               SDXL bf16 speed + quality + profile against diffusers eager and torch.compile (default mode)
-#   sdxl-coldstart     process start -> first SDXL image: fastdiff and diffusers eager (page cache warm, then cold),
-#                      then load_pipeline's phases
+#   sdxl               SDXL speed + quality + profile of the bf16 artifact (and sdxl-fp8's, if that step is on)
+#                      against diffusers eager and torch.compile (SDXL_BASELINES; default mode)
+#   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
+#                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
+#                      for the last artifact, with the scheduler imported beside the load and before it
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
 #                      (bf16, and sdxl-autotune's if that step is on); its compile runs once in the export phase to
@@ -32,6 +34,8 @@ STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
 GPU_TESTS=${GPU_TESTS:-tests/test_weights.py tests/test_gpu.py}
 STACK_EVERY=${STACK_EVERY:-60}
 EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
+SDXL_BASELINES=${SDXL_BASELINES:-eager,compile}  # speed.py --baselines for the sdxl step
+COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold}  # set it empty for page cache warm only
 mkdir -p "$R" /tmp/fd/fastdiff /tmp/art
 export PYTHONUNBUFFERED=1 FASTDIFF_CACHE=/tmp/cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -89,14 +93,23 @@ if [[ -n $(jobs -pr) ]]; then
 fi
 wait
 
-if want sdxl && exported sdxl-bf16; then
-  stamp "sdxl: speed, quality, profile (eager, torch.compile default mode)"; speed sdxl-bf16 eager,compile
-fi
+sdxl_artifacts=(--artifact sdxl-bf16=/tmp/art/sdxl-bf16)  # the default artifact (fp8 on this GPU) last
+want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--artifact sdxl-fp8=/tmp/art/sdxl-fp8)
 if want sdxl-coldstart && exported sdxl-bf16; then
-  stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases"
-  python3 bench/coldstart.py --model "$(model sdxl-bf16)" --artifact bf16=/tmp/art/sdxl-bf16 --runs 2 --page-cache-cold \
+  stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases (import beside, then before the load)"
+  python3 bench/coldstart.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --runs 2 $COLDSTART_OPTS \
     --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
-  python3 bench/probe_load.py /tmp/art/sdxl-bf16 > "$R/probe-load.txt" 2>&1; cat "$R/probe-load.txt"
+  probed=${sdxl_artifacts[-1]#*=}
+  for opt in "" --scheduler-first "" --scheduler-first; do
+    python3 bench/probe_load.py "$probed" $opt >> "$R/probe-load.txt" 2>&1
+  done
+  cat "$R/probe-load.txt"
+fi
+if want sdxl && exported sdxl-bf16; then
+  stamp "sdxl: speed, quality, profile (artifacts against $SDXL_BASELINES)"
+  python3 bench/speed.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --baselines "$SDXL_BASELINES" \
+    --compile-mode default --no-seed-flags --profile --out "$R/speed-sdxl" > "$R/speed-sdxl.log" 2>&1
+  grep -A8 "^| variant" "$R/speed-sdxl.md"
 fi
 if want sdxl-compile-cold; then
   stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
@@ -119,6 +132,7 @@ want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 eager,
 for variant in $STEPS; do
   [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue
   [[ $variant == sdxl-autotune && -f $R/speed-sdxl-seed.json ]] && continue  # measured beside the seed's recipe
+  [[ $variant == sdxl-fp8 && -f $R/speed-sdxl.json ]] && continue  # measured in the sdxl step
   stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 eager,compile; }

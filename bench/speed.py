@@ -235,7 +235,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="diffusers SDXL checkpoint folder (the artifacts' source)")
     parser.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR", help="fastdiff artifact")
-    parser.add_argument("--baselines", default="eager,compile", help="eager, compile, or both (comma-separated)")
+    parser.add_argument(
+        "--baselines",
+        default="eager,compile",
+        help="comma-separated: eager, compile (in --compile-mode), compile:MODE (in that torch.compile mode)",
+    )
     parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the seed recipe")
     parser.add_argument(
         "--seed-flags",
@@ -255,6 +259,12 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the eager fp32 quality reference")
     parser.add_argument("--out", required=True, type=Path, help="results path without suffix (.json and .md)")
     args = parser.parse_args()
+    baseline_modes = []  # None: eager; else a torch.compile mode
+    for baseline in filter(None, args.baselines.split(",")):
+        kind, _, mode = baseline.partition(":")
+        if kind not in ("eager", "compile"):
+            parser.error(f"unknown baseline {baseline!r}")
+        baseline_modes.append(None if kind == "eager" else mode or args.compile_mode)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -294,8 +304,7 @@ def main() -> None:
         variants.append(
             lambda label=label, path=path: fastdiff_variant(label, path, args, device, inputs, latents_shape)
         )
-    for baseline in filter(None, args.baselines.split(",")):
-        mode = None if baseline == "eager" else args.compile_mode
+    for mode in baseline_modes:
         variants.append(
             lambda mode=mode: diffusers_variant(args, device, DTYPES[args.dtype], mode, inputs, latents_shape)
         )
