@@ -3,8 +3,8 @@ call of each compiled package and the CUDA-graph capture (nested in warm_up: the
 
 python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB]
 
---scheduler-first imports diffusers' scheduler before load_pipeline (shows the weights and the warm-up without the
-import beside them); --staging sets plan_stream's ring of pinned buffers.
+--scheduler-first imports diffusers' scheduler before load_pipeline (shows the weights without the import beside
+them); --staging sets stream_weights' ring of pinned buffers.
 """
 
 import argparse
@@ -16,7 +16,7 @@ t0 = time.perf_counter()
 import torch  # noqa: E402
 
 t_torch = time.perf_counter()
-from fastdiff.runtime import load_pipeline, loader, packages, weights  # noqa: E402
+from fastdiff.runtime import load_pipeline, loader, packages  # noqa: E402
 from fastdiff.runtime.pipeline import FastDiffPipeline  # noqa: E402
 
 t_runtime = time.perf_counter()
@@ -28,7 +28,9 @@ parser.add_argument("--scheduler-first", action="store_true")
 parser.add_argument("--staging", nargs=2, type=int, metavar=("BUFFERS", "CHUNK_MIB"))
 args = parser.parse_args()
 if args.staging:
-    weights.plan_stream.__defaults__ = (args.staging[1] << 20, args.staging[0])
+    from fastdiff.runtime import weights
+
+    weights.stream_weights.__defaults__ = (args.staging[1] << 20, args.staging[0])
 if args.scheduler_first:
     t = time.perf_counter()
     loader._import_schedulers("EulerDiscreteScheduler")
@@ -62,8 +64,7 @@ for mod, name in [
     (loader, "load_stock_text_encoder"),
     (loader, "load_tokenizer"),
     (loader, "load_scheduler"),
-    (loader, "open_weights"),
-    (weights.Weights, "load"),
+    (loader, "shared_weights"),
     (loader, "CompiledModule"),
     (FastDiffPipeline, "warm_up"),
     (packages.CUDAGraphModule, "_capture"),
@@ -93,7 +94,7 @@ manifest = pipe.manifest
 parts = (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
 weight_bytes = sum((args.artifact / c.weights).stat().st_size for c in parts)
 print(
-    f"weights: {weight_bytes / 1e9:.2f} GB streamed in {timings['load']:.2f} s, "
-    f"{weight_bytes / 1e9 / timings['load']:.1f} GB/s (opened in {timings['open_weights']:.2f} s)"
+    f"weights: {weight_bytes / 1e9:.2f} GB in {timings['shared_weights']:.2f} s, "
+    f"{weight_bytes / 1e9 / timings['shared_weights']:.1f} GB/s"
 )
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "torchao"}))

@@ -21,7 +21,7 @@ from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
 from .text import TextConditioner, compiled_text_encoder, load_stock_text_encoder, load_tokenizer
-from .weights import Weights, open_weights
+from .weights import Weights, shared_weights
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; Python's default is 0.005
 
@@ -57,13 +57,13 @@ def load_pipeline(
         )
     keys = _resolution_keys(manifest.unet, resolutions)
     # Importing diffusers (for its scheduler classes) takes ~1 s even without dynamo and scipy.stats (see
-    # _import_schedulers): it runs in a thread while the weights stream and the packages load and warm up. The
-    # warm-up overlaps it little: an AOTInductor package's run() holds the GIL for the whole call
-    # (pytorch/pytorch#197516; a spinning Python thread kept 2 % of its rate through it on the CPU machine,
-    # bench/probe_gil.py). The import thread holds the GIL for whole switch intervals each time the main thread lets
-    # go of it; a short interval keeps the main thread's many short waits short. Measured for weights streamed
-    # tensor by tensor beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms interval, 0.62 s at 0.5 ms
-    # (0.43 s alone; CPU machine).
+    # _import_schedulers): it runs in a thread while the packages load and warm up. The two overlap little: an
+    # AOTInductor package's run() holds the GIL for the whole call (pytorch/pytorch#197516; a spinning Python
+    # thread kept 2 % of its rate through it on the CPU machine, bench/probe_gil.py), and the import thread holds
+    # the GIL for whole switch intervals each time the main thread lets go of it: ~0.6 s lost on the H200
+    # (bench/results/2026-11-30-h200-e). A short interval keeps the main thread's many short waits short; measured
+    # for streamed weights beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms interval, 0.62 s at
+    # 0.5 ms (0.43 s alone; CPU machine).
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
     try:
@@ -76,17 +76,14 @@ def _load(
     root: Path, manifest: Manifest, device: torch.device, keys: list[str], cuda_graphs: bool, warmup: bool | None
 ) -> FastDiffPipeline:
     stock = {name: root / rel for name, rel in manifest.stock.items()}
-    # Every weight file is opened (tensors allocated, copies planned: Python calls per tensor) before the scheduler's
-    # import starts; streaming them then takes one call per 32 MiB chunk, little enough GIL to run beside the import
-    # (copied tensor by tensor beside it, SDXL's weights moved at 1.9 GB/s instead of 12: h200-d in bench/results).
+    # The weights first, before the scheduler's import starts: beside it, every tensor's copy waited for the GIL and
+    # SDXL's 6.9 GB moved at 1.9 GB/s instead of 10 GB/s on the H200 (bench/results/2026-11-30-h200-d).
     weights = {
-        c.weights: open_weights(root / c.weights, device, c.channels_last)
+        c.weights: shared_weights(root / c.weights, device, c.channels_last)
         for c in (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
     }
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
-        for component_weights in weights.values():
-            component_weights.load()
         if not manifest.text_encoders:
             scheduler.result()  # stock encoders import transformers below: keep the two big imports apart
         unets = _load_packages(root, manifest.unet, keys, device, weights)

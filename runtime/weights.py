@@ -5,9 +5,6 @@ UNet file on the H200. Here reader threads fill a small ring of pinned buffers w
 copies out of the chunks already read run asynchronously: 12 GB/s for the same file, the speed of the page cache
 (bench/results/2026-11-30-h200-d). On the CPU the file is memory-mapped instead (no copy).
 
-Loading is in two steps so that the scheduler's import can run beside the stream: open_weights does the Python work
-per tensor (allocation, copy plans), Weights.load streams with a few torch calls per 32 MiB chunk.
-
 Pipelines of one process share weights: a file that a live pipeline already holds on a device (unchanged on disk
 since) is not loaded again, so a second pipeline over the same artifact -- for another resolution, say -- adds no
 second copy. The registry holds the tensors weakly: they go when the last pipeline using them does.
@@ -22,7 +19,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,36 +60,16 @@ class StoredTensor:
 
 
 class Weights(dict):
-    """A component's tensors on one device, by name (a dict the process-wide registry can reference weakly). Made by
-    open_weights with every tensor allocated; their bytes are there once load() has returned."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], path: Path, fill: Callable[[], None] | None = None) -> None:
-        super().__init__(tensors)
-        self.path = path
-        self._fill = fill
-        self._fill_lock = threading.Lock()
-
-    def load(self) -> Weights:
-        """Fill the tensors from the file (once; a load that failed is tried again by the next call)."""
-        with self._fill_lock:
-            if self._fill is not None:
-                try:
-                    self._fill()
-                except (OSError, ValueError) as e:
-                    raise unreadable(self.path, e) from None
-                self._fill = None
-        return self
+    """A component's tensors on one device, by name (a dict the process-wide registry can reference weakly)."""
 
 
 _live: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary()
 _live_lock = threading.Lock()
 
 
-def open_weights(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> Weights:
-    """The file's tensors on `device`, allocated and with their copies planned -- the per-tensor Python work -- but
-    filled only by load(), which takes one Python call per 32 MiB: little enough GIL for a pure-Python thread (the
-    scheduler's import) to run beside it. A file that a live pipeline of this process already holds, unchanged, on
-    `device` is not opened again: the same Weights comes back. Callers keep it alive while they use its tensors."""
+def shared_weights(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> Weights:
+    """load_weights, unless a live pipeline of this process already holds this file, unchanged, on `device`.
+    Callers keep the returned Weights alive for as long as they use its tensors."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     stat = path.stat()
@@ -100,29 +77,8 @@ def open_weights(path: Path, device: torch.device, channels_last: Iterable[str] 
     with _live_lock:
         weights = _live.get(key)
         if weights is None:
-            weights = _live[key] = open_file(path, device, channels_last)
+            weights = _live[key] = Weights(load_weights(path, device, channels_last))
     return weights
-
-
-def open_file(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> Weights:
-    """The file's tensors, memory-mapped on the CPU, else allocated on `device` to be streamed by load(); the
-    channels_last ones given their strides back."""
-    try:
-        if device.type == "cpu":
-            tensors, fill = load_file(path), None
-        else:
-            tensors, fill = plan_stream(path, device)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise unreadable(path, e) from None
-    for name in channels_last:
-        tensors[name] = tensors[name].permute(0, 3, 1, 2)
-    return Weights(tensors, path, fill)
-
-
-def unreadable(path: Path, error: Exception) -> FastDiffError:
-    return FastDiffError(
-        f"cannot read weights {path}: {error}", "the file is truncated or corrupted: export the model again"
-    )
 
 
 def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -130,6 +86,19 @@ def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return tensor.permute(0, 2, 3, 1).contiguous(), True
     return tensor.contiguous(), False
+
+
+def load_weights(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on `device`, with channels_last ones given their strides back."""
+    try:
+        tensors = load_file(path) if device.type == "cpu" else stream_weights(path, device)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise FastDiffError(
+            f"cannot read weights {path}: {e}", "the file is truncated or corrupted: export the model again"
+        ) from None
+    for name in channels_last:
+        tensors[name] = tensors[name].permute(0, 3, 1, 2)
+    return tensors
 
 
 def read_header(path: Path) -> list[StoredTensor]:
@@ -168,80 +137,52 @@ def read_header(path: Path) -> list[StoredTensor]:
 def stream_weights(
     path: Path, device: torch.device, chunk_bytes: int = CHUNK_BYTES, buffers: int = STAGING_BUFFERS
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the file on `device`, streamed (plan_stream, then its fill). Works for any device."""
-    tensors, fill = plan_stream(path, device, chunk_bytes, buffers)
-    fill()
-    return tensors
-
-
-def plan_stream(
-    path: Path, device: torch.device, chunk_bytes: int = CHUNK_BYTES, buffers: int = STAGING_BUFFERS
-) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
-    """Every tensor of the file, allocated on `device`, and the function that fills them chunk by chunk through
-    `buffers` staging buffers (pinned for a GPU): reading chunk i + buffers waits only for the copies out of chunk
-    i. The copies of each chunk are planned here, so that the fill copies a chunk with one call: each torch call
-    releases the GIL, and taking it back from a busy Python thread can wait a whole switch interval (per tensor,
-    that cut 12 GB/s to 1.9 GB/s on the H200 beside the scheduler's import, bench/results/2026-11-30-h200-d)."""
+    """Every tensor of the file, allocated on `device` and filled chunk by chunk through `buffers` staging buffers
+    (pinned for a GPU): reading chunk i + buffers waits only for the copies out of chunk i. Works for any device;
+    load_weights uses it for GPUs."""
     header = read_header(path)
     tensors = {t.name: torch.empty(t.shape, dtype=t.dtype, device=device) for t in header}
     stored = sorted((t for t in header if t.end > t.start), key=lambda t: t.start)
     if not stored:
-        return tensors, lambda: None
+        return tensors
     end = max(t.end for t in stored)
     chunks = [(offset, min(chunk_bytes, end - offset)) for offset in range(stored[0].start, end, chunk_bytes)]
     on_gpu = device.type == "cuda"
     staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(min(buffers, len(chunks)))]
-    plan = plan_copies(stored, tensors, chunks, chunk_bytes, staging)
+    copied: list[torch.cuda.Event | None] = [None] * len(staging)  # per buffer: its last chunk's copies are done
 
-    def fill() -> None:
-        copied: list[torch.cuda.Event | None] = [None] * len(staging)  # per buffer: its last chunk's copies are done
+    def read(i: int) -> torch.Tensor:
+        offset, size = chunks[i]
+        slot = i % len(staging)
+        if copied[slot] is not None:
+            copied[slot].synchronize()
+        view = memoryview(staging[slot].numpy())[:size]
+        while view:
+            n = os.preadv(fd, [view], offset)
+            if n == 0:
+                raise ValueError(f"the file ends at byte {offset}, inside its tensor data")
+            view, offset = view[n:], offset + n
+        return staging[slot][:size]
 
-        def read(i: int) -> None:
-            offset, size = chunks[i]
-            slot = i % len(staging)
-            if copied[slot] is not None:
-                copied[slot].synchronize()
-            view = memoryview(staging[slot].numpy())[:size]
-            while view:
-                n = os.preadv(fd, [view], offset)
-                if n == 0:
-                    raise ValueError(f"the file ends at byte {offset}, inside its tensor data")
-                view, offset = view[n:], offset + n
-
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            with ThreadPoolExecutor(len(staging), thread_name_prefix="fastdiff-weights") as pool:
-                reads = [pool.submit(read, i) for i in range(len(staging))]
-                for i, (targets, sources) in enumerate(plan):
-                    reads[i].result()
-                    if targets:
-                        torch._foreach_copy_(targets, sources, non_blocking=True)
-                    if on_gpu:  # the copies run on the target device's current stream
-                        copied[i % len(staging)] = torch.cuda.current_stream(device).record_event()
-                    if i + len(staging) < len(chunks):
-                        reads.append(pool.submit(read, i + len(staging)))
-        finally:
-            os.close(fd)
-
-    return tensors, fill
-
-
-def plan_copies(
-    stored: list[StoredTensor],
-    tensors: dict[str, torch.Tensor],
-    chunks: list[tuple[int, int]],
-    chunk_bytes: int,
-    staging: list[torch.Tensor],
-) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Per chunk, the byte ranges it holds of the tensors (targets) and the same bytes in the staging buffer that
-    chunk i is read into, staging[i % len(staging)] (sources)."""
-    plan: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in chunks]
-    first = chunks[0][0]
-    for t in stored:
-        target = tensors[t.name].view(-1).view(torch.uint8)
-        for i in range((t.start - first) // chunk_bytes, (t.end - 1 - first) // chunk_bytes + 1):
-            offset, size = chunks[i]
-            lo, hi = max(t.start, offset), min(t.end, offset + size)
-            plan[i][0].append(target[lo - t.start : hi - t.start])
-            plan[i][1].append(staging[i % len(staging)][lo - offset : hi - offset])
-    return plan
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(len(staging), thread_name_prefix="fastdiff-weights") as pool:
+            reads = [pool.submit(read, i) for i in range(len(staging))]
+            first = 0  # the first tensor not yet completely copied
+            for i, (offset, size) in enumerate(chunks):
+                chunk = reads[i].result()
+                while first < len(stored) and stored[first].start < offset + size:
+                    t = stored[first]
+                    lo, hi = max(t.start, offset), min(t.end, offset + size)
+                    target = tensors[t.name].view(-1).view(torch.uint8)
+                    target[lo - t.start : hi - t.start].copy_(chunk[lo - offset : hi - offset], non_blocking=True)
+                    if t.end > offset + size:
+                        break  # its rest is in the next chunk
+                    first += 1
+                if on_gpu:  # the copies run on the target device's current stream
+                    copied[i % len(staging)] = torch.cuda.current_stream(device).record_event()
+                if i + len(staging) < len(chunks):
+                    reads.append(pool.submit(read, i + len(staging)))
+    finally:
+        os.close(fd)
+    return tensors

@@ -1,5 +1,5 @@
-"""Weights streamed through staging buffers (the GPU path of open_file) are byte for byte what safetensors reads,
-whatever the chunking, with one torch call per chunk; damaged files get a clear error."""
+"""Weights streamed through staging buffers (the GPU path of load_weights) are byte for byte what safetensors reads,
+whatever the chunking; damaged files get a clear error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.weights import DTYPES, open_file, plan_stream, stream_weights
+from fastdiff.runtime.weights import DTYPES, load_weights, stream_weights
 
 
 def assert_same_bytes(streamed: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
@@ -55,7 +55,7 @@ def test_artifact_weights_streamed_like_safetensors(tiny_artifact: Path, chunk_b
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned buffers, asynchronous copies)")
 def test_streamed_to_the_gpu(every_dtype: Path, tiny_artifact: Path) -> None:
     for path in [every_dtype, tiny_artifact / "unet" / "weights.safetensors"]:
-        streamed = open_file(path, torch.device("cuda")).load()
+        streamed = load_weights(path, torch.device("cuda"))
         assert all(t.is_cuda for t in streamed.values())
         assert_same_bytes(streamed, load_file(path))
         assert_same_bytes(stream_weights(path, torch.device("cuda"), chunk_bytes=999, buffers=2), load_file(path))
@@ -108,47 +108,9 @@ def test_damaged_header_entry(every_dtype: Path, tmp_path: Path, edit, phrase: s
 
 
 def test_damage_is_a_clear_error_on_the_streaming_path(every_dtype: Path, tmp_path: Path) -> None:
-    """open_file streams to every device but the CPU (the meta device stands in for a GPU here)."""
+    """load_weights streams to every device but the CPU (the meta device stands in for a GPU here)."""
     path = tmp_path / "w.safetensors"
     path.write_bytes(every_dtype.read_bytes()[:-100])
     with pytest.raises(FastDiffError, match="cannot read weights .* do not fit") as err:
-        open_file(path, torch.device("meta"))
+        load_weights(path, torch.device("meta"))
     assert "export the model again" in err.value.fix
-
-
-def test_file_cut_short_after_opening(every_dtype: Path, tmp_path: Path) -> None:
-    """A file truncated between open and load is a clear error at load; once it is whole again, load fills it."""
-    path = tmp_path / "w.safetensors"
-    whole = every_dtype.read_bytes()
-    path.write_bytes(whole)
-    weights = open_file(path, torch.device("meta"))
-    path.write_bytes(whole[:-100])
-    with pytest.raises(FastDiffError, match="cannot read weights .*w.safetensors: the file ends at byte"):
-        weights.load()
-    path.write_bytes(whole)
-    assert weights.load() is weights
-
-
-class CountTorchCalls(torch.overrides.TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("tensors", [10, 1000])
-def test_fill_makes_one_copy_call_per_chunk(tmp_path: Path, tensors: int) -> None:
-    """Streaming the file makes a few torch calls per chunk, however many tensors it holds: each call lets a busy
-    Python thread (the scheduler's import) take the GIL for up to a switch interval."""
-    path = tmp_path / "many.safetensors"
-    save_file({f"t{i}": torch.full((i % 7 + 1,), float(i)) for i in range(tensors)}, path)
-    loaded, fill = plan_stream(path, torch.device("cpu"), chunk_bytes=4096, buffers=2)
-    chunks = -(-sum(t.numel() * 4 for t in loaded.values()) // 4096)
-    with CountTorchCalls() as counted:
-        fill()
-    assert counted.calls.count("_foreach_copy_") == chunks
-    assert len(counted.calls) <= 3 * chunks, counted.calls
-    assert_same_bytes(loaded, load_file(path))
