@@ -59,8 +59,9 @@ def kernel_family(name: str) -> str:
     return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
 
 
-def kernel_profile(fn: Callable[[], object], device: torch.device, runs: int = 5, top: int = 15) -> dict:
-    """GPU time per call of `fn` by kernel family and the `top` kernels, from torch.profiler (CUDA only)."""
+def kernel_profile(fn: Callable[[], object], device: torch.device, runs: int = 5) -> dict:
+    """GPU time per call of `fn` by kernel family and by kernel, longest first, from torch.profiler (CUDA only):
+    every kernel, so that two variants' profiles can be compared kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -78,20 +79,20 @@ def kernel_profile(fn: Callable[[], object], device: torch.device, runs: int = 5
     return {
         "gpu_ms_per_call": sum(families.values()),
         "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
-        "top_kernels": [
+        "kernels": [
             {"name": e.key[:160], "ms_per_call": e.device_time_total / 1e3 / runs, "calls": e.count // runs}
-            for e in kernels[:top]
+            for e in kernels
         ],
     }
 
 
-def profile_table(name: str, profile: dict) -> list[str]:
+def profile_table(name: str, profile: dict, top: int = 15) -> list[str]:
     total = profile["gpu_ms_per_call"]
     lines = [f"### {name}: GPU time per UNet step {total:.2f} ms", ""]
     lines += ["| kernel family | ms | share |", "|---|---|---|"]
     lines += [f"| {f} | {ms:.2f} | {ms / total:.0%} |" for f, ms in profile["families_ms"].items()]
     lines += ["", "| top kernels | ms | calls |", "|---|---|---|"]
-    lines += [f"| `{k['name'][:90]}` | {k['ms_per_call']:.2f} | {k['calls']} |" for k in profile["top_kernels"]]
+    lines += [f"| `{k['name'][:90]}` | {k['ms_per_call']:.2f} | {k['calls']} |" for k in profile["kernels"][:top]]
     return [*lines, ""]
 
 

@@ -28,6 +28,8 @@
 # 5-9 s each) and the seed recipe's torch.compile (62 ops in 16 min). The autotune variants tune the matmuls only: in
 # session D's export Triton won 25 of 27 of them but 6 of 18 convolutions, which took 31 % of the tuning. Session E,
 # four exports side by side, all done in 13.5 min: SDXL UNet bf16 217 s, fp8 305 s, max-autotune (matmuls) 502 s.
+# Session F (STEPS="gpu-tests sdxl sdxl-fp8 sdxl-coldstart sdxl-compile-cold", two compile baselines): exports 6.4 min,
+# cold starts 3 min, speed 8 min, torch.compile's cold starts 5 min; 24 min in all from the call that started it.
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
