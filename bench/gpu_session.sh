@@ -12,6 +12,7 @@
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
 #                      (bf16, and sdxl-autotune's if that step is on); its compile runs once in the export phase to
 #                      fill Inductor's caches, so the timed run compiles from a warm cache
+#   ssd-1b             SSD-1B (SDXL pipeline, distilled UNet) at 1024², bf16, against eager and torch.compile
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
 #   gpu-tests          the test files that need a GPU (GPU_TESTS), run with the exports
@@ -79,6 +80,7 @@ stamp "exports, all at once"
 want sdxl-seed && { python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference --runs 1 \
   --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1
   [[ -f $R/seed-cache-fill.json ]] && stamp "seed recipe compiled (cache filled)"; } &
+want ssd-1b && prepare ssd-1b-random ssd-1b-bf16 &
 want sd15 && prepare sd15-random sd15-bf16 &
 for variant in "${!VARIANTS[@]}"; do
   # shellcheck disable=SC2086  # the options are words
@@ -130,6 +132,7 @@ if want sdxl-seed && exported sdxl-bf16; then
     stamp "skipping sdxl-seed: the seed recipe's compile did not finish"
   fi
 fi
+want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf16 eager,compile; }
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 eager,compile --res 512; }
 for variant in $STEPS; do
   [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue

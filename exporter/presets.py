@@ -6,7 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .random_models import random_pixart_xl, random_sd15, random_sdxl_base, tiny_pixart, tiny_sd, tiny_sdxl
+from .random_models import (
+    random_pixart_xl,
+    random_sd15,
+    random_sdxl_base,
+    random_ssd_1b,
+    tiny_pixart,
+    tiny_sd,
+    tiny_sdxl,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,15 @@ PRESETS = {
             "1024",
             "sdxl",
             "Segmind's SSD-1B (SDXL pipeline, distilled UNet) with the fp16-fix VAE, as in 'Diffusion, Fast'",
+        ),
+        Preset(
+            "ssd-1b-random",
+            "",
+            None,
+            "1024",
+            "sdxl",
+            "SSD-1B's architecture with random weights, built offline (benchmarks)",
+            build=random_ssd_1b,
         ),
         Preset(
             "sd15",

@@ -4,8 +4,8 @@
   conditioned UNet, 4-block VAE with scale factor 8) shrunk so that a CPU AOTInductor compile is fast.
 - tiny-sd: the Stable Diffusion 1.x family (one CLIP text encoder, no added conditioning), shrunk the same way.
 - tiny-pixart: the PixArt-α family (a DiT transformer with micro-conditioning, a T5 text encoder), shrunk the same way.
-- sdxl-random, sd15-random, pixart-random: the real architectures of SDXL base 1.0, Stable Diffusion 1.5 and
-  PixArt-XL-2-1024-MS, for benchmarks (latency does not depend on weight values).
+- sdxl-random, ssd-1b-random, sd15-random, pixart-random: the real architectures of SDXL base 1.0, Segmind's
+  SSD-1B, Stable Diffusion 1.5 and PixArt-XL-2-1024-MS, for benchmarks (latency does not depend on weight values).
 
 Weights are random but deterministic; the tokenizers are a tiny byte-level CLIP BPE, and for T5 a tiny unigram model.
 """
@@ -81,6 +81,12 @@ def random_sdxl_base() -> Path:
     """SDXL base 1.0's architecture with random weights, saved in fp16 (5 GB) in the fastdiff cache."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return build_random_checkpoint(cache_path("sdxl-random"), sdxl_base_arch(), dtype=torch.float16, device=device)
+
+
+def random_ssd_1b() -> Path:
+    """SSD-1B's architecture with random weights, saved in fp16 (~4 GB) in the fastdiff cache."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_random_checkpoint(cache_path("ssd-1b-random"), ssd_1b_arch(), dtype=torch.float16, device=device)
 
 
 def _byte_symbols() -> list[str]:
@@ -299,6 +305,24 @@ def pixart_xl_arch() -> dict:
         },
         "scheduler": TINY_PIXART_ARCH["scheduler"],
     }
+
+
+def ssd_1b_arch() -> dict:
+    """Segmind SSD-1B's architecture, for random-weight benchmarks: SDXL base with the UNet distilled to 4 transformer
+    layers per down-path attention at the lowest resolution (SDXL: 10), per-layer depths on the way up of [4, 4, 10]
+    and [2, 1, 1], and a mid block of one resnet. Read from ComfyUI's model detection table (comfy/model_detection.py,
+    SSD_1B: transformer_depth [0, 0, 2, 2, 4, 4], transformer_depth_output [0, 0, 0, 1, 1, 2, 10, 4, 4],
+    transformer_depth_middle -1), not from the model's own config, which is not available offline; the UNet has
+    1,331,334,404 parameters (the "1.3B" of the model's description). Text encoders, VAE (the fp16-fix VAE has SDXL's
+    architecture) and scheduler are SDXL base's."""
+    sdxl = sdxl_base_arch()
+    unet = {
+        **sdxl["unet"],
+        "transformer_layers_per_block": [1, 2, 4],
+        "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], [1, 1, 1]],
+        "mid_block_type": "UNetMidBlock2D",
+    }
+    return {**{k: v for k, v in sdxl.items() if k != "parameter_counts"}, "unet": unet}
 
 
 def sdxl_base_arch() -> dict:

@@ -1,6 +1,6 @@
 """SDXL UNets reshaped by distillation, as in SSD-1B: per-layer transformer depths that differ between the down and
-the up path (diffusers' `reverse_transformer_layers_per_block`) and no mid block. The SDXL path exports them from a
-local folder like any SDXL checkpoint and matches StableDiffusionXLPipeline."""
+the up path (diffusers' `reverse_transformer_layers_per_block`) and a mid block of one resnet (`UNetMidBlock2D`). The
+SDXL path exports them from a local folder like any SDXL checkpoint and matches StableDiffusionXLPipeline."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ DISTILLED_UNET = {
     # one resnet per down block, two per up block: a depth per layer, deeper on the way up
     "transformer_layers_per_block": [[1], [2]],
     "reverse_transformer_layers_per_block": [[3, 1], [1, 1]],
-    "mid_block_type": None,
+    "mid_block_type": "UNetMidBlock2D",
 }
 
 
@@ -48,7 +48,7 @@ def pipelines(distilled_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 def test_the_unet_is_distilled(pipelines) -> None:
     _, reference = pipelines
     unet = reference.unet
-    assert unet.mid_block is None
+    assert len(unet.mid_block.resnets) == 1 and not unet.mid_block.attentions
     down = [len(a.transformer_blocks) for a in unet.down_blocks[1].attentions]
     up = [len(a.transformer_blocks) for a in unet.up_blocks[0].attentions]
     assert (down, up) == ([2], [3, 1])

@@ -142,8 +142,8 @@ def _parameter_counts(arch: dict) -> dict[str, int]:
 
 def test_benchmark_architectures_have_the_published_sizes() -> None:
     """The random-weight benchmark models are the real architectures: SDXL base against the verified counts in its
-    config file; SD 1.5 and PixArt-XL-2 against their published parameter counts."""
-    from fastdiff.exporter.random_models import pixart_xl_arch, sd15_arch, sdxl_base_arch
+    config file; SSD-1B, SD 1.5 and PixArt-XL-2 against their published parameter counts."""
+    from fastdiff.exporter.random_models import pixart_xl_arch, sd15_arch, sdxl_base_arch, ssd_1b_arch
 
     sdxl = sdxl_base_arch()
     expected = {k: v for k, v in sdxl["parameter_counts"].items() if k != "vae_decoder"}
@@ -152,3 +152,27 @@ def test_benchmark_architectures_have_the_published_sizes() -> None:
     pixart = _parameter_counts(pixart_xl_arch())
     assert pixart["transformer"] == 611_349_152  # PixArt-α XL-2: "0.6B"
     assert 4.7e9 < pixart["text_encoder"] < 4.8e9  # T5 v1.1 XXL's encoder
+    ssd = _parameter_counts(ssd_1b_arch())
+    assert 1.3e9 < ssd.pop("unet") < 1.35e9  # SSD-1B: "1.3B"
+    assert ssd == {k: v for k, v in expected.items() if k != "unet"}  # SDXL's text encoders and VAE
+
+
+def test_ssd_1b_unet_is_the_reference_layout() -> None:
+    """ssd_1b_arch's UNet, read back in the form of the table it was taken from (ComfyUI's SSD_1B): transformer layers
+    per down-path resnet, per up-path resnet from the highest resolution up (each block's layers last to first),
+    and -1 for a mid block of one resnet without attention."""
+    from diffusers import UNet2DConditionModel
+
+    from fastdiff.exporter.random_models import ssd_1b_arch
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ssd_1b_arch()["unet"])
+
+    def depths(block) -> list[int]:
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        return [len(a.transformer_blocks) if a is not None else 0 for a in attentions]
+
+    down = [d for block in unet.down_blocks for d in depths(block)]
+    up = [d for block in reversed(unet.up_blocks) for d in reversed(depths(block))]
+    mid = -1 if len(unet.mid_block.resnets) == 1 and not getattr(unet.mid_block, "attentions", None) else None
+    assert (down, up, mid) == ([0, 0, 2, 2, 4, 4], [0, 0, 0, 1, 1, 2, 10, 4, 4], -1)
