@@ -7,7 +7,7 @@ copies out of the chunks already read run asynchronously: 12 GB/s for the same f
 
 Pipelines of one process share weights: a file that a live pipeline already holds on a device (unchanged on disk
 since) is not loaded again, so a second pipeline over the same artifact -- for another resolution, say -- adds no
-second copy. The registry holds the tensors weakly: they go when the last pipeline using them does.
+second copy. The registry holds the tensors weakly: they go when the last pipeline using them does (see Weights).
 
 safetensors stores dense row-major tensors. A weight the compiled code expects in channels_last layout is stored
 as its NHWC permutation and viewed back as NCHW here, which restores the strides without a copy.
@@ -60,7 +60,25 @@ class StoredTensor:
 
 
 class Weights(dict):
-    """A component's tensors on one device, by name (a dict the process-wide registry can reference weakly)."""
+    """A component's tensors on one device, by name (a dict the process-wide registry can reference weakly).
+
+    When it goes (with the last pipeline using it), the memory of its tensors is released even if something else
+    still references them: every AOTInductor package keeps a reference to each user-managed constant it is given
+    and never drops it (pytorch/pytorch#194480, open in torch 2.11 and 2.13), so a dropped SDXL pipeline would
+    otherwise keep its 6.9 GB on the GPU for the life of the process. Tensors taken out of it must not outlive it.
+    safetensors' memory-mapped CPU tensors cannot be released that way; their pages belong to the file.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(tensors)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors.values()}
+        resizable = [s for ptr, s in storages.items() if ptr and s.resizable()]
+        weakref.finalize(self, release_storages, resizable).atexit = False  # the process's end frees everything
+
+
+def release_storages(storages: list[torch.UntypedStorage]) -> None:
+    for storage in storages:
+        storage.resize_(0)
 
 
 _live: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary()

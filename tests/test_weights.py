@@ -3,6 +3,7 @@ whatever the chunking; damaged files get a clear error."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.weights import DTYPES, load_weights, stream_weights
+from fastdiff.runtime.packages import CompiledModule
+from fastdiff.runtime.weights import DTYPES, Weights, load_weights, stream_weights
 
 
 def assert_same_bytes(streamed: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
@@ -114,3 +116,19 @@ def test_damage_is_a_clear_error_on_the_streaming_path(every_dtype: Path, tmp_pa
     with pytest.raises(FastDiffError, match="cannot read weights .* do not fit") as err:
         load_weights(path, torch.device("meta"))
     assert "export the model again" in err.value.fix
+
+
+def test_weights_released_when_their_last_package_goes(tiny_artifact: Path) -> None:
+    """A package keeps a reference to every user-managed constant it is given, after it is gone
+    (pytorch/pytorch#194480); the weights' memory is released anyway when their Weights goes."""
+    folder = tiny_artifact / "vae_decoder"
+    weights = Weights(stream_weights(folder / "weights.safetensors", torch.device("cpu")))
+    module = CompiledModule(next(folder.glob("*.pt2")), weights, torch.device("cpu"))
+    storages = [t.untyped_storage() for t in weights.values()]
+    assert min(s.nbytes() for s in storages) > 0
+    del module
+    gc.collect()
+    assert min(s.nbytes() for s in storages) > 0  # still in use by the Weights
+    del weights
+    gc.collect()
+    assert max(s.nbytes() for s in storages) == 0
