@@ -64,9 +64,10 @@ class Weights(dict):
 
     When it goes (with the last pipeline using it), the memory of its tensors is released even if something else
     still references them: every AOTInductor package keeps a reference to each user-managed constant it is given
-    and never drops it (pytorch/pytorch#194480, open in torch 2.11 and 2.13), so a dropped SDXL pipeline would
-    otherwise keep its 6.9 GB on the GPU for the life of the process. Tensors taken out of it must not outlive it.
-    safetensors' memory-mapped CPU tensors cannot be released that way; their pages belong to the file.
+    and never drops it (the runtime code that torch 2.11 and 2.13 compile into each package has the leak that
+    pytorch/pytorch#194480 fixes upstream), so a dropped SDXL pipeline would otherwise keep its 6.9 GB on the GPU
+    for the life of the process. Tensors taken out of it must not outlive it. safetensors' memory-mapped CPU
+    tensors cannot be released that way; their pages belong to the file.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
