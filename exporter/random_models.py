@@ -312,9 +312,10 @@ def ssd_1b_arch() -> dict:
     layers per down-path attention at the lowest resolution (SDXL: 10), per-layer depths on the way up of [4, 4, 10]
     and [2, 1, 1], and a mid block of one resnet. Read from ComfyUI's model detection table (comfy/model_detection.py,
     SSD_1B: transformer_depth [0, 0, 2, 2, 4, 4], transformer_depth_output [0, 0, 0, 1, 1, 2, 10, 4, 4],
-    transformer_depth_middle -1), not from the model's own config, which is not available offline; the UNet has
-    1,331,334,404 parameters (the "1.3B" of the model's description). Text encoders, VAE (the fp16-fix VAE has SDXL's
-    architecture) and scheduler are SDXL base's."""
+    transformer_depth_middle -1), not from the model's own config, which is not available offline. The UNet has
+    1,331,334,404 parameters, the 1.3B of Segmind's paper; read the same way, the table's Segmind-Vega entry gives
+    down, mid and up blocks of 247, 31 and 460 M parameters, as Segmind publishes for Vega. Text encoders, VAE (the
+    fp16-fix VAE has SDXL's architecture) and scheduler are SDXL base's."""
     sdxl = sdxl_base_arch()
     unet = {
         **sdxl["unet"],
