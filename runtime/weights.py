@@ -72,7 +72,7 @@ class Weights(dict):
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         super().__init__(tensors)
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors.values()}
+        storages = {s.data_ptr(): s for s in (t.untyped_storage() for t in tensors.values())}
         resizable = [s for ptr, s in storages.items() if ptr and s.resizable()]
         weakref.finalize(self, release_storages, resizable).atexit = False  # the process's end frees everything
 
