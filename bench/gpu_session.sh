@@ -114,6 +114,10 @@ if want sdxl && exported sdxl-bf16; then
   python3 bench/speed.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --baselines "$SDXL_BASELINES" \
     --compile-mode default --no-seed-flags --profile --out "$R/speed-sdxl" > "$R/speed-sdxl.log" 2>&1
   grep -A8 "^| variant" "$R/speed-sdxl.md"
+  for mode in reduce-overhead default; do  # where the bf16 artifact's GPU time differs from torch.compile's
+    grep -q "torch.compile ($mode" "$R/speed-sdxl.md" && python3 bench/profile_diff.py "$R/speed-sdxl.json" \
+      "fastdiff sdxl-bf16" "diffusers torch.compile ($mode" >> "$R/profile-diff.md" 2>&1
+  done
 fi
 if want sdxl-compile-cold; then
   stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
