@@ -7,7 +7,7 @@
 #                      against diffusers eager and torch.compile (SDXL_BASELINES; default mode)
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
 #                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
-#                      for the last artifact, with the scheduler imported beside the load and before it
+#                      for the last artifact, with and without diffusers' scan of every installed distribution
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
 #                      (bf16, and sdxl-autotune's if that step is on); its compile runs once in the export phase to
@@ -100,11 +100,11 @@ wait
 sdxl_artifacts=(--artifact sdxl-bf16=/tmp/art/sdxl-bf16)  # the default artifact (fp8 on this GPU) last
 want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--artifact sdxl-fp8=/tmp/art/sdxl-fp8)
 if want sdxl-coldstart && exported sdxl-bf16; then
-  stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases (import beside, then before the load)"
+  stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases (with and without the metadata scan)"
   python3 bench/coldstart.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --runs 2 $COLDSTART_OPTS \
     --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
   probed=${sdxl_artifacts[-1]#*=}
-  for opt in "" --scheduler-first "" --scheduler-first; do
+  for opt in "" --lazy-metadata "" --lazy-metadata; do  # what diffusers' metadata scan costs the load
     python3 bench/probe_load.py "$probed" $opt >> "$R/probe-load.txt" 2>&1
   done
   cat "$R/probe-load.txt"
