@@ -8,6 +8,8 @@
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
 #                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
 #                      for the last artifact, with and without diffusers' scan of every installed distribution
+#   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
+#                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
 #                      (bf16, and sdxl-autotune's if that step is on); its compile runs once in the export phase to
@@ -76,7 +78,7 @@ stamp "environment"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks
 python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__, torchao.__version__)'
 
 stamp "exports, all at once"
-{ want sdxl || want sdxl-coldstart || want sdxl-seed; } && prepare sdxl-random sdxl-bf16 &
+{ want sdxl || want sdxl-coldstart || want sdxl-seed || want sdxl-cudnn-benchmark; } && prepare sdxl-random sdxl-bf16 &
 want sdxl-seed && { python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference --runs 1 \
   --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1
   [[ -f $R/seed-cache-fill.json ]] && stamp "seed recipe compiled (cache filled)"; } &
@@ -118,6 +120,12 @@ if want sdxl && exported sdxl-bf16; then
     grep -q "torch.compile ($mode" "$R/speed-sdxl.md" && python3 bench/profile_diff.py "$R/speed-sdxl.json" \
       "fastdiff sdxl-bf16" "diffusers torch.compile ($mode" >> "$R/profile-diff.md" 2>&1
   done
+fi
+if want sdxl-cudnn-benchmark && exported sdxl-bf16; then
+  stamp "sdxl: the artifacts again, with cuDNN timing its convolution algorithms"
+  python3 bench/speed.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --baselines "" --cudnn-benchmark \
+    --profile --no-reference --out "$R/speed-sdxl-cudnn-benchmark" > "$R/speed-sdxl-cudnn-benchmark.log" 2>&1
+  grep -A4 "^| variant" "$R/speed-sdxl-cudnn-benchmark.md"
 fi
 if want sdxl-compile-cold; then
   stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"

@@ -256,6 +256,11 @@ def main() -> None:
     parser.add_argument("--e2e-warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile", action="store_true", help="also profile the UNet step's kernels (CUDA)")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="cuDNN times its convolution algorithms on each shape's first call (all variants; slower first calls)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the eager fp32 quality reference")
     parser.add_argument("--out", required=True, type=Path, help="results path without suffix (.json and .md)")
     args = parser.parse_args()
@@ -267,6 +272,7 @@ def main() -> None:
         baseline_modes.append(None if kind == "eager" else mode or args.compile_mode)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     from diffusers import DiffusionPipeline
 
