@@ -8,9 +8,9 @@
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
 #                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
 #                      for the last artifact, with and without diffusers' scan of every installed distribution
+#   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
-#   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
 #                      (bf16, and sdxl-autotune's if that step is on); its compile runs once in the export phase to
 #                      fill Inductor's caches, so the timed run compiles from a warm cache
