@@ -7,7 +7,7 @@ python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS C
 them); --staging sets stream_weights' ring of pinned buffers; --lazy-metadata makes
 importlib.metadata.packages_distributions lazy for the whole run: diffusers calls it when it is imported (a scan of
 every installed distribution) but consults the result only if optimum, flashinfer or modelopt is installed, so this
-shows what that scan costs the scheduler's import (0.42 -> 0.37 s on the CPU machine).
+shows what that scan costs the scheduler's import (on the CPU machine: within the run-to-run noise).
 """
 
 import argparse
