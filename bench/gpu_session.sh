@@ -4,7 +4,9 @@
 # Compiles never run beside timed benchmarks: session B (bench/results/2026-11-30-h200-b) showed the baselines'
 # wall times doubling when a compile shared the CPU. Steps (STEPS, space-separated):
 #   sdxl               SDXL speed + quality + profile of the bf16 artifact (and sdxl-fp8's, if that step is on)
-#                      against diffusers eager and torch.compile (SDXL_BASELINES; default mode)
+#                      against diffusers eager and torch.compile (SDXL_BASELINES; default mode), and
+#                      profile-diff.md: the bf16 artifact against torch.compile kernel by kernel, with the Triton
+#                      code of the kernels that differ most
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
 #                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
 #                      for the last artifact, with and without diffusers' scan of every installed distribution
@@ -41,6 +43,7 @@ STACK_EVERY=${STACK_EVERY:-60}
 EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
 SDXL_BASELINES=${SDXL_BASELINES:-eager,compile}  # speed.py --baselines for the sdxl step
 COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold}  # set it empty for page cache warm only
+INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}  # where profile-diff.md reads kernels' code
 mkdir -p "$R" /tmp/fd/fastdiff /tmp/art
 export PYTHONUNBUFFERED=1 FASTDIFF_CACHE=/tmp/cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -118,7 +121,7 @@ if want sdxl && exported sdxl-bf16; then
   grep -A8 "^| variant" "$R/speed-sdxl.md"
   for mode in reduce-overhead default; do  # where the bf16 artifact's GPU time differs from torch.compile's
     grep -q "torch.compile ($mode" "$R/speed-sdxl.md" && python3 bench/profile_diff.py "$R/speed-sdxl.json" \
-      "fastdiff sdxl-bf16" "diffusers torch.compile ($mode" >> "$R/profile-diff.md" 2>&1
+      "fastdiff sdxl-bf16" "diffusers torch.compile ($mode" --sources "$INDUCTOR_CACHE" >> "$R/profile-diff.md" 2>&1
   done
 fi
 if want sdxl-cudnn-benchmark && exported sdxl-bf16; then
