@@ -55,7 +55,7 @@ def test_build_record(manifest: Manifest) -> None:
     assert manifest.options["vae_passes"] == ["sdpa", "fuse_qkv", "channels_last"]
     assert manifest.unet.channels_last and manifest.vae_decoder.channels_last  # conv weights stored NHWC
     assert manifest.options["attention"] == {p: "default" for p in manifest.files if p.endswith(".pt2")}
-    assert manifest.options["inductor"] == {}
+    assert manifest.options["inductor"] == {"force_layout_optimization": True}  # the channels_last pass
     assert manifest.versions["torch"] == torch.__version__
     for dist in ("diffusers", "transformers", "fastdiff"):
         assert manifest.versions[dist], dist

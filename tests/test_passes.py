@@ -26,6 +26,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 from safetensors import safe_open
 from torch import nn
+from torch.export import Dim
 
 from fastdiff.exporter.compile import parse_inductor_config
 from fastdiff.exporter.export import ExportOptions, export_artifact
@@ -201,6 +202,14 @@ def test_int8_filter() -> None:
     assert int8_filter(linear(64, 16), "x")
     assert int8_filter(linear(1280, 1280), "x")
     assert int8_filter(linear(320, 1280), "x")
+    for per_image in (
+        "time_embedding.linear_1",
+        "add_embedding.linear_2",
+        "down_blocks.1.resnets.0.time_emb_proj",
+        "adaln_single.emb.timestep_embedder.linear_1",
+        "adaln_single.linear",
+    ):
+        assert not int8_filter(linear(320, 1280), per_image)  # one row per image: too few for an int8 matmul on CUDA
     assert len(SEED_INT8_SKIP_SHAPES) == 19
     for shape in SEED_INT8_SKIP_SHAPES:
         assert not int8_filter(linear(*shape), "x"), shape
@@ -242,6 +251,35 @@ def test_int8_compiles_with_fused_scales() -> None:
     options.max_autotune = True
     options.passes = ["sdpa"]
     assert options.inductor_configs() == {"max_autotune": True}
+
+
+@pytest.mark.parametrize("passes", [["channels_last"], []], ids=["channels-last", "nchw"])
+def test_channels_last_keeps_activations_nhwc_with_a_dynamic_batch(
+    passes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inductor never lays activations out NHWC in a graph with a dynamic dimension (the UNet's batch) by itself;
+    with the channels_last pass it is made to, as torch.compile does for the same model with a static batch.
+    On the CPU, oneDNN makes Inductor pick NHWC for every convolution, so it is off here to take the GPU's path."""
+    from torch._inductor.graph import GraphLowering
+
+    from fastdiff.exporter.compile import compile_package, export_program
+
+    decisions = []
+    decide = GraphLowering.decide_layout_opt
+
+    def spy(gm: torch.fx.GraphModule, *, is_inference: bool) -> bool:
+        decisions.append(decide(gm, is_inference=is_inference))
+        return decisions[-1]
+
+    monkeypatch.setattr(GraphLowering, "decide_layout_opt", staticmethod(spy))
+    block = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(), nn.Conv2d(64, 64, 3))
+    options = ExportOptions("m", [Resolution(16, 16)], torch.device("cpu"), passes=passes)
+    program = export_program(
+        apply_passes(block.eval(), passes), (torch.randn(2, 32, 16, 16),), {"input": {0: Dim("b", max=4)}}
+    )
+    with torch.backends.mkldnn.flags(enabled=False):
+        compile_package(program, tmp_path / "block.pt2", options.inductor_configs())
+    assert decisions == ["channels_last" in passes]
 
 
 def test_inductor_config_from_the_command_line() -> None:
@@ -475,7 +513,9 @@ def test_int8_weights_are_plain_int8(int8_artifact: Path, tiny_checkpoint: Path)
             m.register_forward_hook(lambda m, args, out, name=name: used.add(name))
     run_unet(unet, unet_inputs(unet))
     expected = {f"unet.{name}": m for name, m in unet.named_modules() if name in used}
-    assert len(expected) == 48  # 60 linears, less 2 per fused self-attention (4) and 1 per cross-attention (4)
+    # 60 linears, less 2 per fused self-attention (4), 1 per cross-attention (4) and the 12 that see one row per
+    # image (time and micro-conditioning embeddings, the resnets' time projections)
+    assert len(expected) == 36
     with safe_open(int8_artifact / "unet" / "weights.safetensors", framework="pt") as f:
         dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
         shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
