@@ -81,11 +81,19 @@ SEED_INT8_SKIP_SHAPES = frozenset(
 )  # fmt: skip
 
 
+# Linears that take one row per image (the timestep and micro-conditioning embeddings and their projections into
+# each resnet): an int8 matmul on CUDA (cuBLAS, through aten._int_mm) needs more than 16 rows, so an SDXL int8 artifact
+# failed at its first UNet call on the H200 (2 rows with CFG; bench/results/2026-12-01-h200-g). They are a negligible
+# share of the step anyway.
+PER_IMAGE_LINEARS = frozenset({"time_embedding", "add_embedding", "class_embedding", "time_emb_proj", "adaln_single"})
+
+
 def int8_filter(module: nn.Module, fqn: str) -> bool:
     return (
         isinstance(module, nn.Linear)
         and module.in_features > 16
         and (module.in_features, module.out_features) not in SEED_INT8_SKIP_SHAPES
+        and PER_IMAGE_LINEARS.isdisjoint(fqn.split("."))
     )
 
 
