@@ -9,7 +9,7 @@
 #                      code of the kernels that differ most
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
 #                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
-#                      for the last artifact, with and without diffusers' scan of every installed distribution
+#                      for the last artifact (twice)
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
@@ -105,13 +105,11 @@ wait
 sdxl_artifacts=(--artifact sdxl-bf16=/tmp/art/sdxl-bf16)  # the default artifact (fp8 on this GPU) last
 want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--artifact sdxl-fp8=/tmp/art/sdxl-fp8)
 if want sdxl-coldstart && exported sdxl-bf16; then
-  stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases (with and without the metadata scan)"
+  stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases"
   python3 bench/coldstart.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --runs 2 $COLDSTART_OPTS \
     --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
   probed=${sdxl_artifacts[-1]#*=}
-  for opt in "" --lazy-metadata "" --lazy-metadata; do  # what diffusers' metadata scan costs the load
-    python3 bench/probe_load.py "$probed" $opt >> "$R/probe-load.txt" 2>&1
-  done
+  for run in 1 2; do python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1; done
   cat "$R/probe-load.txt"
 fi
 if want sdxl && exported sdxl-bf16; then

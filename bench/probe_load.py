@@ -1,13 +1,10 @@
 """Where a fastdiff cold start spends its time: imports, each part of load_pipeline, and within the warm-up the first
 call of each compiled package and the CUDA-graph capture (nested in warm_up: they overlap it, not add to it).
 
-python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB] [--lazy-metadata]
+python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB]
 
 --scheduler-first imports diffusers' scheduler before load_pipeline (shows the weights without the import beside
-them); --staging sets stream_weights' ring of pinned buffers; --lazy-metadata makes
-importlib.metadata.packages_distributions lazy for the whole run: diffusers calls it when it is imported (a scan of
-every installed distribution) but consults the result only if optimum, flashinfer or modelopt is installed, so this
-shows what that scan costs the scheduler's import (on the CPU machine: within the run-to-run noise).
+them); --staging sets stream_weights' ring of pinned buffers.
 """
 
 import argparse
@@ -19,7 +16,7 @@ t0 = time.perf_counter()
 import torch  # noqa: E402
 
 t_torch = time.perf_counter()
-from fastdiff.runtime import load_pipeline, loader, packages  # noqa: E402
+from fastdiff.runtime import load_pipeline, loader, packages, scheduler  # noqa: E402
 from fastdiff.runtime.pipeline import FastDiffPipeline  # noqa: E402
 
 t_runtime = time.perf_counter()
@@ -29,35 +26,14 @@ parser = argparse.ArgumentParser()
 parser.add_argument("artifact", type=Path)
 parser.add_argument("--scheduler-first", action="store_true")
 parser.add_argument("--staging", nargs=2, type=int, metavar=("BUFFERS", "CHUNK_MIB"))
-parser.add_argument("--lazy-metadata", action="store_true")
 args = parser.parse_args()
-if args.lazy_metadata:
-    import importlib.metadata
-    from collections.abc import Mapping
-    from functools import cache
-
-    class LazyPackages(Mapping):
-        def __init__(self, compute) -> None:
-            self.value = cache(compute)
-
-        def __getitem__(self, key):
-            return self.value()[key]
-
-        def __iter__(self):
-            return iter(self.value())
-
-        def __len__(self) -> int:
-            return len(self.value())
-
-    scan = importlib.metadata.packages_distributions
-    importlib.metadata.packages_distributions = lambda: LazyPackages(scan)
 if args.staging:
     from fastdiff.runtime import weights
 
     weights.stream_weights.__defaults__ = (args.staging[1] << 20, args.staging[0])
 if args.scheduler_first:
     t = time.perf_counter()
-    loader._import_schedulers("EulerDiscreteScheduler")
+    scheduler.import_scheduler_class("EulerDiscreteScheduler")
     print(f"scheduler imported first, in {time.perf_counter() - t:.2f} s")
 
 if torch.cuda.is_available():  # else the first timed phase's synchronize() would pay for the CUDA context

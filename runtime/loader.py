@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
-import json
 import sys
-import types
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +15,7 @@ from .manifest import TEXT_PARTS, CompiledComponent, Manifest, check_files, read
 from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
+from .scheduler import load_scheduler
 from .text import TextConditioner, compiled_text_encoder, load_stock_text_encoder, load_tokenizer
 from .weights import Weights, shared_weights
 
@@ -56,8 +52,8 @@ def load_pipeline(
             "export the model again",
         )
     keys = _resolution_keys(manifest.unet, resolutions)
-    # Importing diffusers (for its scheduler classes) takes ~1 s even without dynamo and scipy.stats (see
-    # _import_schedulers): it runs in a thread while the packages load and warm up. The two overlap little: an
+    # Importing diffusers (for its scheduler classes) takes ~1 s even with what scheduler.import_scheduler_class
+    # spares it: it runs in a thread while the packages load and warm up. The two overlap little: an
     # AOTInductor package's run() holds the GIL for the whole call (pytorch/pytorch#197516; a spinning Python
     # thread kept 2 % of its rate through it on the CPU machine, bench/probe_gil.py), and the import thread holds
     # the GIL for whole switch intervals each time the main thread lets go of it: ~0.6 s lost on the H200
@@ -131,74 +127,6 @@ def _load_conditioner(
         masked="encoder_attention_mask" in manifest.unet.inputs,
         lowercase=manifest.model.lowercase_prompts,
     )
-
-
-def _import_schedulers(name: str, needs_scipy: bool = False) -> type:
-    """diffusers' scheduler class `name`, imported without torch._dynamo where possible, and without scipy.stats
-    unless `needs_scipy` (the config uses beta sigmas).
-
-    diffusers.utils imports torch._dynamo when it is first imported (all of dynamo: seconds, the largest part of a
-    cold start once the weights are in the page cache) for a torch.compile decorator that its schedulers never use,
-    and falls back to a no-op decorator when that import fails. The runtime compiles nothing, so on a first import
-    it lets that import fail: dynamo is blocked for the duration of the import only, and imports normally afterwards.
-
-    The Euler-family scheduler modules import scipy.stats (1.2 s of the scheduler's 2.6 s import on the H200) for
-    beta sigmas alone. While they import, a stand-in takes its place; once it is removed, `scipy.stats` (through
-    scipy's lazy submodules) and `import scipy.stats` give the real module, imported on first use.
-    """
-    block = "diffusers" not in sys.modules and "torch._dynamo" not in sys.modules
-    if block:
-        sys.modules["torch._dynamo"] = None  # an import of it raises ImportError while this is set
-    stand_in = None
-    if not needs_scipy and "scipy.stats" not in sys.modules and importlib.util.find_spec("scipy") is not None:
-        stand_in = sys.modules["scipy.stats"] = _StandIn("scipy.stats")
-    try:
-        import diffusers.schedulers
-
-        scheduler_class = getattr(diffusers.schedulers, name, None)  # imports the class's own module (lazily)
-    except ImportError as e:
-        raise FastDiffError(f"the runtime needs diffusers for its schedulers: {e}", "pip install diffusers") from None
-    finally:
-        if block and sys.modules.get("torch._dynamo", 0) is None:
-            del sys.modules["torch._dynamo"]
-        if stand_in is not None and sys.modules.get("scipy.stats") is stand_in:
-            del sys.modules["scipy.stats"]
-    if scheduler_class is None:
-        raise FastDiffError(
-            f"the artifact's scheduler {name} is not in the installed diffusers {diffusers.__version__}",
-            "install the diffusers version the artifact was exported with (fastdiff-inspect shows it)",
-        )
-    return scheduler_class
-
-
-class _StandIn(types.ModuleType):
-    """Holds a module's place in sys.modules; the real module is imported when one of its attributes is used."""
-
-    def __getattr__(self, attr: str):
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return getattr(importlib.import_module(self.__name__), attr)
-
-
-def load_scheduler(path: Path):
-    """The checkpoint's own scheduler class and config."""
-    try:
-        config = json.loads((path / "scheduler_config.json").read_text())
-        name = config["_class_name"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FastDiffError(f"cannot read the scheduler config in {path}: {e}", "export the model again") from None
-    scheduler_class = _import_schedulers(name, needs_scipy=bool(config.get("use_beta_sigmas")))
-    # Built as from_pretrained builds it, from the class's own keys, with the other keys kept in its config (for a
-    # swap to another scheduler class), but without importing every compatible scheduler class to sort the keys (13
-    # modules and scipy.integrate: 0.4-0.5 s on the CPU machine).
-    params = inspect.signature(scheduler_class.__init__).parameters
-    own = {k: v for k, v in config.items() if k in params and k != "self"}
-    try:
-        scheduler = scheduler_class(**own)
-        scheduler.register_to_config(**{k: v for k, v in config.items() if k not in own and not k.startswith("_")})
-        return scheduler
-    except Exception as e:  # diffusers raises several types for a config it cannot use
-        raise FastDiffError(f"cannot load scheduler {name} from {path}: {e}", "export the model again") from None
 
 
 def _resolution_keys(component: CompiledComponent, wanted: Iterable | None) -> list[str]:

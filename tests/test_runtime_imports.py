@@ -18,6 +18,7 @@ import torch
 from fastdiff.exporter.random_models import TINY_ARCH, TINY_PIXART_ARCH, TINY_SD_ARCH
 from fastdiff.runtime import FastDiffError, load_pipeline
 from fastdiff.runtime import loader as loader_module
+from fastdiff.runtime import scheduler as scheduler_module
 from fastdiff.runtime import weights as weights_module
 
 FORBIDDEN_PREFIXES = ("fastdiff.exporter", "diffusers.models", "diffusers.pipelines")
@@ -331,7 +332,7 @@ def test_scheduler_as_diffusers_loads_it(name: str, arch: dict, tmp_path: Path) 
     import diffusers
 
     (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": name, **arch["scheduler"]}))
-    mine, reference = loader_module.load_scheduler(tmp_path), getattr(diffusers, name).from_pretrained(tmp_path)
+    mine, reference = scheduler_module.load_scheduler(tmp_path), getattr(diffusers, name).from_pretrained(tmp_path)
     assert type(mine) is type(reference)
     configs = [{k: v for k, v in s.config.items() if not k.startswith("_")} for s in (mine, reference)]
     assert configs[0] == configs[1]
@@ -365,10 +366,37 @@ def test_scheduler_import_defers_scipy_stats(tiny_artifact: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", probe, str(tiny_artifact)], capture_output=True, text=True)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
-    probe = "import sys, types; from fastdiff.runtime import loader; "
-    probe += "loader._import_schedulers('EulerDiscreteScheduler', needs_scipy=True); "
+    probe = "import sys, types; from fastdiff.runtime import scheduler; "
+    probe += "scheduler.import_scheduler_class('EulerDiscreteScheduler', needs_scipy=True); "
     probe += "assert type(sys.modules['scipy.stats']) is types.ModuleType; print('OK')"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_scheduler_import_defers_the_distribution_scan(tiny_artifact: Path) -> None:
+    """diffusers maps every installed package to its distributions when first imported (reading every
+    distribution's metadata), for lookups it makes only with a few optional packages installed: a load leaves the
+    map unmade until diffusers reads it, then it is the map importlib.metadata makes, and the function is restored."""
+    probe = textwrap.dedent(
+        """
+        import importlib.metadata, sys
+        scans = []
+        scan = importlib.metadata.packages_distributions
+        def counted():
+            scans.append(1)
+            return scan()
+        importlib.metadata.packages_distributions = counted
+        from fastdiff.runtime import load_pipeline
+        load_pipeline(sys.argv[1], device="cpu")
+        from diffusers.utils import import_utils
+        assert "diffusers" in sys.modules and not scans, f"{len(scans)} scans"
+        assert importlib.metadata.packages_distributions is counted
+        assert dict(import_utils._package_map) == scan() and len(scans) == 1
+        assert import_utils._is_package_available("torch", get_dist_name=True)[0]
+        print("OK")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(tiny_artifact)], capture_output=True, text=True)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 

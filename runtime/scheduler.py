@@ -1,0 +1,111 @@
+"""The checkpoint's diffusers scheduler, imported for a fast cold start: diffusers' first import does work that a
+runtime which compiles nothing and runs one scheduler does not need."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from .errors import FastDiffError
+
+
+def load_scheduler(path: Path):
+    """The checkpoint's own scheduler class and config."""
+    try:
+        config = json.loads((path / "scheduler_config.json").read_text())
+        name = config["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FastDiffError(f"cannot read the scheduler config in {path}: {e}", "export the model again") from None
+    scheduler_class = import_scheduler_class(name, needs_scipy=bool(config.get("use_beta_sigmas")))
+    # Built as from_pretrained builds it, from the class's own keys, with the other keys kept in its config (for a
+    # swap to another scheduler class), but without importing every compatible scheduler class to sort the keys (13
+    # modules and scipy.integrate: 0.4-0.5 s on the CPU machine).
+    params = inspect.signature(scheduler_class.__init__).parameters
+    own = {k: v for k, v in config.items() if k in params and k != "self"}
+    try:
+        scheduler = scheduler_class(**own)
+        scheduler.register_to_config(**{k: v for k, v in config.items() if k not in own and not k.startswith("_")})
+        return scheduler
+    except Exception as e:  # diffusers raises several types for a config it cannot use
+        raise FastDiffError(f"cannot load scheduler {name} from {path}: {e}", "export the model again") from None
+
+
+def import_scheduler_class(name: str, needs_scipy: bool = False) -> type:
+    """diffusers' scheduler class `name`, imported without torch._dynamo where possible, without scipy.stats unless
+    `needs_scipy` (the config uses beta sigmas), and without scanning every installed distribution's metadata.
+
+    diffusers.utils imports torch._dynamo when it is first imported (all of dynamo: seconds, the largest part of a
+    cold start once the weights are in the page cache) for a torch.compile decorator that its schedulers never use,
+    and falls back to a no-op decorator when that import fails. The runtime compiles nothing, so on a first import
+    it lets that import fail: dynamo is blocked for the duration of the import only, and imports normally afterwards.
+
+    The Euler-family scheduler modules import scipy.stats (1.2 s of the scheduler's 2.6 s import on the H200) for
+    beta sigmas alone. While they import, a stand-in takes its place; once it is removed, `scipy.stats` (through
+    scipy's lazy submodules) and `import scipy.stats` give the real module, imported on first use.
+
+    diffusers.utils also maps every installed package to its distributions when first imported
+    (importlib.metadata.packages_distributions: the metadata of every distribution read) and consults the map only
+    if optimum, flashinfer or modelopt is installed: 0.7-0.8 s of load_pipeline on the H200 machine's image
+    (bench/results/2026-12-01-h200-g). During the import that map is made on first use instead.
+    """
+    first = "diffusers" not in sys.modules
+    block = first and "torch._dynamo" not in sys.modules
+    if block:
+        sys.modules["torch._dynamo"] = None  # an import of it raises ImportError while this is set
+    stand_in = None
+    if not needs_scipy and "scipy.stats" not in sys.modules and importlib.util.find_spec("scipy") is not None:
+        stand_in = sys.modules["scipy.stats"] = _StandIn("scipy.stats")
+    scan = importlib.metadata.packages_distributions
+    if first:
+        importlib.metadata.packages_distributions = functools.partial(_LazyDistributions, scan)
+    try:
+        import diffusers.schedulers
+
+        scheduler_class = getattr(diffusers.schedulers, name, None)  # imports the class's own module (lazily)
+    except ImportError as e:
+        raise FastDiffError(f"the runtime needs diffusers for its schedulers: {e}", "pip install diffusers") from None
+    finally:
+        importlib.metadata.packages_distributions = scan
+        if block and sys.modules.get("torch._dynamo", 0) is None:
+            del sys.modules["torch._dynamo"]
+        if stand_in is not None and sys.modules.get("scipy.stats") is stand_in:
+            del sys.modules["scipy.stats"]
+    if scheduler_class is None:
+        raise FastDiffError(
+            f"the artifact's scheduler {name} is not in the installed diffusers {diffusers.__version__}",
+            "install the diffusers version the artifact was exported with (fastdiff-inspect shows it)",
+        )
+    return scheduler_class
+
+
+class _StandIn(types.ModuleType):
+    """Holds a module's place in sys.modules; the real module is imported when one of its attributes is used."""
+
+    def __getattr__(self, attr: str):
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+class _LazyDistributions(Mapping):
+    """packages_distributions()'s mapping (package name -> distribution names), made when first read."""
+
+    def __init__(self, scan: Callable[[], Mapping[str, list[str]]]) -> None:
+        self._scan = functools.cache(scan)
+
+    def __getitem__(self, package: str) -> list[str]:
+        return self._scan()[package]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._scan())
+
+    def __len__(self) -> int:
+        return len(self._scan())
