@@ -5,10 +5,10 @@
 Variants are picked by the start of their name. Inductor numbers its Triton kernels per compile
 (triton_poi_fused_gelu_mul_split_view_53 in one, _54 in the other), so kernels are grouped by name without that
 number. Records written before the profiles kept every kernel have only the top 15 of each variant.
-With --sources DIR (Inductor's cache, e.g. /tmp/torchinductor_$USER) the Triton source of the kernels behind the
-largest differences is printed below the table: every cached kernel of either variant's exact (numbered) name, so
-two compiles' versions of a kernel can be read side by side. A cache shared by other compiles can add versions of
-theirs that happen to have the same number.
+With --sources DIR (Inductor's cache, e.g. /tmp/torchinductor_$USER) the Triton code of the kernels behind the
+largest differences is printed below the table: each distinct definition found under either variant's exact
+(numbered) names, so two compiles' versions of a kernel can be read side by side. A cache shared by other compiles
+can add versions of theirs that happen to have the same number.
 """
 
 from __future__ import annotations
@@ -32,18 +32,34 @@ def by_kernel(profile: dict) -> dict[str, tuple[float, int]]:
     return {name: (ms, int(calls)) for name, (ms, calls) in groups.items()}
 
 
-def triton_sources(cache: Path, names: set[str]) -> dict[str, list[Path]]:
-    """Cached Triton source files by the kernel name they define, for the given (possibly truncated) names."""
-    found: dict[str, list[Path]] = defaultdict(list)
+KERNEL_DEF = re.compile(r"^def (triton_\w+)\(", re.MULTILINE)
+
+
+def kernel_definitions(cache: Path, names: set[str]) -> dict[str, dict[str, set[str]]]:
+    """The distinct definitions (decorator to last line, Inductor's number dropped) of the Triton kernels named
+    `names` (profiler names: cut at 160 characters) in the cache's Python files (kernel files, and torch.compile's
+    wrappers, which hold their kernels' code), by kernel group; each with the numbered names it was found under."""
+    found: dict[str, dict[str, set[str]]] = defaultdict(dict)
     for path in sorted(cache.rglob("*.py")):
         try:
             text = path.read_text(errors="replace")
         except OSError:
             continue
-        for match in re.finditer(r"^def (triton_\w+)\(", text, re.MULTILINE):
-            if any(match.group(1).startswith(n) for n in names):
-                found[NUMBERED.sub("", match.group(1))].append(path)
+        for match in KERNEL_DEF.finditer(text):
+            name = match.group(1)
+            if name not in names and name[:160] not in names:
+                continue
+            group = NUMBERED.sub("", name)
+            found[group].setdefault(_definition(text, match.start()).replace(name, group), set()).add(name)
     return found
+
+
+def _definition(text: str, start: int) -> str:
+    decorator = text.rfind("\n@triton_heuristics", 0, start)
+    lines = text[decorator + 1 if decorator >= 0 else start :].splitlines()
+    body = next((i for i, line in enumerate(lines) if i and line.startswith("def ")), 0) + 1
+    end = next((i for i in range(body, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    return "\n".join(lines[:end]).strip()
 
 
 def pick(results: list[dict], prefix: str) -> dict:
@@ -80,15 +96,17 @@ def main() -> None:
 
 
 def print_sources(cache: Path, groups: list[str], a: dict, b: dict) -> None:
-    numbered = {
-        k["name"] for r in (a, b) for k in r["unet_profile"].get("kernels", []) if NUMBERED.sub("", k["name"]) in groups
+    names = {
+        side: {k["name"] for k in r["unet_profile"].get("kernels", []) if NUMBERED.sub("", k["name"]) in groups}
+        for side, r in (("A", a), ("B", b))
     }
-    sources = triton_sources(cache, numbered)
+    definitions = kernel_definitions(cache, names["A"] | names["B"])
     for group in groups:
-        paths = sources.get(group, [])
-        print(f"\n### `{group}`: {len(paths)} cached version(s)")
-        for path in paths:
-            print(f"\n{path}\n```python\n{path.read_text(errors='replace').strip()}\n```")
+        found = definitions.get(group, {})
+        print(f"\n### `{group}`: {len(found)} distinct definition(s) in the cache")
+        for code, numbered in found.items():
+            sides = [f"{side}'s {', '.join(sorted(numbered & names[side]))}" for side in "AB" if numbered & names[side]]
+            print(f"\nnamed as {'; '.join(sides)}\n```python\n{code}\n```")
 
 
 if __name__ == "__main__":
