@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch._functorch._aot_autograd.subclass_parametrization import UnwrapTensorSubclass
+from torch.utils._sympy.value_ranges import bound_sympy
 
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.packages import make_libstdcxx_global
@@ -67,6 +68,29 @@ def export_program(
 ) -> torch.export.ExportedProgram:
     with torch.no_grad():
         return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS's int8 matmul (aten._int_mm on CUDA) refuses 16 rows or fewer
+
+
+def check_int8_rows(program: torch.export.ExportedProgram, device: torch.device, name: str) -> None:
+    """Refuse, before the compile, an int8 matmul that a call of the package could give too few rows on a GPU: the
+    package would fail at run time. Its rows are counted over the program's whole range of batch sizes."""
+    if device.type != "cuda":
+        return
+    for node in program.graph.nodes:
+        if node.target is not torch.ops.aten._int_mm.default:
+            continue
+        rows = node.args[0].meta["val"].shape[0]
+        if isinstance(rows, torch.SymInt):
+            rows = int(bound_sympy(rows.node.expr, program.range_constraints).lower)
+        if rows < CUDA_INT_MM_MIN_ROWS:
+            module = next(reversed(node.meta.get("nn_module_stack", {}).values()), ("?", ""))[0]
+            raise FastDiffError(
+                f"int8 cannot quantize linear {module!r} of {name}: it can be called with {rows} row"
+                f"{'' if rows == 1 else 's'}, and an int8 matmul on a GPU needs at least {CUDA_INT_MM_MIN_ROWS}",
+                "use --quantize fp8 or none, or export a larger resolution",
+            )
 
 
 def compile_package(program: torch.export.ExportedProgram, path: Path, inductor_configs: dict[str, Any]) -> Path:

@@ -25,6 +25,7 @@ from .artifact import ArtifactWriter
 from .attention import attention_backend, choose_backend
 from .compile import (
     SEED_INDUCTOR_FLAGS,
+    check_int8_rows,
     compile_package,
     export_program,
     package_constant_names,
@@ -223,6 +224,7 @@ def _export_component(
         attention[rel] = backend
         with phase(f"torch.export {rel}"), attention_backend(backend):
             program = export_program(module, inputs, dynamic)
+        check_int8_rows(program, options.device, rel)
         with phase(f"AOTInductor compile {rel}"), attention_backend(backend):
             path = compile_package(program, writer.path(rel), options.inductor_configs())
         weights |= plain_constants(program, package_constant_names(path, options.device))

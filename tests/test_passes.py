@@ -28,7 +28,8 @@ from safetensors import safe_open
 from torch import nn
 from torch.export import Dim
 
-from fastdiff.exporter.compile import parse_inductor_config
+from fastdiff.exporter import passes as passes_module
+from fastdiff.exporter.compile import check_int8_rows, export_program, parse_inductor_config
 from fastdiff.exporter.export import ExportOptions, export_artifact
 from fastdiff.exporter.passes import (
     FP8_ACTIVATION_AMAX_MIN,
@@ -192,6 +193,29 @@ def test_int8_unet(tiny_checkpoint: Path) -> None:
     assert 1e-5 < error < INT8_MAX_REL_L2  # quantization changed something, and not much
 
 
+@pytest.mark.parametrize("per_image_unquantized", [True, False], ids=["filtered", "per-image-quantized"])
+def test_int8_rows_checked_before_a_gpu_compile(
+    per_image_unquantized: bool, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int8 matmul that a call can give 16 rows or fewer fails at run time on a GPU: the export refuses it before
+    the compile, over every batch size the package accepts. The tiny SDXL UNet passes once the linears that see one
+    row per image stay unquantized."""
+    pytest.importorskip("torchao")
+    if not per_image_unquantized:
+        monkeypatch.setattr(passes_module, "PER_IMAGE_LINEARS", frozenset())
+    step = SDXLUNetStep(apply_passes(load_unet(tiny_checkpoint), ["int8"]))
+    batch = Dim("batch", min=1, max=4)
+    dynamic = {name: None if name == "timestep" else {0: batch} for name in SDXLUNetStep.inputs}
+    program = export_program(step, unet_inputs(step.unet), dynamic)
+    check_int8_rows(program, torch.device("cpu"), "unet/96x64.pt2")  # no such limit on the CPU
+    if per_image_unquantized:
+        check_int8_rows(program, torch.device("cuda"), "unet/96x64.pt2")
+    else:
+        message = r"int8 cannot quantize linear 'unet\.\w+_embedding\.linear_\d' of unet/96x64.pt2: .* 1 row, "
+        with pytest.raises(FastDiffError, match=message):
+            check_int8_rows(program, torch.device("cuda"), "unet/96x64.pt2")
+
+
 def test_int8_filter() -> None:
     def linear(i: int, o: int) -> nn.Linear:
         return nn.Linear(i, o, device="meta")
@@ -262,7 +286,7 @@ def test_channels_last_keeps_activations_nhwc_with_a_dynamic_batch(
     On the CPU, oneDNN makes Inductor pick NHWC for every convolution, so it is off here to take the GPU's path."""
     from torch._inductor.graph import GraphLowering
 
-    from fastdiff.exporter.compile import compile_package, export_program
+    from fastdiff.exporter.compile import compile_package
 
     decisions = []
     decide = GraphLowering.decide_layout_opt
