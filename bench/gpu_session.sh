@@ -14,8 +14,8 @@
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
-#                      (bf16, and sdxl-autotune's if that step is on); its compile runs once in the export phase to
-#                      fill Inductor's caches, so the timed run compiles from a warm cache
+#                      (bf16, and sdxl-fp8's and sdxl-autotune's if those steps are on); its compile runs once in the
+#                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
 #   ssd-1b             SSD-1B (SDXL pipeline, distilled UNet) at 1024², bf16, against eager and torch.compile
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
@@ -139,7 +139,9 @@ if want sdxl-seed && exported sdxl-bf16; then
   if [[ -f $R/seed-cache-fill.json ]]; then
     stamp "sdxl: the seed's recipe (warm compile cache) against the artifacts"
     seed_artifacts=(--artifact "sdxl-bf16=/tmp/art/sdxl-bf16")
-    [[ -f /tmp/art/sdxl-autotune/manifest.json ]] && seed_artifacts+=(--artifact "sdxl-autotune=/tmp/art/sdxl-autotune")
+    for variant in sdxl-fp8 sdxl-autotune; do
+      [[ -f /tmp/art/$variant/manifest.json ]] && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
+    done
     python3 bench/speed.py --model "$(model sdxl-bf16)" "${seed_artifacts[@]}" --baselines compile --profile \
       --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
     grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
@@ -152,7 +154,7 @@ want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 eager,
 for variant in $STEPS; do
   [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue
   [[ $variant == sdxl-autotune && -f $R/speed-sdxl-seed.json ]] && continue  # measured beside the seed's recipe
-  [[ $variant == sdxl-fp8 && -f $R/speed-sdxl.json ]] && continue  # measured in the sdxl step
+  [[ $variant == sdxl-fp8 && ( -f $R/speed-sdxl.json || -f $R/speed-sdxl-seed.json ) ]] && continue  # measured
   stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 eager,compile; }
