@@ -52,14 +52,14 @@ def load_pipeline(
             "export the model again",
         )
     keys = _resolution_keys(manifest.unet, resolutions)
-    # Importing diffusers (for its scheduler classes) takes ~1 s even with what scheduler.import_scheduler_class
-    # spares it: it runs in a thread while the packages load and warm up. The two overlap little: an
-    # AOTInductor package's run() holds the GIL for the whole call (pytorch/pytorch#197516; a spinning Python
-    # thread kept 2 % of its rate through it on the CPU machine, bench/probe_gil.py), and the import thread holds
-    # the GIL for whole switch intervals each time the main thread lets go of it: ~0.6 s lost on the H200
-    # (bench/results/2026-11-30-h200-e). A short interval keeps the main thread's many short waits short; measured
-    # for streamed weights beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms interval, 0.62 s at
-    # 0.5 ms (0.43 s alone; CPU machine).
+    # Importing diffusers (for its scheduler classes) takes most of a second on the H200 machine even with what
+    # scheduler.import_scheduler_class spares it: it runs in a thread while the packages load and warm up. The two
+    # overlap little: an AOTInductor package's run() holds the GIL for the whole call (pytorch/pytorch#197516; a
+    # spinning Python thread kept 2 % of its rate through it on the CPU machine, bench/probe_gil.py), and the
+    # import thread holds the GIL for whole switch intervals each time the main thread lets go of it: ~0.6 s lost
+    # on the H200 (bench/results/2026-11-30-h200-e). A short interval keeps the main thread's many short waits
+    # short; measured for streamed weights beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms
+    # interval, 0.62 s at 0.5 ms (0.43 s alone; CPU machine).
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
     try:
