@@ -26,6 +26,9 @@
 # from exit on, when Python would otherwise restore the default action, which ends the process).
 # Every export is bf16 without quantization unless its variant says otherwise (the CLI's auto picks fp8 for SDXL).
 # Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
+# SEED_GPU (a two-GPU machine): the sdxl-seed step (its cache-filling compile, then its timed run, once the artifacts
+# are exported) runs on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
+# the seed's compile then has SEED_DEADLINE seconds instead of sharing the export phase's CPUs and deadline.
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
 # Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min. Session D: SDXL
@@ -43,9 +46,11 @@ STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
 GPU_TESTS=${GPU_TESTS:-tests/test_weights.py tests/test_gpu.py}
 STACK_EVERY=${STACK_EVERY:-60}
 EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
-SDXL_BASELINES=${SDXL_BASELINES:-eager,compile}  # speed.py --baselines for the sdxl step
+SDXL_BASELINES=${SDXL_BASELINES-eager,compile}  # speed.py --baselines for the sdxl step
 COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold}  # set it empty for page cache warm only
 INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}  # where profile-diff.md reads kernels' code
+SEED_GPU=${SEED_GPU:-} MAIN_GPU=${MAIN_GPU:-0} SEED_CPUS=${SEED_CPUS:-16-31} MAIN_CPUS=${MAIN_CPUS:-0-15}
+SEED_DEADLINE=${SEED_DEADLINE:-$EXPORT_DEADLINE}
 mkdir -p "$R" /tmp/fd/fastdiff /tmp/art
 export PYTHONUNBUFFERED=1 FASTDIFF_CACHE=/tmp/cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -82,27 +87,55 @@ speed() {  # artifact name, baselines, extra options
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv
 python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__, torchao.__version__)'
 
+seed_fill() {  # the seed's recipe compiled once, to fill Inductor's caches for its timed run
+  timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference \
+    --runs 1 --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1
+  [[ -f $R/seed-cache-fill.json ]] && stamp "seed recipe compiled (cache filled)"
+}
+seed_time() {  # the seed's recipe from its warm cache against the SDXL artifacts exported
+  exported sdxl-bf16 || return
+  if [[ ! -f $R/seed-cache-fill.json ]]; then stamp "skipping sdxl-seed: the seed recipe's compile did not finish"; return; fi
+  stamp "sdxl: the seed's recipe (warm compile cache) against the artifacts"
+  local seed_artifacts=(--artifact "sdxl-bf16=/tmp/art/sdxl-bf16") variant
+  for variant in sdxl-fp8 sdxl-autotune; do
+    [[ -f /tmp/art/$variant/manifest.json ]] && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
+  done
+  python3 bench/speed.py --model "$(model sdxl-bf16)" "${seed_artifacts[@]}" --baselines compile --profile \
+    --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
+  grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
+}
+if [[ -n $SEED_GPU ]] && want sdxl-seed; then  # beside the rest, on its own GPU and CPUs, from the start
+  stamp "sdxl-seed on GPU $SEED_GPU, CPUs $SEED_CPUS; the rest on GPU $MAIN_GPU, CPUs $MAIN_CPUS"
+  ( export CUDA_VISIBLE_DEVICES=$SEED_GPU; taskset -cp "$SEED_CPUS" $BASHPID > /dev/null
+    seed_fill; while [[ ! -f $R/exports-done ]]; do sleep 5; done; seed_time ) &
+  seed_job=$!
+  export CUDA_VISIBLE_DEVICES=$MAIN_GPU; taskset -cp "$MAIN_CPUS" $$ > /dev/null
+fi
+
 stamp "exports, all at once"
-{ want sdxl || want sdxl-coldstart || want sdxl-seed || want sdxl-cudnn-benchmark; } && prepare sdxl-random sdxl-bf16 &
-want sdxl-seed && { python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference --runs 1 \
-  --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1
-  [[ -f $R/seed-cache-fill.json ]] && stamp "seed recipe compiled (cache filled)"; } &
-want ssd-1b && prepare ssd-1b-random ssd-1b-bf16 &
-want sd15 && prepare sd15-random sd15-bf16 &
+pids=()
+{ want sdxl || want sdxl-coldstart || want sdxl-seed || want sdxl-cudnn-benchmark; } && { prepare sdxl-random sdxl-bf16 &
+  pids+=($!); }
+want sdxl-seed && [[ -z $SEED_GPU ]] && { seed_fill & pids+=($!); }
+want ssd-1b && { prepare ssd-1b-random ssd-1b-bf16 & pids+=($!); }
+want sd15 && { prepare sd15-random sd15-bf16 & pids+=($!); }
 for variant in "${!VARIANTS[@]}"; do
   # shellcheck disable=SC2086  # the options are words
-  want "$variant" && prepare "${variant%%-*}-random" "$variant" ${VARIANTS[$variant]} &
+  want "$variant" && { prepare "${variant%%-*}-random" "$variant" ${VARIANTS[$variant]} & pids+=($!); }
 done
-want pixart && prepare pixart-random pixart-bf16 &
-want gpu-tests && { python3 -m pytest -q -rs $GPU_TESTS > "$R/gpu-tests.log" 2>&1; tail -3 "$R/gpu-tests.log"; } &
+want pixart && { prepare pixart-random pixart-bf16 & pids+=($!); }
+want gpu-tests && { { python3 -m pytest -q -rs $GPU_TESTS > "$R/gpu-tests.log" 2>&1; tail -3 "$R/gpu-tests.log"; } &
+  pids+=($!); }
+running() { local pid; for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return; done; return 1; }
 start=$SECONDS
-while [[ -n $(jobs -pr) ]] && (( SECONDS - start < EXPORT_DEADLINE )); do
+while running && (( SECONDS - start < EXPORT_DEADLINE )); do
   sleep "$STACK_EVERY"; pkill -USR1 --older 5 -f -- "--out /tmp/art/"  # not while an interpreter starts
 done
-if [[ -n $(jobs -pr) ]]; then
+if running; then
   stamp "deadline: stopping the compiles still running"; pkill -f -- "--out (/tmp/art/|$R/seed-cache-fill)"
 fi
-wait
+wait "${pids[@]}"
+touch "$R/exports-done"
 
 sdxl_artifacts=(--artifact sdxl-bf16=/tmp/art/sdxl-bf16)  # the default artifact (fp8 on this GPU) last
 want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--artifact sdxl-fp8=/tmp/art/sdxl-fp8)
@@ -135,20 +168,7 @@ if want sdxl-compile-cold; then
   python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
     > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
-if want sdxl-seed && exported sdxl-bf16; then
-  if [[ -f $R/seed-cache-fill.json ]]; then
-    stamp "sdxl: the seed's recipe (warm compile cache) against the artifacts"
-    seed_artifacts=(--artifact "sdxl-bf16=/tmp/art/sdxl-bf16")
-    for variant in sdxl-fp8 sdxl-autotune; do
-      [[ -f /tmp/art/$variant/manifest.json ]] && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
-    done
-    python3 bench/speed.py --model "$(model sdxl-bf16)" "${seed_artifacts[@]}" --baselines compile --profile \
-      --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
-    grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
-  else
-    stamp "skipping sdxl-seed: the seed recipe's compile did not finish"
-  fi
-fi
+want sdxl-seed && [[ -z $SEED_GPU ]] && seed_time
 want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf16 eager,compile; }
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 eager,compile --res 512; }
 for variant in $STEPS; do
@@ -158,4 +178,5 @@ for variant in $STEPS; do
   stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 eager,compile; }
+[[ -n ${seed_job:-} ]] && { stamp "waiting for the sdxl-seed step"; wait "$seed_job"; }
 stamp "ALL DONE"
