@@ -47,6 +47,7 @@ GPU_TESTS=${GPU_TESTS:-tests/test_weights.py tests/test_gpu.py}
 STACK_EVERY=${STACK_EVERY:-60}
 EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
 SDXL_BASELINES=${SDXL_BASELINES-eager,compile}  # speed.py --baselines for the sdxl step
+FAMILY_BASELINES=${FAMILY_BASELINES-eager,compile}  # and for the ssd-1b, sd15 and pixart steps
 COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold}  # set it empty for page cache warm only
 INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}  # where profile-diff.md reads kernels' code
 SEED_GPU=${SEED_GPU:-} MAIN_GPU=${MAIN_GPU:-0} SEED_CPUS=${SEED_CPUS:-16-31} MAIN_CPUS=${MAIN_CPUS:-0-15}
@@ -169,14 +170,14 @@ if want sdxl-compile-cold; then
     > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
 want sdxl-seed && [[ -z $SEED_GPU ]] && seed_time
-want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf16 eager,compile; }
-want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 eager,compile --res 512; }
+want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf16 "$FAMILY_BASELINES"; }
+want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 "$FAMILY_BASELINES" --res 512; }
 for variant in $STEPS; do
   [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue
   [[ $variant == sdxl-autotune && -f $R/speed-sdxl-seed.json ]] && continue  # measured beside the seed's recipe
   [[ $variant == sdxl-fp8 && ( -f $R/speed-sdxl.json || -f $R/speed-sdxl-seed.json ) ]] && continue  # measured
   stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
 done
-want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 eager,compile; }
+want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 "$FAMILY_BASELINES"; }
 [[ -n ${seed_job:-} ]] && { stamp "waiting for the sdxl-seed step"; wait "$seed_job"; }
 stamp "ALL DONE"
