@@ -155,7 +155,9 @@ def default_quantization(family: str | None, dtype: str, capability: tuple[int, 
     """What measured fastest at an acceptable error for a model family in `dtype` on a CUDA GPU of this compute
     capability (None: not a CUDA GPU): fp8 for SDXL in bf16 where fp8 matmuls exist (H200: 29.05 vs 31.06 ms per
     UNet step, step error against fp32 1.19e-2 vs bf16's 0.92e-2, bench/results/2026-11-30-h200-e); no quantization
-    elsewhere, where it was slower or is unmeasured, nor for an fp32 export, which asks for precision."""
+    elsewhere, where it was slower or is unmeasured, nor for an fp32 export, which asks for precision. int8 is never
+    the default: on the H200 it made the SDXL step slower than bf16 (38.00 vs 30.64 ms, cuBLAS's int8 matmuls run
+    Ampere kernels there; bench/results/2026-12-01-h200-h), and it is unmeasured on GPUs without fp8 matmuls."""
     fp8_matmuls = capability is not None and capability >= FP8_CAPABILITY
     return "fp8" if family == "sdxl" and dtype == "bf16" and fp8_matmuls else "none"
 
