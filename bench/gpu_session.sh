@@ -29,6 +29,11 @@
 # SEED_GPU (a two-GPU machine): the sdxl-seed step (its cache-filling compile, then its timed run, once the artifacts
 # are exported) runs on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
 # the seed's compile then has SEED_DEADLINE seconds instead of sharing the export phase's CPUs and deadline.
+# The seed's compile takes longer than a session can give it (session H: 31 GEMMs and convolutions autotuned in its
+# first 10.5 minutes, alone on a GPU), so its tuning results (Inductor's autotuning timings and coordinate-descent
+# picks, kilobytes) are packed into $R/seed-tuning.tgz every minute; copied to SEED_TUNING (carried in: an ignored
+# folder), a later session's compile restores them and benchmarks only what is still missing: the same kernels,
+# chosen by the same benchmarks, on the same kind of GPU, image and versions (Inductor's cache keys check them).
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
 # Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min. Session D: SDXL
@@ -52,6 +57,7 @@ COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold}  # set it empty for page cach
 INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}  # where profile-diff.md reads kernels' code
 SEED_GPU=${SEED_GPU:-} MAIN_GPU=${MAIN_GPU:-0} SEED_CPUS=${SEED_CPUS:-16-31} MAIN_CPUS=${MAIN_CPUS:-0-15}
 SEED_DEADLINE=${SEED_DEADLINE:-$EXPORT_DEADLINE}
+SEED_TUNING=${SEED_TUNING:-.seed-tuning/seed-tuning.tgz}  # an earlier run's $R/seed-tuning.tgz, restored if present
 mkdir -p "$R" /tmp/fd/fastdiff /tmp/art
 export PYTHONUNBUFFERED=1 FASTDIFF_CACHE=/tmp/cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -88,9 +94,20 @@ speed() {  # artifact name, baselines, extra options
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv
 python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__, torchao.__version__)'
 
+pack_seed_tuning() {  # the seed compile's tuning results so far: GEMM/convolution timings, coordinate-descent picks
+  (cd "$INDUCTOR_CACHE" && find . -path ./cache -prune -o -name '*.best_config' -print \
+    | tar czf "$R/seed-tuning.tgz.part" cache -T - && mv "$R/seed-tuning.tgz.part" "$R/seed-tuning.tgz") 2> /dev/null
+}
 seed_fill() {  # the seed's recipe compiled once, to fill Inductor's caches for its timed run
+  mkdir -p "$INDUCTOR_CACHE"
+  [[ -f $SEED_TUNING ]] && tar xzf "$SEED_TUNING" -C "$INDUCTOR_CACHE" && stamp "seed tuning restored from $SEED_TUNING"
   timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference \
-    --runs 1 --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1
+    --runs 1 --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
+  local fill=$! packed=$SECONDS
+  while kill -0 "$fill" 2> /dev/null; do
+    sleep 5; (( SECONDS - packed >= 60 )) && { pack_seed_tuning; packed=$SECONDS; }
+  done
+  wait "$fill"; pack_seed_tuning
   [[ -f $R/seed-cache-fill.json ]] && stamp "seed recipe compiled (cache filled)"
 }
 seed_time() {  # the seed's recipe from its warm cache against the SDXL artifacts exported
