@@ -12,7 +12,7 @@ from fastdiff.runtime.resolution import parse_resolution
 from .attention import CHOICES as ATTENTION_CHOICES
 from .compile import parse_inductor_config
 from .export import ExportOptions, export_artifact, log
-from .passes import DEFAULT_PASSES, PASSES, default_quantization, have_torchao
+from .passes import DEFAULT_PASSES, PASSES, default_quantization, have_torchao, quantization_advice
 from .presets import PRESETS
 from .source import default_resolution, model_family
 
@@ -130,6 +130,8 @@ def main(
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if quantize == "auto":
         quantize = auto_quantization(model, revision, dtype, dev)
+    elif dev.type == "cuda" and (advice := quantization_advice(quantize, torch.cuda.get_device_capability(dev))):
+        log(f"note: {advice}")
     if quantize != "none":
         pass_list.append(quantize)
     options = ExportOptions(

@@ -162,6 +162,16 @@ def default_quantization(family: str | None, dtype: str, capability: tuple[int, 
     return "fp8" if family == "sdxl" and dtype == "bf16" and fp8_matmuls else "none"
 
 
+def quantization_advice(choice: str, capability: tuple[int, int] | None) -> str | None:
+    """A note for an explicit quantization choice that measured slower than another on a GPU like this one."""
+    if choice == "int8" and capability is not None and capability >= FP8_CAPABILITY:
+        return (
+            "int8 made the SDXL UNet step 24 % slower than bf16 on an H200 (cuBLAS runs its int8 matmuls with Ampere "
+            "kernels there); on GPUs with fp8 matmuls --quantize fp8 (auto's choice for SDXL) is the faster one"
+        )
+    return None
+
+
 # channels_last: with NCHW weights, cuDNN converts every convolution's input and output to NHWC and back (2.8 ms
 # of a 31 ms SDXL UNet step on the H200, bench/results/2026-11-30-h200-b); torch.compile with NHWC weights had none.
 DEFAULT_PASSES = ["sdpa", "fuse_qkv", "channels_last"]

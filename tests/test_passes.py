@@ -41,6 +41,7 @@ from fastdiff.exporter.passes import (
     default_quantization,
     fp8_filter,
     int8_filter,
+    quantization_advice,
 )
 from fastdiff.exporter.presets import PRESETS
 from fastdiff.exporter.source import FAMILIES, model_family
@@ -379,6 +380,14 @@ def test_auto_quantization(tmp_path: Path) -> None:
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1"}))
     assert model_family(str(other)) is None
+
+
+def test_int8_on_a_gpu_with_fp8_matmuls_gets_a_note() -> None:
+    assert "fp8" in quantization_advice("int8", (9, 0))
+    assert quantization_advice("int8", (8, 0)) is None  # A100: int8 is the only quantization there
+    assert quantization_advice("int8", None) is None
+    assert quantization_advice("fp8", (9, 0)) is None
+    assert quantization_advice("none", (9, 0)) is None
 
 
 def test_auto_quantization_on_an_fp8_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
