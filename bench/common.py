@@ -7,6 +7,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +85,91 @@ def kernel_profile(fn: Callable[[], object], device: torch.device, runs: int = 5
             for e in kernels
         ],
     }
+
+
+GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of work on the GPU
+RUNTIME_CALLS = ("cuda_runtime", "cuda_driver")  # the host calls that launched it (graph replays, kernels, copies)
+
+
+def timeline(fn: Callable[[], object], device: torch.device) -> dict:
+    """One call of `fn` on the GPU's timeline (torch.profiler, CUDA only): its wall time, how much of it the GPU was
+    busy, the longest idle gaps, and per phase the runtime names (record_function "fastdiff::...") its host time and
+    the GPU work it launched. Says where an end-to-end time beyond the sum of the kernels goes."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("bench::call"):
+            fn()
+            sync(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    return timeline_summary(events)
+
+
+def timeline_summary(events: list[dict]) -> dict:
+    """timeline's numbers from chrome-trace events (times in ms from the call's start)."""
+    call = next(e for e in events if e["name"] == "bench::call")
+    t0, t1 = call["ts"], call["ts"] + call["dur"]
+    gpu = sorted((max(e["ts"], t0), min(e["ts"] + e["dur"], t1), e) for e in events if e.get("cat") in GPU_ACTIVITY)
+    gpu = [g for g in gpu if g[1] > g[0]]
+    busy, gaps, edge = 0.0, [], t0
+    for start, end, _ in gpu:
+        if start > edge:
+            gaps.append((edge, start))
+        busy += max(0.0, end - max(start, edge))
+        edge = max(edge, end)
+    gaps.append((edge, t1))
+    phases = sorted(
+        (e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("fastdiff::")),
+        key=lambda e: e["ts"],
+    )
+    launches = [e for e in events if e.get("cat") in RUNTIME_CALLS and "correlation" in e.get("args", {})]
+    launched_at = {e["args"]["correlation"]: e["ts"] for e in launches}
+    by_phase = {p["name"]: {"host_ms": p["dur"] / 1e3, "gpu": []} for p in phases}
+    for start, end, e in gpu:
+        at = launched_at.get(e.get("args", {}).get("correlation"))
+        phase = next((p["name"] for p in phases if at is not None and p["ts"] <= at <= p["ts"] + p["dur"]), None)
+        if phase is not None:
+            by_phase[phase]["gpu"].append((start, end))
+    phase_rows = {}
+    for name, info in by_phase.items():
+        spans = info["gpu"]
+        phase_rows[name] = {
+            "host_ms": info["host_ms"],
+            "gpu_ms": sum(end - start for start, end in spans) / 1e3,
+            "gpu_from_ms": (min(s for s, _ in spans) - t0) / 1e3 if spans else None,
+            "gpu_to_ms": (max(e for _, e in spans) - t0) / 1e3 if spans else None,
+        }
+    return {
+        "wall_ms": (t1 - t0) / 1e3,
+        "gpu_busy_ms": busy / 1e3,
+        "gpu_idle_ms": (t1 - t0 - busy) / 1e3,
+        "longest_gaps_ms": [
+            {"at_ms": (a - t0) / 1e3, "ms": (b - a) / 1e3} for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:8]
+        ],
+        "phases": phase_rows,
+    }
+
+
+def timeline_table(name: str, tl: dict) -> list[str]:
+    lines = [
+        f"### {name}: one generation on the GPU's timeline (profiled)",
+        "",
+        f"Wall {tl['wall_ms']:.1f} ms: GPU busy {tl['gpu_busy_ms']:.1f} ms, idle {tl['gpu_idle_ms']:.1f} ms. "
+        "Longest idle gaps (start, length): "
+        + ", ".join(f"{g['at_ms']:.1f} ms +{g['ms']:.2f}" for g in tl["longest_gaps_ms"]),
+        "",
+    ]
+    if tl["phases"]:
+        lines += ["| phase | host ms | GPU ms launched | GPU from .. to ms |", "|---|---|---|---|"]
+        for phase, p in tl["phases"].items():
+            window = "" if p["gpu_from_ms"] is None else f"{p['gpu_from_ms']:.1f} .. {p['gpu_to_ms']:.1f}"
+            lines.append(f"| {phase.removeprefix('fastdiff::')} | {p['host_ms']:.1f} | {p['gpu_ms']:.1f} | {window} |")
+    return [*lines, ""]
 
 
 def profile_table(name: str, profile: dict, top: int = 15) -> list[str]:

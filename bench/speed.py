@@ -19,7 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, kernel_profile, profile_table, summary, sync, time_ms, write_results
+from common import (
+    environment,
+    kernel_profile,
+    profile_table,
+    summary,
+    sync,
+    time_ms,
+    timeline,
+    timeline_table,
+    write_results,
+)
 
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,6 +132,8 @@ def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latent
         sync(device)
         e2e.append(time.perf_counter() - t0)
     result["end_to_end_s"] = summary(e2e)
+    if args.profile and device.type == "cuda":
+        result["timeline"] = timeline(lambda: generate(pipe, args, device, "pil"), device)
     with torch.no_grad():
         result["_unet_out"] = unet_step(inputs).float().cpu()
     result["_image"] = generate(pipe, args, device, "np")
@@ -228,6 +240,8 @@ def table(record: dict) -> str:
     for r in record["results"]:
         if "unet_profile" in r:
             lines += profile_table(r["variant"], r["unet_profile"])
+        if "timeline" in r:
+            lines += timeline_table(r["variant"], r["timeline"])
     return "\n".join(lines) + "\n"
 
 

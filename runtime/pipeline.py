@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .errors import FastDiffError
@@ -23,6 +24,9 @@ from .resolution import Resolution, parse_resolution
 from .text import TextConditioner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+# What a call does, in order, each under torch.profiler.record_function("fastdiff::" + phase): a profile of a call
+# then says how long each took on the host and which GPU work it launched (bench/common.py timeline).
+PHASES = ("encode_prompt", "denoise", "decode", "to_image")
 
 
 @dataclass
@@ -75,7 +79,6 @@ class FastDiffPipeline:
         output_type: str = "pil",
     ) -> FastDiffPipelineOutput:
         # Deferred so that load_pipeline can overlap diffusers' slow import with loading; loaded by now.
-        from diffusers.image_processor import VaeImageProcessor
         from diffusers.utils.torch_utils import randn_tensor
 
         facts = self.manifest.model
@@ -88,7 +91,8 @@ class FastDiffPipeline:
         guidance = guidance_scale > 1.0
 
         n = len(prompts) * num_images_per_prompt
-        chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
+        with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
+            chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
         # The scheduler's tables and timesteps stay on the CPU: indexing them with a device timestep would wait for
         # the GPU at every step (PNDM's alphas_cumprod[t]). The denoiser gets the timesteps in one copy per call.
         self.scheduler.set_timesteps(num_inference_steps, device="cpu")
@@ -100,15 +104,14 @@ class FastDiffPipeline:
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
-        latents = self._denoise(unet, latents, unet_timesteps, chunks, guidance_scale, step_kwargs)
+        with record_function("fastdiff::denoise"):
+            latents = self._denoise(unet, latents, unet_timesteps, chunks, guidance_scale, step_kwargs)
         if output_type == "latent":
             return FastDiffPipelineOutput(images=latents)
-        out = torch.cat([vae(latents[chunk].to(self.vae_dtype)) for chunk, _ in chunks])
-        if output_type == "np":
-            return FastDiffPipelineOutput(images=VaeImageProcessor.pt_to_numpy(out))
-        if out.device.type == "cpu":  # numpy rounds faster than torch on the CPU
-            return FastDiffPipelineOutput(images=VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(out)))
-        return FastDiffPipelineOutput(images=[PIL.Image.fromarray(p) for p in uint8_pixels(out).cpu().numpy()])
+        with record_function("fastdiff::decode"):
+            out = torch.cat([vae(latents[chunk].to(self.vae_dtype)) for chunk, _ in chunks])
+        with record_function("fastdiff::to_image"):
+            return FastDiffPipelineOutput(images=_images(out, output_type))
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -204,6 +207,16 @@ class FastDiffPipeline:
                 f"pick one of those, or export it: fastdiff-export ... --res {res}",
             )
         return res
+
+
+def _images(decoded: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray:
+    from diffusers.image_processor import VaeImageProcessor
+
+    if output_type == "np":
+        return VaeImageProcessor.pt_to_numpy(decoded)
+    if decoded.device.type == "cpu":  # numpy rounds faster than torch on the CPU
+        return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(decoded))
+    return [PIL.Image.fromarray(p) for p in uint8_pixels(decoded).cpu().numpy()]
 
 
 def uint8_pixels(images: torch.Tensor) -> torch.Tensor:

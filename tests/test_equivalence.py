@@ -230,3 +230,20 @@ def test_warm_up_changes_nothing(tiny_artifact: Path, tiny_pipeline) -> None:
         )
     warm.scheduler = None
     warm.warm_up()
+
+
+def test_phases_are_named_in_profiles(tiny_pipeline) -> None:
+    """A call's phases show in a torch.profiler trace under their names, in order (bench/common.py's timeline reads
+    them); a latent-only call stops after the denoise loop."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastdiff.runtime.pipeline import PHASES
+
+    def phases(output_type: str) -> list[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _call(tiny_pipeline, 0, output_type)
+        spans = sorted((e.time_range.start, e.name) for e in prof.events() if e.name.startswith("fastdiff::"))
+        return [name.removeprefix("fastdiff::") for _, name in spans]
+
+    assert phases("pil") == list(PHASES)
+    assert phases("latent") == ["encode_prompt", "denoise"]
