@@ -111,8 +111,10 @@ def generate(pipe, args, device, output_type: str):
     ).images
 
 
-def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latents) -> dict:
-    """Times and outputs for one variant. `unet_step(inputs)` and `vae_decode(latents)` run one call."""
+def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latents, timed_phases: bool = False) -> dict:
+    """Times and outputs for one variant. `unet_step(inputs)` and `vae_decode(latents)` run one call. With
+    timed_phases (fastdiff's pipeline, which names its phases) and --profile, one generation's timeline too (a
+    diffusers eager one would be a trace of ~10^5 ops, for no phases)."""
     result: dict = {"variant": name}
     result["unet_step_ms"] = summary(time_ms(lambda: unet_step(inputs), device, args.warmup, args.step_runs))
     if args.profile and device.type == "cuda":
@@ -132,7 +134,7 @@ def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latent
         sync(device)
         e2e.append(time.perf_counter() - t0)
     result["end_to_end_s"] = summary(e2e)
-    if args.profile and device.type == "cuda":
+    if timed_phases and args.profile and device.type == "cuda":
         result["timeline"] = timeline(lambda: generate(pipe, args, device, "pil"), device)
     with torch.no_grad():
         result["_unet_out"] = unet_step(inputs).float().cpu()
@@ -201,7 +203,17 @@ def fastdiff_variant(label: str, path: str, args, device, inputs, latents_shape)
     unet, vae = pipe.unets[key], pipe.vae_decoders[key]
     x = cast(inputs, pipe.dtype)
     latents = torch.randn(latents_shape, generator=torch.Generator().manual_seed(1)).to(device, pipe.vae_dtype)
-    result = measure(f"fastdiff {label}", lambda _: unet(*x), lambda z: vae(z), pipe, args, device, inputs, latents)
+    result = measure(
+        f"fastdiff {label}",
+        lambda _: unet(*x),
+        lambda z: vae(z),
+        pipe,
+        args,
+        device,
+        inputs,
+        latents,
+        timed_phases=True,
+    )
     result["load_s"] = load_s
     result["passes"] = pipe.manifest.options.get("passes")
     result["dtype"] = pipe.manifest.dtype
