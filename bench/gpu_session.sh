@@ -68,7 +68,8 @@ declare -A VARIANTS=(
   [sdxl-fp8]="--quantize fp8" [sdxl-seedflags]="--seed-flags" [sdxl-attn-auto]="--attention auto"
   [sdxl-autotune]="--max-autotune --inductor-config max_autotune_conv_backends=ATEN" [sdxl-int8]="--quantize int8"
   [sdxl-conv1x1]="--passes sdpa,fuse_qkv,channels_last,conv1x1_to_linear"
-  [sd15-fp8]="--quantize fp8" [sd15-autotune]="--max-autotune --inductor-config max_autotune_conv_backends=ATEN"
+  [sd15-fp8]="--quantize fp8" [pixart-fp8]="--quantize fp8"
+  [sd15-autotune]="--max-autotune --inductor-config max_autotune_conv_backends=ATEN"
 )
 stamp() { echo "=== $(date +%T) $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
