@@ -25,6 +25,11 @@
 # handler: unlike faulthandler's timed dump, which crashed an export in session C, it runs between bytecodes; ignored
 # from exit on, when Python would otherwise restore the default action, which ends the process).
 # Every export is bf16 without quantization unless its variant says otherwise (the CLI's auto picks fp8 for SDXL).
+# sdxl-fp8-qkv and sdxl-fp8-qkv-ff add fp8 linears whose input quantization Inductor can fuse into the kernel before
+# them (the self-attention QKV projection after its LayerNorm, the feed-forward output after GEGLU): measured alone
+# (bench/results/2026-11-30-h200-e, probe-fp8.txt) their fp8 matmuls were 0.6 and 0.4 ms per step faster, and the
+# separate quantization kernels lost more than that; in the UNet the feed-forward input projection's quantization
+# was fused into its LayerNorm kernel (0.24 ms for 18 calls), so the other two may gain there.
 # Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
 # SEED_GPU (a two-GPU machine): the sdxl-seed step (its cache-filling compile, then its timed run, once the artifacts
 # are exported) runs on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
@@ -68,6 +73,8 @@ declare -A VARIANTS=(
   [sdxl-fp8]="--quantize fp8" [sdxl-seedflags]="--seed-flags" [sdxl-attn-auto]="--attention auto"
   [sdxl-autotune]="--max-autotune --inductor-config max_autotune_conv_backends=ATEN" [sdxl-int8]="--quantize int8"
   [sdxl-conv1x1]="--passes sdpa,fuse_qkv,channels_last,conv1x1_to_linear"
+  [sdxl-fp8-qkv]="--quantize fp8 --quantize-linears ff.net.0.proj,attn1.to_qkv"
+  [sdxl-fp8-qkv-ff]="--quantize fp8 --quantize-linears ff.net.0.proj,attn1.to_qkv,ff.net.2"
   [sd15-fp8]="--quantize fp8" [pixart-fp8]="--quantize fp8"
   [sd15-autotune]="--max-autotune --inductor-config max_autotune_conv_backends=ATEN"
 )

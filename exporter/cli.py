@@ -12,15 +12,26 @@ from fastdiff.runtime.resolution import parse_resolution
 from .attention import CHOICES as ATTENTION_CHOICES
 from .compile import parse_inductor_config
 from .export import ExportOptions, export_artifact, log
-from .passes import DEFAULT_PASSES, PASSES, default_quantization, have_torchao, quantization_advice
+from .passes import (
+    DEFAULT_PASSES,
+    PASSES,
+    QUANTIZATION_PASSES,
+    default_quantization,
+    have_torchao,
+    quantization_advice,
+)
 from .presets import PRESETS
 from .source import default_resolution, model_family
 
-LAYOUT_PASSES = [p for p in PASSES if p not in ("int8", "fp8")]
+LAYOUT_PASSES = [p for p in PASSES if p not in QUANTIZATION_PASSES]
 
 
 def _presets_help() -> str:
     return "; ".join(f"{p.name}: {p.about}" for p in PRESETS.values())
+
+
+def _names(option: str | None) -> list[str] | None:
+    return None if option is None else [name.strip() for name in option.split(",") if name.strip()]
 
 
 def auto_quantization(model: str, revision: str | None, dtype: str, device: torch.device) -> str:
@@ -59,12 +70,18 @@ def auto_quantization(model: str, revision: str | None, dtype: str, device: torc
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["auto", "none", "int8", "fp8"]),
+    type=click.Choice(["auto", "none", *QUANTIZATION_PASSES]),
     default="auto",
     show_default=True,
     help="torchao dynamic quantization of the denoiser's linears (fp8: its feed-forward input projections; needs "
     "compute capability >= 8.9). auto: what measured fastest for the model on the export GPU: fp8 for SDXL in bf16 "
     "on such GPUs, else none.",
+)
+@click.option(
+    "--quantize-linears",
+    metavar="NAMES",
+    help="Comma-separated name suffixes of the denoiser's linears to quantize (e.g. ff.net.0.proj,attn1.to_qkv) "
+    "instead of --quantize's own choice; linears that see one row per image stay unquantized for int8.",
 )
 @click.option("--max-autotune/--no-max-autotune", default=False, show_default=True, help="Inductor max-autotune.")
 @click.option(
@@ -110,6 +127,7 @@ def main(
     batch_size: int,
     passes: str,
     quantize: str,
+    quantize_linears: str | None,
     max_autotune: bool,
     inductor_config: tuple[str, ...],
     seed_flags: bool,
@@ -141,6 +159,7 @@ def main(
         dtype=dtype,
         batch_size=batch_size,
         passes=pass_list,
+        quantize_linears=_names(quantize_linears),
         seed_inductor_flags=seed_flags,
         max_autotune=max_autotune,
         inductor_overrides=parse_inductor_config(list(inductor_config)),

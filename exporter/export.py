@@ -31,7 +31,7 @@ from .compile import (
     package_constant_names,
     plain_constants,
 )
-from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, apply_passes, have_torchao
+from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, QUANTIZATION_PASSES, apply_passes, have_torchao
 from .source import Source, load_source
 from .wrappers import (
     T5_ENCODER_INPUTS,
@@ -65,6 +65,7 @@ class ExportOptions:
     batch_size: int = 1
     passes: list[str] = field(default_factory=lambda: list(DEFAULT_PASSES))
     vae_passes: list[str] | None = None  # default: the UNet's passes without quantization
+    quantize_linears: list[str] | None = None  # name suffixes of the linears to quantize; None: the pass's own filter
     seed_inductor_flags: bool = False
     max_autotune: bool = False
     inductor_overrides: dict[str, Any] = field(default_factory=dict)  # any torch._inductor.config keys, applied last
@@ -137,9 +138,11 @@ def export_artifact(options: ExportOptions) -> Path:
         vae_dtype = _vae_dtype(pipe, torch_dtype(options.dtype))
         vae_passes = options.vae_passes
         if vae_passes is None:
-            vae_passes = [p for p in options.passes if p not in ("int8", "fp8")]
+            vae_passes = [p for p in options.passes if p not in QUANTIZATION_PASSES]
         with phase(f"applying passes {', '.join(options.passes) or '(none)'}"):
-            unet = _step_wrapper(source)(apply_passes(source.denoiser.to(options.device), options.passes)).eval()
+            unet = _step_wrapper(source)(
+                apply_passes(source.denoiser.to(options.device), options.passes, options.quantize_linears)
+            ).eval()
             vae = VAEDecode(apply_passes(pipe.vae.to(options.device, vae_dtype), vae_passes)).eval()
 
         facts = _model_facts(source)
@@ -181,6 +184,7 @@ def export_artifact(options: ExportOptions) -> Path:
             options={
                 "passes": options.passes,
                 "vae_passes": vae_passes,
+                "quantize_linears": options.quantize_linears,
                 "inductor": options.inductor_configs(),
                 "text_encoders": "compiled" if text_encoders else "stock",
                 "attention": attention,
@@ -296,7 +300,12 @@ def _check_passes(options: ExportOptions) -> None:
             raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
     dev = torch.device(options.device)
     capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-    quantization = [p for p in options.passes if p in ("int8", "fp8")]
+    quantization = [p for p in options.passes if p in QUANTIZATION_PASSES]
+    if options.quantize_linears is not None and not quantization:
+        raise FastDiffError(
+            "--quantize-linears names linears to quantize, but no quantization is on",
+            "add --quantize int8 or fp8 (--quantize auto chose none for this model and device)",
+        )
     if quantization and not have_torchao():
         raise FastDiffError(
             f"--quantize {quantization[0]} needs torchao, which is not installed",
@@ -389,6 +398,6 @@ def _versions(options: ExportOptions) -> dict[str, str | None]:
         "triton": version("triton") if options.device.type == "cuda" else None,
         "diffusers": version("diffusers"),
         "transformers": version("transformers"),
-        "torchao": version("torchao") if {"int8", "fp8"} & set(options.passes) else None,
+        "torchao": version("torchao") if set(QUANTIZATION_PASSES) & set(options.passes) else None,
         "fastdiff": version("fastdiff"),
     }

@@ -6,7 +6,8 @@ They are the optimizations of "Diffusion, Fast" (reduced precision, SDPA, fused 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -88,11 +89,21 @@ SEED_INT8_SKIP_SHAPES = frozenset(
 PER_IMAGE_LINEARS = frozenset({"time_embedding", "add_embedding", "class_embedding", "time_emb_proj", "adaln_single"})
 
 
-def int8_filter(module: nn.Module, fqn: str) -> bool:
+def named(fqn: str, names: Sequence[str]) -> bool:
+    """`fqn` is one of `names` or ends with one at a module boundary (attn1.to_qkv: every block's fused projection)."""
+    return any(fqn == name or fqn.endswith("." + name) for name in names)
+
+
+def int8_filter(module: nn.Module, fqn: str, linears: Sequence[str] | None = None) -> bool:
+    """The seed's shape filter, or the linears named (`linears`: name suffixes); never the per-image ones."""
     return (
         isinstance(module, nn.Linear)
         and module.in_features > 16
-        and (module.in_features, module.out_features) not in SEED_INT8_SKIP_SHAPES
+        and (
+            named(fqn, linears)
+            if linears is not None
+            else (module.in_features, module.out_features) not in SEED_INT8_SKIP_SHAPES
+        )
         and PER_IMAGE_LINEARS.isdisjoint(fqn.split("."))
     )
 
@@ -106,10 +117,11 @@ FP8_LINEARS = ("ff.net.0.proj",)  # diffusers' FeedForward input projection (GEG
 FP8_ACTIVATION_AMAX_MIN = 1e-12  # a row of zeros (SDXL's negative prompt when empty) would get scale 0: 0 / 0 = NaN
 
 
-def fp8_filter(module: nn.Module, fqn: str) -> bool:
+def fp8_filter(module: nn.Module, fqn: str, linears: Sequence[str] | None = None) -> bool:
+    """The feed-forward input projections, or the linears named (`linears`: name suffixes), where fp8 can run them."""
     return (
         isinstance(module, nn.Linear)
-        and fqn.endswith(FP8_LINEARS)
+        and named(fqn, FP8_LINEARS if linears is None else linears)
         and module.in_features % 16 == 0  # float8 matmuls need both dimensions divisible by 16
         and module.out_features % 16 == 0
         and bool(module.weight.detach().abs().amax(dim=1).gt(0).all())  # a zero row's scale would be 0 (NaN), as above
@@ -123,24 +135,43 @@ def fp8_filter(module: nn.Module, fqn: str) -> bool:
 # ExportOptions.inductor_configs, recorded in the manifest.
 
 
-def int8_dynamic(model: nn.Module) -> nn.Module:
-    """torchao dynamic int8 activation x int8 weight quantization of the linears the filter keeps."""
+def int8_dynamic(model: nn.Module, linears: Sequence[str] | None = None) -> nn.Module:
+    """torchao dynamic int8 activation x int8 weight quantization of the linears the filter keeps (`linears`: name
+    suffixes of the ones to quantize instead of the seed's shape filter)."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False), filter_fn=int8_filter)
+    _check_named(model, linears)
+    config = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    quantize_(model, config, filter_fn=functools.partial(int8_filter, linears=linears))
     return model
 
 
-def fp8_dynamic(model: nn.Module) -> nn.Module:
-    """torchao dynamic float8 (e4m3, per-row scales) quantization of the linears the filter keeps; needs compute
-    capability >= 8.9."""
+def fp8_dynamic(model: nn.Module, linears: Sequence[str] | None = None) -> nn.Module:
+    """torchao dynamic float8 (e4m3, per-row scales) quantization of the linears the filter keeps (`linears`: name
+    suffixes of the ones to quantize instead of the feed-forward input projections); needs compute capability >= 8.9."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
+    _check_named(model, linears)
     config = Float8DynamicActivationFloat8WeightConfig(
         granularity=PerRow(), activation_value_lb=FP8_ACTIVATION_AMAX_MIN, set_inductor_config=False
     )
-    quantize_(model, config, filter_fn=fp8_filter)
+    quantize_(model, config, filter_fn=functools.partial(fp8_filter, linears=linears))
     return model
+
+
+def _check_named(model: nn.Module, linears: Sequence[str] | None) -> None:
+    if linears is None:
+        return
+    if not linears:
+        raise FastDiffError("--quantize-linears names no linear", "give name suffixes, e.g. ff.net.0.proj,attn1.to_qkv")
+    fqns = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in linears:
+        if not any(named(fqn, [name]) for fqn in fqns):
+            raise FastDiffError(
+                f"--quantize-linears: no linear of the {type(model).__name__} is named {name!r}",
+                "give suffixes of its linears' names, e.g. ff.net.0.proj, ff.net.2 or attn1.to_qkv (the fused "
+                "projection the fuse_qkv pass makes)",
+            )
 
 
 def have_torchao() -> bool:
@@ -176,7 +207,7 @@ def quantization_advice(choice: str, capability: tuple[int, int] | None) -> str 
 # of a 31 ms SDXL UNet step on the H200, bench/results/2026-11-30-h200-b); torch.compile with NHWC weights had none.
 DEFAULT_PASSES = ["sdpa", "fuse_qkv", "channels_last"]
 
-PASSES: dict[str, Callable[[nn.Module], nn.Module]] = {
+PASSES: dict[str, Callable[..., nn.Module]] = {
     "sdpa": sdpa,
     "fuse_qkv": fuse_qkv,
     "conv1x1_to_linear": conv1x1_to_linear,
@@ -186,14 +217,20 @@ PASSES: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def apply_passes(model: nn.Module, names: list[str]) -> nn.Module:
-    """Apply the named passes in the canonical order (quantization last, after the layout passes)."""
+QUANTIZATION_PASSES = ("int8", "fp8")
+
+
+def apply_passes(model: nn.Module, names: list[str], quantize_linears: Sequence[str] | None = None) -> nn.Module:
+    """Apply the named passes in the canonical order (quantization last, after the layout passes); a quantization
+    pass takes `quantize_linears` (name suffixes of the linears to quantize; None: its own filter)."""
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
     if "int8" in names and "fp8" in names:
         raise FastDiffError("int8 and fp8 quantization exclude each other", "pick one of --quantize int8 or fp8")
     for name in PASSES:
-        if name in names:
+        if name in QUANTIZATION_PASSES and name in names:
+            model = PASSES[name](model, quantize_linears)
+        elif name in names:
             model = PASSES[name](model)
     return model

@@ -584,6 +584,22 @@ def test_export_fp8_on_cpu(exports: Path) -> None:
     assert list(exports.iterdir()) == []
 
 
+def test_export_quantize_linears_without_quantization(exports: Path) -> None:
+    args = ("--device", "cpu", "--quantize", "none", "--quantize-linears", "ff.net.0.proj", "--out", f"{exports}/a")
+    proc, seconds = export("tiny-sdxl", "--res", "64", *args)
+    assert_export_refused(proc, seconds, exports, "--quantize-linears names linears to quantize, but no quantization")
+    assert list(exports.iterdir()) == []
+
+
+def test_export_quantize_linears_names_nothing(exports: Path) -> None:
+    pytest.importorskip("torchao")
+    names = "ff.net.0.proj,attn9.to_qkv"
+    args = ("--device", "cpu", "--quantize", "int8", "--quantize-linears", names, "--out", f"{exports}/a")
+    proc, seconds = export("tiny-sdxl", "--res", "64", *args)
+    assert_export_refused(proc, seconds, exports, "no linear of the UNet2DConditionModel is named 'attn9.to_qkv'")
+    assert list(exports.iterdir()) == []
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
 def test_export_refuses_to_replace_other_things(exports: Path, overwrite: bool) -> None:
     """Into an existing folder that is not an artifact: refused even with --overwrite, and left as it was."""

@@ -41,6 +41,7 @@ from fastdiff.exporter.passes import (
     default_quantization,
     fp8_filter,
     int8_filter,
+    named,
     quantization_advice,
 )
 from fastdiff.exporter.presets import PRESETS
@@ -242,6 +243,21 @@ def test_int8_filter() -> None:
             assert int8_filter(linear(*shape[::-1]), "x"), shape[::-1]  # (in, out), not (out, in)
     assert not int8_filter(nn.Conv2d(64, 64, 1, device="meta"), "x")
     assert not int8_filter(nn.Embedding(100, 64, device="meta"), "x")
+    qkv = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv"
+    assert int8_filter(linear(1920, 1280), qkv, ["attn1.to_qkv"])  # named: the seed's shape filter no longer decides
+    assert not int8_filter(linear(320, 1280), qkv.replace("attn1.to_qkv", "ff.net.2"), ["attn1.to_qkv"])
+    assert not int8_filter(linear(320, 1280), "time_embedding.linear_1", ["linear_1"])  # one row per image: never
+    assert not int8_filter(linear(16, 64), qkv, ["attn1.to_qkv"])
+
+
+def test_named_linears() -> None:
+    block = "down_blocks.1.attentions.0.transformer_blocks.0"
+    assert named(f"{block}.attn1.to_qkv", ["ff.net.2", "attn1.to_qkv"])
+    assert named("ff.net.2", ["ff.net.2"])
+    assert not named(f"{block}.attn1.to_qkv", ["to_q"])  # whole module names only
+    assert not named(f"{block}.ff.net.2", ["net.0.proj"])
+    assert not named(f"{block}.xff.net.2", ["ff.net.2"])
+    assert not named(f"{block}.ff.net.2", [])
 
 
 def test_int8_pass_follows_filter() -> None:
@@ -258,6 +274,22 @@ def test_int8_pass_follows_filter() -> None:
     apply_passes(model, ["int8"])
     quantized = {name for name, m in model.named_children() if _is_quantized(m.weight)}
     assert quantized == {"kept", "transposed"}
+
+
+def test_int8_pass_quantizes_the_named_linears() -> None:
+    """--quantize-linears replaces the pass's own choice, keeps its limits, and names must name something."""
+    pytest.importorskip("torchao")
+
+    def model() -> nn.Sequential:
+        return nn.Sequential(
+            OrderedDict(small=nn.Linear(16, 64), kept=nn.Linear(64, 48), seed_skip=nn.Linear(1920, 1280))
+        )
+
+    quantized = apply_passes(model(), ["int8"], quantize_linears=["small", "seed_skip"])
+    assert {name for name, m in quantized.named_children() if _is_quantized(m.weight)} == {"seed_skip"}
+    for names, message in (([], "names no linear"), (["kept", "nope"], "no linear of the Sequential is named 'nope'")):
+        with pytest.raises(FastDiffError, match=message):
+            apply_passes(model(), ["int8"], quantize_linears=names)
 
 
 def test_quantization_leaves_the_compile_flags_alone() -> None:
@@ -361,6 +393,10 @@ def test_fp8_filter() -> None:
     with torch.no_grad():
         pruned.weight[3] = 0  # its per-row scale would be 0, and 0 / 0 NaN
     assert not fp8_filter(pruned, ff_in)
+    qkv = ff_in.replace("ff.net.0.proj", "attn1.to_qkv")
+    assert fp8_filter(linear(64, 64), qkv, ["attn1.to_qkv", "ff.net.2"])
+    assert not fp8_filter(linear(64, 64), ff_in, ["attn1.to_qkv"])  # the names replace the default
+    assert not fp8_filter(linear(64, 40), qkv, ["attn1.to_qkv"])  # and its limits stay
 
 
 def test_auto_quantization(tmp_path: Path) -> None:
