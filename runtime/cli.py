@@ -160,7 +160,7 @@ def inspect_main(artifact: Path, verify: bool) -> None:
         f"text encoders {'compiled' if manifest.text_encoders else 'stock (transformers)'}",
         f"dtype         {manifest.dtype} (VAE decoder {manifest.vae_decoder.dtype}), batch size {manifest.batch_size}",
         f"resolutions   {', '.join(map(str, manifest.resolutions))}",
-        f"passes        {', '.join(manifest.options.get('passes') or []) or '(none)'}",
+        f"passes        {_passes(manifest.options)}",
         f"inductor      {manifest.options.get('inductor') or '(defaults)'}",
         f"device        {manifest.device['type']} {manifest.device.get('name') or ''}"
         + (f" (compute capability {manifest.device['capability']})" if manifest.device.get("capability") else ""),
@@ -180,3 +180,9 @@ def inspect_main(artifact: Path, verify: bool) -> None:
         click.echo(f"error: {len(problems)} of {len(manifest.files)} files do not match the manifest", err=True)
         sys.exit(1)
     click.echo(f"verified      all {len(manifest.files)} files match their sha256")
+
+
+def _passes(options: dict) -> str:
+    linears = options.get("quantize_linears")
+    quantized = f" (quantized linears: {', '.join(linears)})" if linears else ""
+    return (", ".join(options.get("passes") or []) or "(none)") + quantized

@@ -3,8 +3,10 @@ an artifact, and every command documents its options."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 from conftest import run_cli
 
 from fastdiff.runtime import read_manifest
+from fastdiff.runtime.manifest import MANIFEST_NAME
 
 PROMPT = "a photo of a cat"
 
@@ -118,7 +121,20 @@ def test_inspect(tiny_artifact: Path) -> None:
     for rel in manifest.files:
         if rel.endswith((".pt2", ".safetensors")):
             assert re.search(rf"^\s+{re.escape(rel)}\s+[\d.]+ MB$", out, re.M), rel
+    assert re.search(r"^passes\s+sdpa, fuse_qkv, channels_last$", out, re.M), out
     assert "verified" not in out  # hashing only with --verify
+
+
+def test_inspect_names_the_quantized_linears(tiny_artifact: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["options"].update(passes=["sdpa", "fp8"], quantize_linears=["ff.net.0.proj", "attn1.to_qkv"])
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    proc = run_cli("fastdiff-inspect", str(copy))
+    assert proc.returncode == 0, proc.stderr
+    expected = r"^passes\s+sdpa, fp8 \(quantized linears: ff\.net\.0\.proj, attn1\.to_qkv\)$"
+    assert re.search(expected, proc.stdout, re.M), proc.stdout
 
 
 def test_inspect_verify(tiny_artifact: Path) -> None:
