@@ -122,7 +122,8 @@ def timeline_summary(events: list[dict]) -> dict:
             gaps.append((edge, start))
         busy += max(0.0, end - max(start, edge))
         edge = max(edge, end)
-    gaps.append((edge, t1))
+    if t1 > edge:
+        gaps.append((edge, t1))
     phases = sorted(
         (e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("fastdiff::")),
         key=lambda e: e["ts"],
