@@ -158,7 +158,8 @@ while running && (( SECONDS - start < EXPORT_DEADLINE )); do
   sleep "$STACK_EVERY"; pkill -USR1 --older 5 -f -- "--out /tmp/art/"  # not while an interpreter starts
 done
 if running; then
-  stamp "deadline: stopping the compiles still running"; pkill -f -- "--out (/tmp/art/|$R/seed-cache-fill)"
+  stamp "deadline: stopping the compiles still running"  # the seed's own, on its own GPU, keeps its SEED_DEADLINE
+  pkill -f -- "--out (/tmp/art/$([[ -z $SEED_GPU ]] && echo "|$R/seed-cache-fill"))"
 fi
 wait "${pids[@]}"
 touch "$R/exports-done"
