@@ -304,7 +304,7 @@ def _check_passes(options: ExportOptions) -> None:
     if options.quantize_linears is not None and not quantization:
         raise FastDiffError(
             "--quantize-linears names linears to quantize, but no quantization is on",
-            "add --quantize int8 or fp8 (--quantize auto chose none for this model and device)",
+            "add --quantize int8 or fp8 (--quantize auto picks none for most models and devices)",
         )
     if quantization and not have_torchao():
         raise FastDiffError(
