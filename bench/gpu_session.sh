@@ -16,6 +16,8 @@
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
 #                      (bf16, and sdxl-fp8's and sdxl-autotune's if those steps are on); its compile runs once in the
 #                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
+#   seed-fill          the seed recipe's cache-filling compile alone (no exports, no timed runs): a session that
+#                      only gathers its tuning results ($R/seed-tuning.tgz) for a later sdxl-seed step
 #   ssd-1b             SSD-1B (SDXL pipeline, distilled UNet) at 1024², bf16, against eager and torch.compile
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
@@ -142,7 +144,7 @@ stamp "exports, all at once"
 pids=()
 { want sdxl || want sdxl-coldstart || want sdxl-seed || want sdxl-cudnn-benchmark; } && { prepare sdxl-random sdxl-bf16 &
   pids+=($!); }
-want sdxl-seed && [[ -z $SEED_GPU ]] && { seed_fill & pids+=($!); }
+{ want sdxl-seed || want seed-fill; } && [[ -z $SEED_GPU ]] && { seed_fill & pids+=($!); }
 want ssd-1b && { prepare ssd-1b-random ssd-1b-bf16 & pids+=($!); }
 want sd15 && { prepare sd15-random sd15-bf16 & pids+=($!); }
 for variant in "${!VARIANTS[@]}"; do
