@@ -16,8 +16,10 @@
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
 #                      (bf16, and sdxl-fp8's and sdxl-autotune's if those steps are on); its compile runs once in the
 #                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
-#   seed-fill          the seed recipe's cache-filling compile alone (no exports, no timed runs): a session that
-#                      only gathers its tuning results ($R/seed-tuning.tgz) for a later sdxl-seed step
+#   seed-fill          the seed recipe's cache-filling compile without the sdxl-seed step's second, timed process:
+#                      it gathers the tuning results ($R/seed-tuning.tgz, progress in $R/seed-progress) and, if it
+#                      finishes, times the recipe in its own process (seed-cache-fill.md; beside the exports only
+#                      if they outlast it: the timed steps wait for it)
 #   ssd-1b             SSD-1B (SDXL pipeline, distilled UNet) at 1024², bf16, against eager and torch.compile
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
@@ -107,12 +109,14 @@ python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, t
 pack_seed_tuning() {  # the seed compile's tuning results so far: GEMM/convolution timings, coordinate-descent picks
   (cd "$INDUCTOR_CACHE" && find . -path ./cache -prune -o -name '*.best_config' -print \
     | tar czf "$R/seed-tuning.tgz.part" cache -T - && mv "$R/seed-tuning.tgz.part" "$R/seed-tuning.tgz") 2> /dev/null
+  echo "$(date +%T) $(tar tzf "$R/seed-tuning.tgz" 2> /dev/null | grep -c 'best_config$') coordinate-descent picks," \
+    "$(grep -c '^AUTOTUNE [a-z_]*(' "$R/seed-cache-fill.log") GEMM/convolution autotunings" >> "$R/seed-progress"
 }
-seed_fill() {  # the seed's recipe compiled once, to fill Inductor's caches for its timed run
+seed_fill() {  # the seed's recipe compiled, then timed as the sdxl-seed step's compile baseline is (its own record)
   mkdir -p "$INDUCTOR_CACHE"
   [[ -f $SEED_TUNING ]] && tar xzf "$SEED_TUNING" -C "$INDUCTOR_CACHE" && stamp "seed tuning restored from $SEED_TUNING"
   timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference \
-    --runs 1 --step-runs 3 --warmup 1 --e2e-warmup 0 --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
+    --profile --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
   local fill=$! packed=$SECONDS
   while kill -0 "$fill" 2> /dev/null; do
     sleep 5; (( SECONDS - packed >= 60 )) && { pack_seed_tuning; packed=$SECONDS; }
