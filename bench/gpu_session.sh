@@ -9,7 +9,7 @@
 #                      code of the kernels that differ most
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
 #                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
-#                      for the last artifact (twice)
+#                      for the last artifact (twice), and its warm-up's host time by op (probe-warmup.txt)
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
@@ -179,6 +179,7 @@ if want sdxl-coldstart && exported sdxl-bf16; then
   probed=${sdxl_artifacts[-1]#*=}
   for run in 1 2; do python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1; done
   cat "$R/probe-load.txt"
+  python3 bench/probe_load.py "$probed" --profile-warmup 40 > "$R/probe-warmup.txt" 2>&1  # what the warm-up pays for
 fi
 if want sdxl && exported sdxl-bf16; then
   stamp "sdxl: speed, quality, profile (artifacts against $SDXL_BASELINES)"

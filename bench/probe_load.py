@@ -1,10 +1,12 @@
 """Where a fastdiff cold start spends its time: imports, each part of load_pipeline, and within the warm-up the first
 call of each compiled package and the CUDA-graph capture (nested in warm_up: they overlap it, not add to it).
 
-python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB]
+python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB] [--profile-warmup N]
 
 --scheduler-first imports diffusers' scheduler before load_pipeline (shows the weights without the import beside
-them); --staging sets stream_weights' ring of pinned buffers.
+them); --staging sets stream_weights' ring of pinned buffers; --profile-warmup prints the N host-side ops and CUDA
+API calls that took the warm-up's time (the packages' first calls: kernel loading, cuDNN and cuBLAS plan choice),
+by self time; the profiler's overhead inflates that run's timings.
 """
 
 import argparse
@@ -26,6 +28,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("artifact", type=Path)
 parser.add_argument("--scheduler-first", action="store_true")
 parser.add_argument("--staging", nargs=2, type=int, metavar=("BUFFERS", "CHUNK_MIB"))
+parser.add_argument("--profile-warmup", type=int, metavar="N")
 args = parser.parse_args()
 if args.staging:
     from fastdiff.runtime import weights
@@ -87,6 +90,20 @@ def first_call_timed(self, *inputs):
 
 
 packages.CompiledModule.__call__ = first_call_timed
+if args.profile_warmup:
+    warm_up = FastDiffPipeline.warm_up
+
+    def profiled_warm_up(self):
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            warm_up(self)
+        print(
+            prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=args.profile_warmup, max_name_column_width=70
+            )
+        )
+
+    FastDiffPipeline.warm_up = profiled_warm_up
 t = time.perf_counter()
 pipe = load_pipeline(args.artifact)
 print(f"load_pipeline {time.perf_counter() - t:.2f} s:", {k: round(v, 2) for k, v in timings.items()})
