@@ -116,7 +116,8 @@ def _load_conditioner(
         ]
     else:
         dtype = torch_dtype(manifest.dtype)
-        encoders = [load_stock_text_encoder(stock[encoder], dtype, device) for _, encoder in parts]
+        penultimate = manifest.model.family == "sdxl"  # as the exporter's compiled CLIP encoders do
+        encoders = [load_stock_text_encoder(stock[encoder], dtype, device, penultimate) for _, encoder in parts]
     return TextConditioner(
         tokenizers=[load_tokenizer(stock[tokenizer], manifest.model.text_max_length) for tokenizer, _ in parts],
         encoders=encoders,

@@ -37,8 +37,9 @@ def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
     return tokenizer
 
 
-def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device) -> TextEncoder:
-    """A transformers text encoder saved with save_pretrained, of the class its config names."""
+def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device, penultimate: bool) -> TextEncoder:
+    """A transformers text encoder saved with save_pretrained, of the class its config names. A CLIP encoder returns
+    its penultimate layer's hidden states if `penultimate` (SDXL), else its final ones (SD 1.x)."""
     import transformers  # only artifacts exported with stock text encoders need it
 
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -57,9 +58,9 @@ def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device
         return model(ids, attention_mask=mask).last_hidden_state, None
 
     def encode_clip(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(ids, output_hidden_states=True)  # CLIP as diffusers calls it: no attention mask
+        out = model(ids, output_hidden_states=penultimate)  # CLIP as diffusers calls it: no attention mask
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        return out.hidden_states[-2], pooled
+        return (out.hidden_states[-2] if penultimate else out.last_hidden_state), pooled
 
     return encode_t5 if arch == "T5EncoderModel" else encode_clip
 

@@ -64,6 +64,23 @@ def test_matches_diffusers(sd_pipelines, kwargs: dict) -> None:
     assert_matches_diffusers(*sd_pipelines, **kwargs)
 
 
+def test_stock_text_encoder_gives_the_final_hidden_states(sd_pipelines, sd_checkpoint: Path) -> None:
+    # SD 1.x conditions on the encoder's last hidden state (SDXL on its penultimate one): --text-encoders stock
+    # artifacts use this loader, so it must return what StableDiffusionPipeline.encode_prompt does.
+    import torch
+
+    from fastdiff.runtime.text import load_stock_text_encoder
+
+    _, reference = sd_pipelines
+    encode = load_stock_text_encoder(sd_checkpoint / "text_encoder", torch.float32, torch.device("cpu"), False)
+    ids = reference.tokenizer(
+        ["a cat"], padding="max_length", max_length=reference.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    hidden, _ = encode(ids, torch.ones_like(ids))
+    expected, _ = reference.encode_prompt("a cat", "cpu", 1, False)
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-6)
+
+
 def test_warm_up(sd_pipelines) -> None:
     mine, _ = sd_pipelines
     mine.warm_up()  # one CLIP encoder, no added conditioning
