@@ -6,6 +6,7 @@ that is only stable within one torch minor release, so these must match where th
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -38,6 +39,13 @@ def resolve_device(device: str | torch.device | None, manifest: Manifest | None 
     elif dev.type != "cpu":
         raise FastDiffError(f"device {dev.type!r} is not supported", "use cpu or cuda")
     return dev
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` made the current CUDA device for the block (restored after it): AOTInductor packages run on the
+    current device's stream, and a package's loader makes its own device current, so a pipeline on another GPU than
+    the current one loads and runs inside this."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def device_record(device: torch.device) -> dict[str, Any]:

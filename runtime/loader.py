@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .compat import check_compatible, resolve_device
+from .compat import check_compatible, on_device, resolve_device
 from .errors import FastDiffError
 from .manifest import TEXT_PARTS, CompiledComponent, Manifest, check_files, read_manifest, torch_dtype
 from .packages import CompiledModule, CUDAGraphModule
@@ -63,7 +63,8 @@ def load_pipeline(
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
     try:
-        return _load(root, manifest, device, keys, cuda_graphs, warmup)
+        with on_device(device):
+            return _load(root, manifest, device, keys, cuda_graphs, warmup)
     finally:
         sys.setswitchinterval(switch_interval)
 

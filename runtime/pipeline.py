@@ -6,8 +6,10 @@ guidance arithmetic, same scheduler calls), so that swapping one for the other c
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
+from .compat import on_device
 from .errors import FastDiffError
 from .manifest import Manifest, torch_dtype
 from .packages import CompiledModule, CUDAGraphModule
@@ -27,6 +30,17 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 # What a call does, in order, each under torch.profiler.record_function("fastdiff::" + phase): a profile of a call
 # then says how long each took on the host and which GPU work it launched (bench/common.py timeline).
 PHASES = ("encode_prompt", "denoise", "decode", "to_image")
+
+
+def _on_own_device(method: Callable) -> Callable:
+    """Run the method with the pipeline's GPU current (see compat.on_device)."""
+
+    @functools.wraps(method)
+    def wrapper(self: FastDiffPipeline, *args: Any, **kwargs: Any) -> Any:
+        with on_device(self.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -66,6 +80,7 @@ class FastDiffPipeline:
         self._progress = kwargs
 
     @torch.no_grad()
+    @_on_own_device
     def __call__(
         self,
         prompt: str | list[str],
@@ -114,6 +129,7 @@ class FastDiffPipeline:
             return FastDiffPipelineOutput(images=_images(out, output_type))
 
     @torch.no_grad()
+    @_on_own_device
     def warm_up(self) -> None:
         """Run every compiled module once at the shapes of a default request (one image, the default resolution and
         guidance): their kernels load, cuDNN and cuBLAS pick their algorithms, and the UNet step's CUDA graph is

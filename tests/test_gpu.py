@@ -116,3 +116,19 @@ def test_int8_artifact_generates(tmp_path: Path) -> None:
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a photo of a cat", num_inference_steps=4, output_type="np").images
     assert images.shape == (1, 128, 128, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_pipeline_on_another_gpu_runs_there(cuda_pipelines) -> None:
+    """A package runs on the current device's stream and its loader makes its own device current: a pipeline on
+    cuda:1 loads and runs with cuda:1 current, and leaves the caller's current device as it was."""
+    mine, _ = cuda_pipelines
+    torch.cuda.set_device(0)
+    other = load_pipeline(mine.unets["64x64"].module.path.parents[1], device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    kwargs = {"num_inference_steps": 4, "output_type": "latent", "generator": torch.Generator().manual_seed(3)}
+    there = other("a photo of a cat", **kwargs).images
+    assert there.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    kwargs["generator"] = torch.Generator().manual_seed(3)
+    here = mine("a photo of a cat", **kwargs).images
+    torch.testing.assert_close(there.cpu(), here.cpu(), rtol=1e-4, atol=1e-5)
