@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -158,14 +160,9 @@ def read_manifest(root: str | Path) -> Manifest:
 
 
 def _check_structure(manifest: Manifest) -> list[str]:
-    """The nested fields the runtime indexes directly, so that a damaged manifest fails here, not with a KeyError."""
-    problems = []
-    for name in ("source", "options", "device", "versions", "stock", "files"):
-        if not isinstance(getattr(manifest, name), dict):
-            problems.append(f"{name} is not an object")
-    for comp in _components(manifest):
-        if not isinstance(comp.packages, dict):
-            problems.append("a component's packages is not an object")
+    """Every field of the declared type, and the nested fields the runtime indexes directly, so that a damaged
+    manifest fails here, not with a KeyError or TypeError later."""
+    problems = _type_problems(manifest, "")
     if problems:
         return problems
     if not isinstance(manifest.device.get("type"), str):
@@ -187,7 +184,60 @@ def _check_structure(manifest: Manifest) -> list[str]:
         if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or "sha256" not in entry:
             problems.append(f"files entry {rel} lacks its size or sha256")
             break
+    for name, comp in _named_components(manifest):
+        if comp.dtype not in DTYPES:
+            problems.append(f"{name}.dtype {comp.dtype!r} is not one of {', '.join(DTYPES)}")
+    width_height = manifest.model.default_resolution
+    if len(width_height) != 2 or min(width_height) < 1:
+        problems.append(f"model.default_resolution {width_height} is not [width, height]")
     return problems
+
+
+def _type_problems(record: Any, prefix: str) -> list[str]:
+    """Fields of a manifest dataclass whose values do not have their annotated types, nested dataclasses included."""
+    problems = []
+    hints = typing.get_type_hints(type(record))
+    for f in fields(record):
+        value, name = getattr(record, f.name), prefix + f.name
+        if not _has_type(value, hints[f.name]):
+            problems.append(f"{name} is not {_described(hints[f.name])}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if hasattr(item, "__dataclass_fields__"):
+                    problems += _type_problems(item, f"{name}[{i}].")
+        elif hasattr(value, "__dataclass_fields__"):
+            problems += _type_problems(value, name + ".")
+    return problems
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items()
+        )
+    if hint is float:  # JSON writes 5.0 as 5.0, but a hand-edited 5 is a number too
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _described(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_described(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_described(args[0]).split(' ', 1)[1]}s"
+    names = {dict: "an object", int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+    names |= {type(None): "null"}
+    return names.get(origin or hint, f"a {getattr(hint, '__name__', hint)}")
 
 
 def _check_consistency(manifest: Manifest, path: Path) -> None:
@@ -211,6 +261,11 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
 
 def _components(manifest: Manifest) -> list[CompiledComponent]:
     return [manifest.unet, manifest.vae_decoder, *manifest.text_encoders]
+
+
+def _named_components(manifest: Manifest) -> list[tuple[str, CompiledComponent]]:
+    encoders = [(f"text_encoders[{i}]", c) for i, c in enumerate(manifest.text_encoders)]
+    return [("unet", manifest.unet), ("vae_decoder", manifest.vae_decoder), *encoders]
 
 
 def _referenced_files(manifest: Manifest) -> list[str]:

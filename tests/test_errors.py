@@ -148,6 +148,11 @@ def test_manifest_newer_format(tiny_artifact: Path, tmp_path: Path) -> None:
         (lambda d: d.update(batch_size=0), "batch_size 0 is not a positive integer"),
         (lambda d: d.pop("format"), "not a fastdiff manifest"),
         (lambda d: d.pop("format_version"), "no valid format_version"),
+        (lambda d: d["vae_decoder"].update(dtype="fp8"), "vae_decoder.dtype 'fp8' is not one of"),
+        (lambda d: d["model"].update(default_guidance_scale=None), "default_guidance_scale is not a number"),
+        (lambda d: d["model"].update(default_resolution=[128]), "default_resolution [128] is not [width, height]"),
+        (lambda d: d["model"].update(latents_std="x"), "model.latents_std is not a list of numbers or null"),
+        (lambda d: d["unet"].update(inputs=[1]), "unet.inputs is not a list of strings"),
     ],
     ids=[
         "no-unet",
@@ -162,6 +167,11 @@ def test_manifest_newer_format(tiny_artifact: Path, tmp_path: Path) -> None:
         "batch-size-0",
         "no-format",
         "no-format-version",
+        "vae-dtype",
+        "guidance-null",
+        "resolution-one-number",
+        "latents-std-string",
+        "inputs-not-strings",
     ],
 )
 def test_manifest_missing_or_bad_key(tiny_artifact: Path, tmp_path: Path, edit, phrase: str) -> None:
