@@ -13,7 +13,7 @@ import click
 
 from .errors import FastDiffError
 from .files import set_default_mode
-from .manifest import check_files, read_manifest
+from .manifest import Manifest, check_files, read_manifest
 from .resolution import parse_resolution
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -60,6 +60,8 @@ def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
         )
     paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
     for path in paths:
+        if path.is_dir():
+            raise FastDiffError(f"cannot write {path}: it is a folder", "choose an image file name for --out")
         if path.exists() and not overwrite:
             raise FastDiffError(f"{path} already exists", "pass --overwrite, or choose another --out")
         parent = path.parent.absolute()
@@ -69,27 +71,40 @@ def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
 
 
 def _save_atomically(image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent.absolute())
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent.absolute())
+        os.close(fd)
         image.save(tmp)
         set_default_mode(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, the folder gone or made read-only since the check, ...
+            problem = f"cannot write {path}: {e.strerror or e}"
+            raise FastDiffError(problem, "free space there, or choose another --out") from None
         raise
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", required=True, help="What to draw.")
-@click.option("--negative-prompt", "-n", help="What to steer away from (default: none, zero conditioning).")
+@click.option(
+    "--negative-prompt",
+    "-n",
+    help="What to steer away from (default: none: zero conditioning for SDXL, the empty prompt for SD 1.x, PixArt-α).",
+)
 @click.option("--res", metavar="SIZE|WxH", help="Resolution, width x height; one of the artifact's. Default: model's.")
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option(
     "--guidance", type=float, help="Classifier-free guidance; <=1 is off. Default: the family's (5.0 SDXL, 7.5 SD 1.x)."
 )
-@click.option("--seed", type=int, help="Seed for the initial noise (default: random).")
+@click.option(
+    "--seed",
+    type=click.IntRange(-(2**63), 2**64 - 1),
+    help="Seed for the initial noise (default: random, printed).",
+)
 @click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1), help="Images to generate.")
 @click.option("--device", help="cuda or cpu (default: what the artifact was compiled for).")
 @click.option(
@@ -125,7 +140,8 @@ def run_main(
     pipe = load_pipeline(artifact, device=device, resolutions=[size] if size else None)
     loaded = time.perf_counter()
     pipe.set_progress_bar_config(disable=quiet)
-    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    seed = seed if seed is not None else torch.seed()
+    generator = torch.Generator().manual_seed(seed)
     images = pipe(
         prompt,
         negative_prompt=negative_prompt,
@@ -140,7 +156,7 @@ def run_main(
     for image, path in zip(images, paths, strict=True):
         _save_atomically(image, path)
         click.echo(f"wrote {path}", err=True)
-    click.echo(f"load {loaded - start:.2f} s, generate {done - loaded:.2f} s", err=True)
+    click.echo(f"seed {seed}, load {loaded - start:.2f} s, generate {done - loaded:.2f} s", err=True)
 
 
 @click.command(context_settings=CONTEXT)
@@ -148,7 +164,8 @@ def run_main(
 @click.option("--verify", is_flag=True, help="Re-hash every file against the manifest (reads everything).")
 @clean_errors()
 def inspect_main(artifact: Path, verify: bool) -> None:
-    """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here."""
+    """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here (exit code 1 if
+    not, or if --verify finds a file that does not match)."""
     manifest = read_manifest(artifact)
     total = sum(f["size"] for f in manifest.files.values())
     lines = [
@@ -170,16 +187,35 @@ def inspect_main(artifact: Path, verify: bool) -> None:
     for rel, entry in manifest.files.items():
         if rel.endswith((".pt2", ".safetensors")):
             lines.append(f"  {rel:<40} {entry['size'] / 1e6:10.1f} MB")
+    incompatible = _incompatibility(manifest)
+    lines.append(f"loads here    {'no: ' + incompatible.problem if incompatible else 'yes'}")
     click.echo("\n".join(lines))
-    if not verify:
-        return
-    problems = check_files(artifact, manifest, full_hash=True)
-    if problems:
+    failed = False
+    if verify:
+        problems = check_files(artifact, manifest, full_hash=True)
         for problem in problems:
             click.echo(f"FAILED {problem}", err=True)
-        click.echo(f"error: {len(problems)} of {len(manifest.files)} files do not match the manifest", err=True)
+        if problems:
+            click.echo(f"error: {len(problems)} of {len(manifest.files)} files do not match the manifest", err=True)
+            failed = True
+        else:
+            click.echo(f"verified      all {len(manifest.files)} files match their sha256")
+    if incompatible:
+        click.echo(f"error: it cannot load here: {incompatible}", err=True)
+        failed = True
+    if failed:
         sys.exit(1)
-    click.echo(f"verified      all {len(manifest.files)} files match their sha256")
+
+
+def _incompatibility(manifest: Manifest) -> FastDiffError | None:
+    """Why the artifact cannot run in this process on its own device kind, or None if it can."""
+    from .compat import check_compatible, resolve_device  # imports torch
+
+    try:
+        check_compatible(manifest, resolve_device(None, manifest))
+    except FastDiffError as e:
+        return e
+    return None
 
 
 def _passes(options: dict) -> str:

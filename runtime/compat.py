@@ -21,6 +21,7 @@ def torch_minor(version: str) -> str:
 
 def resolve_device(device: str | torch.device | None, manifest: Manifest | None = None) -> torch.device:
     """The device to run on: the one asked for, else the artifact's device kind."""
+    asked = device is not None
     if device is None:
         device = manifest.device["type"] if manifest is not None else "cpu"
     try:
@@ -29,7 +30,12 @@ def resolve_device(device: str | torch.device | None, manifest: Manifest | None 
         raise FastDiffError(f"unknown device {device!r}", "use cpu or cuda (cuda:N for another GPU)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise FastDiffError("--device cuda was asked for, but no CUDA GPU is visible", "use --device cpu")
+            if asked and (manifest is None or manifest.device["type"] != "cuda"):
+                raise FastDiffError("--device cuda was asked for, but no CUDA GPU is visible", "use --device cpu")
+            raise FastDiffError(
+                "this artifact was compiled for cuda, but no CUDA GPU is visible",
+                "run it on a machine with a GPU of its kind, or export the model again with --device cpu",
+            )
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         elif dev.index >= torch.cuda.device_count():

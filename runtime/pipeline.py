@@ -106,6 +106,10 @@ class FastDiffPipeline:
         guidance = guidance_scale > 1.0
 
         n = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != n:
+            raise FastDiffError(
+                f"{len(generator)} generators for {n} images", "give one generator, or one per image (prompt-major)"
+            )
         with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
             chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
         # The scheduler's tables and timesteps stay on the CPU: indexing them with a device timestep would wait for

@@ -122,6 +122,7 @@ def test_inspect(tiny_artifact: Path) -> None:
         if rel.endswith((".pt2", ".safetensors")):
             assert re.search(rf"^\s+{re.escape(rel)}\s+[\d.]+ MB$", out, re.M), rel
     assert re.search(r"^passes\s+sdpa, fuse_qkv, channels_last$", out, re.M), out
+    assert re.search(r"^loads here\s+yes$", out, re.M), out
     assert "verified" not in out  # hashing only with --verify
 
 

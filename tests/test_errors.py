@@ -333,9 +333,12 @@ def test_artifact_for_another_device(tiny_artifact: Path, tmp_path: Path) -> Non
         load_pipeline(art, device="cpu")
     if not torch.cuda.is_available():  # the default device is the artifact's
         proc = run_cli("fastdiff-run", str(art), "-p", "a cat", "--out", str(tmp_path / "img.png"))
-        assert_clean_error(proc, "no CUDA GPU is visible")
+        assert_clean_error(proc, "compiled for cuda, but no CUDA GPU is visible", "a machine with a GPU")
         with pytest.raises(FastDiffError, match="no CUDA GPU"):
             load_pipeline(art)
+        proc = run_cli("fastdiff-inspect", str(art))  # the summary, then the check's failure
+        assert_clean_error(proc, "cannot load here", "no CUDA GPU is visible")
+        assert re.search(r"^loads here\s+no: this artifact was compiled for cuda", proc.stdout, re.M), proc.stdout
     assert images_in(tmp_path) == []
 
 
@@ -371,6 +374,7 @@ def test_incompatible_torch(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_clean_error(run(art, tmp_path), "compiled with torch 2.9.0", "install torch 2.9.x")
     with pytest.raises(FastDiffError, match="compiled with torch 2.9.0"):
         load_pipeline(art, device="cpu")
+    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "cannot load here", "compiled with torch 2.9.0")
 
 
 def test_same_torch_minor_is_compatible(tiny_artifact: Path) -> None:
@@ -424,6 +428,45 @@ def test_bad_call_arguments_api(tiny_pipeline) -> None:
         tiny_pipeline("a cat", num_inference_steps=1, height=64)
     with pytest.raises(FastDiffError, match="output_type"):
         tiny_pipeline("a cat", num_inference_steps=1, output_type="bmp")
+    for count in (2, 3):  # diffusers refuses a generator list that is not one per image, too
+        generators = [torch.Generator().manual_seed(i) for i in range(count)]
+        with pytest.raises(FastDiffError, match=f"{count} generators for 1 images"):
+            tiny_pipeline("a cat", num_inference_steps=1, generator=generators)
+
+
+def test_seed_out_of_range_cli(tiny_artifact: Path, tmp_path: Path) -> None:
+    proc = run(tiny_artifact, tmp_path, "--seed", str(2**64))
+    assert_clean_error(proc, "--seed", usage=True)
+    assert images_in(tmp_path) == []
+
+
+def test_out_is_a_folder(tiny_artifact: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "img.png"
+    (folder / "inside").mkdir(parents=True)
+    assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(folder), "--overwrite"), "it is a folder")
+    assert [p.name for p in folder.iterdir()] == ["inside"]
+
+
+def test_image_write_failure_is_reported_and_cleaned_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full (or the folder gone) after the up-front checks: a clean error, no temporary file left behind."""
+    import errno
+
+    import PIL.Image
+
+    from fastdiff.runtime.cli import _save_atomically
+
+    image = PIL.Image.new("RGB", (8, 8))
+    with pytest.raises(FastDiffError, match="cannot write .*gone"):
+        _save_atomically(image, tmp_path / "gone" / "img.png")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(image, "save", disk_full)
+    with pytest.raises(FastDiffError, match="No space left on device") as info:
+        _save_atomically(image, tmp_path / "img.png")
+    assert "free space there" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_out_in_missing_folder(tiny_artifact: Path, tmp_path: Path) -> None:
