@@ -140,9 +140,10 @@ def int8_dynamic(model: nn.Module, linears: Sequence[str] | None = None) -> nn.M
     suffixes of the ones to quantize instead of the seed's shape filter)."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    _check_named(model, linears)
+    keep = functools.partial(int8_filter, linears=linears)
+    _check_named(model, linears, keep, "int8 leaves linears that see one row per image or 16 inputs or fewer")
     config = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
-    quantize_(model, config, filter_fn=functools.partial(int8_filter, linears=linears))
+    quantize_(model, config, filter_fn=keep)
     return model
 
 
@@ -151,27 +152,54 @@ def fp8_dynamic(model: nn.Module, linears: Sequence[str] | None = None) -> nn.Mo
     suffixes of the ones to quantize instead of the feed-forward input projections); needs compute capability >= 8.9."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    _check_named(model, linears)
+    keep = functools.partial(fp8_filter, linears=linears)
+    _check_named(model, linears, keep, "fp8 needs dimensions divisible by 16 and no all-zero weight row")
     config = Float8DynamicActivationFloat8WeightConfig(
         granularity=PerRow(), activation_value_lb=FP8_ACTIVATION_AMAX_MIN, set_inductor_config=False
     )
-    quantize_(model, config, filter_fn=functools.partial(fp8_filter, linears=linears))
+    quantize_(model, config, filter_fn=keep)
     return model
 
 
-def _check_named(model: nn.Module, linears: Sequence[str] | None) -> None:
+def _check_named(
+    model: nn.Module, linears: Sequence[str] | None, keep: Callable[[nn.Module, str], bool], rule: str
+) -> None:
+    """Each name must match a linear the model still calls, and the quantization filter (`keep`) must take at least
+    one of them: else the option would quantize nothing for that name, silently."""
     if linears is None:
         return
     if not linears:
         raise FastDiffError("--quantize-linears names no linear", "give name suffixes, e.g. ff.net.0.proj,attn1.to_qkv")
-    fqns = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unused = _fused_away(model)
+    live = {fqn: m for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn not in unused}
     for name in linears:
-        if not any(named(fqn, [name]) for fqn in fqns):
+        matches = [fqn for fqn in live if named(fqn, [name])]
+        if not matches:
+            fused = " (the fuse_qkv pass replaced it)" if any(named(fqn, [name]) for fqn in unused) else ""
             raise FastDiffError(
-                f"--quantize-linears: no linear of the {type(model).__name__} is named {name!r}",
+                f"--quantize-linears: no linear the {type(model).__name__} runs is named {name!r}{fused}",
                 "give suffixes of its linears' names, e.g. ff.net.0.proj, ff.net.2 or attn1.to_qkv (the fused "
                 "projection the fuse_qkv pass makes)",
             )
+        if not any(keep(live[fqn], fqn) for fqn in matches):
+            raise FastDiffError(
+                f"--quantize-linears: none of the linears named {name!r} can be quantized: {rule}",
+                "name other linears, or drop this one",
+            )
+
+
+def _fused_away(model: nn.Module) -> set[str]:
+    """Linears that diffusers' fuse_projections replaced (to_q, to_k, to_v by to_qkv; to_k, to_v by to_kv; the added
+    projections by to_added_qkv) and keeps as unused modules."""
+    replaced = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+    replaced["to_added_qkv"] = ("add_q_proj", "add_k_proj", "add_v_proj")
+    unused = set()
+    for fqn, module in model.named_modules():
+        if getattr(module, "fused_projections", False):
+            for fused, originals in replaced.items():
+                if isinstance(getattr(module, fused, None), nn.Linear):
+                    unused |= {f"{fqn}.{name}" if fqn else name for name in originals}
+    return unused
 
 
 def have_torchao() -> bool:

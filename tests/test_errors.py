@@ -649,7 +649,7 @@ def test_export_quantize_linears_names_nothing(exports: Path) -> None:
     names = "ff.net.0.proj,attn9.to_qkv"
     args = ("--device", "cpu", "--quantize", "int8", "--quantize-linears", names, "--out", f"{exports}/a")
     proc, seconds = export("tiny-sdxl", "--res", "64", *args)
-    assert_export_refused(proc, seconds, exports, "no linear of the UNet2DConditionModel is named 'attn9.to_qkv'")
+    assert_export_refused(proc, seconds, exports, "no linear the UNet2DConditionModel runs is named 'attn9.to_qkv'")
     assert list(exports.iterdir()) == []
 
 

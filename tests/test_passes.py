@@ -277,19 +277,41 @@ def test_int8_pass_follows_filter() -> None:
 
 
 def test_int8_pass_quantizes_the_named_linears() -> None:
-    """--quantize-linears replaces the pass's own choice, keeps its limits, and names must name something."""
+    """--quantize-linears replaces the pass's own choice and keeps its limits; each name must name a linear the model
+    runs, and one the pass can quantize (else the option would quietly do nothing for it)."""
     pytest.importorskip("torchao")
 
     def model() -> nn.Sequential:
-        return nn.Sequential(
-            OrderedDict(small=nn.Linear(16, 64), kept=nn.Linear(64, 48), seed_skip=nn.Linear(1920, 1280))
-        )
+        small, seed_skip = nn.Sequential(OrderedDict(proj=nn.Linear(16, 64))), nn.Linear(1920, 1280)
+        return nn.Sequential(OrderedDict(a=small, b=nn.Sequential(OrderedDict(proj=seed_skip)), kept=nn.Linear(64, 48)))
 
-    quantized = apply_passes(model(), ["int8"], quantize_linears=["small", "seed_skip"])
-    assert {name for name, m in quantized.named_children() if _is_quantized(m.weight)} == {"seed_skip"}
-    for names, message in (([], "names no linear"), (["kept", "nope"], "no linear of the Sequential is named 'nope'")):
+    quantized = apply_passes(model(), ["int8"], quantize_linears=["proj"])
+    linears = {fqn: m for fqn, m in quantized.named_modules() if isinstance(m, nn.Linear)}
+    assert {fqn for fqn, m in linears.items() if _is_quantized(m.weight)} == {"b.proj"}
+    for names, message in (
+        ([], "names no linear"),
+        (["kept", "nope"], "no linear the Sequential runs is named 'nope'"),
+        (["a.proj"], "none of the linears named 'a.proj' can be quantized: int8 leaves"),
+    ):
         with pytest.raises(FastDiffError, match=message):
             apply_passes(model(), ["int8"], quantize_linears=names)
+
+
+def test_named_linears_replaced_by_fused_projections_are_refused() -> None:
+    """After fuse_qkv, diffusers keeps to_q/to_k/to_v as modules it no longer calls: naming them would quantize
+    nothing that runs."""
+    pytest.importorskip("torchao")
+    from diffusers.models.attention_processor import Attention
+
+    def model() -> nn.Sequential:
+        attn = nn.Sequential(OrderedDict(attn1=Attention(query_dim=64, heads=2, dim_head=32)))
+        attn.attn1.fuse_projections()
+        return attn
+
+    with pytest.raises(FastDiffError, match=r"named 'attn1.to_q' \(the fuse_qkv pass replaced it\)"):
+        apply_passes(model(), ["int8"], quantize_linears=["attn1.to_q"])
+    quantized = apply_passes(model(), ["int8"], quantize_linears=["to_qkv"])
+    assert _is_quantized(quantized.attn1.to_qkv.weight) and not _is_quantized(quantized.attn1.to_q.weight)
 
 
 def test_quantization_leaves_the_compile_flags_alone() -> None:
