@@ -17,35 +17,48 @@ from safetensors.torch import save_file
 
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.files import set_default_mode
-from fastdiff.runtime.manifest import MANIFEST_NAME, Manifest, describe_files
+from fastdiff.runtime.manifest import Manifest, describe_files, is_artifact
 from fastdiff.runtime.weights import to_storage_layout
 
 
 class ArtifactWriter:
     def __init__(self, out: Path, overwrite: bool = False) -> None:
         self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise FastDiffError(f"{self.out} already exists", "pass --overwrite to replace it, or choose another --out")
-        if self.out.exists() and not (self.out / MANIFEST_NAME).is_file():
-            raise FastDiffError(
-                f"{self.out} exists and is not a fastdiff artifact; refusing to replace it",
-                "choose another --out",
-            )
+        self.overwrite = overwrite
+        self._check_target()
+        missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             # Not mkdtemp, which makes the folder private: the artifact keeps the umask's permissions.
             self.root = self.out.with_name(f".{self.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self.root.mkdir()
         except OSError as e:
+            _remove_empty(missing)
             raise FastDiffError(
                 f"cannot write to {self.out.parent}: {e.strerror}", "choose an --out in a writable folder"
             ) from None
+        self._created = missing  # folders made for --out, removed again if the export fails
+
+    def _check_target(self) -> None:
+        """Checked when the export starts and again before the artifact is put in place: the target may have
+        appeared, or changed, in the minutes between."""
+        if not self.out.exists():
+            return
+        if not self.overwrite:
+            raise FastDiffError(f"{self.out} already exists", "pass --overwrite to replace it, or choose another --out")
+        if not self.out.is_dir() or not is_artifact(self.out):
+            raise FastDiffError(
+                f"{self.out} exists and is not a fastdiff artifact; refusing to replace it",
+                "choose another --out",
+            )
 
     def __enter__(self) -> ArtifactWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         shutil.rmtree(self.root, ignore_errors=True)  # after commit() it no longer exists
+        if exc_type is not None:
+            _remove_empty(self._created)
 
     def path(self, rel: str) -> Path:
         path = self.root / rel
@@ -68,6 +81,7 @@ class ArtifactWriter:
         manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest.files = describe_files(self.root)
         manifest.write(self.root)
+        self._check_target()
         if self.out.exists():  # --overwrite: swap, then drop the old one
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             self.out.rename(old)
@@ -76,3 +90,12 @@ class ArtifactWriter:
         else:
             self.root.rename(self.out)
         return self.out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

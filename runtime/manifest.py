@@ -120,6 +120,16 @@ class Manifest:
         return cls(**data)
 
 
+def is_artifact(root: Path) -> bool:
+    """Whether `root` holds a fastdiff manifest (of any version, valid or damaged otherwise): what --overwrite may
+    replace. Other projects name files manifest.json too."""
+    try:
+        data = json.loads((Path(root) / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
 def read_manifest(root: str | Path) -> Manifest:
     """Read and validate `root/manifest.json`, raising FastDiffError with a fix for every way it can be wrong."""
     root = Path(root)

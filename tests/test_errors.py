@@ -714,7 +714,33 @@ def test_export_api_errors(exports: Path, tmp_path: Path) -> None:
     (exports / "mine").mkdir()
     with pytest.raises(FastDiffError, match="not a fastdiff artifact"):
         export_artifact(options(out=exports / "mine", overwrite=True))
-    assert sorted(p.name for p in exports.iterdir()) == ["mine"]
+    # Other projects write a manifest.json too (browser extensions, web apps): not an artifact either.
+    (exports / "extension").mkdir()
+    (exports / "extension" / "manifest.json").write_text('{"manifest_version": 3}')
+    (exports / "extension" / "background.js").write_text("mine")
+    with pytest.raises(FastDiffError, match="not a fastdiff artifact"):
+        export_artifact(options(out=exports / "extension", overwrite=True))
+    assert (exports / "extension" / "background.js").read_text() == "mine"
+    with pytest.raises(FastDiffError, match="unknown model"):  # fails after the target's folders were made
+        export_artifact(options(model="no-such-model", out=exports / "new" / "deeper" / "a"))
+    assert sorted(p.name for p in exports.iterdir()) == ["extension", "mine"]
+
+
+def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: Path) -> None:
+    """The target is checked again when the artifact is put in place: what appeared there meanwhile is not
+    replaced (without --overwrite), nor is something that is not an artifact (with it)."""
+    from fastdiff.exporter.artifact import ArtifactWriter
+
+    for overwrite in (False, True):
+        out = exports / f"out-{overwrite}"
+        with pytest.raises(FastDiffError, match="already exists" if not overwrite else "not a fastdiff artifact"):
+            with ArtifactWriter(out, overwrite=overwrite) as writer:
+                writer.path("unet/weights.safetensors").write_bytes(b"new")
+                out.mkdir()
+                (out / "mine.txt").write_text("made meanwhile")
+                writer.commit(read_manifest(tiny_artifact))
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in exports.iterdir()) == ["out-False", "out-True"]  # no partial folder left
 
 
 def test_session_artifact_untouched(tiny_artifact: Path) -> None:
