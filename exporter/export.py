@@ -135,6 +135,9 @@ def export_artifact(options: ExportOptions) -> Path:
         with phase(f"loading {options.model}"):
             source = load_source(options.model, torch_dtype(options.dtype), options.revision, options.vae)
         pipe = source.pipe
+        facts = _model_facts(source)
+        for res in options.resolutions:
+            _check_divisible(res, facts, getattr(source.denoiser.config, "patch_size", None) or 1)
         vae_dtype = _vae_dtype(pipe, torch_dtype(options.dtype))
         vae_passes = options.vae_passes
         if vae_passes is None:
@@ -145,9 +148,6 @@ def export_artifact(options: ExportOptions) -> Path:
             ).eval()
             vae = VAEDecode(apply_passes(pipe.vae.to(options.device, vae_dtype), vae_passes)).eval()
 
-        facts = _model_facts(source)
-        for res in options.resolutions:
-            _check_divisible(res, facts)
         n, dev, dtype = options.batch_size, options.device, torch_dtype(options.dtype)
         unet_cases = {res.key: _unet_inputs(source, facts, res, options) for res in options.resolutions}
         vae_cases = {
@@ -319,10 +319,17 @@ def _check_passes(options: ExportOptions) -> None:
         )
 
 
-def _check_divisible(res: Resolution, facts: ModelFacts) -> None:
+def _check_divisible(res: Resolution, facts: ModelFacts, patch_size: int) -> None:
+    """Sides must be whole latents, and for a transformer denoiser whole patches of latents (PixArt-α: 2x2)."""
     f = facts.vae_scale_factor
     if res.width % f or res.height % f:
         raise FastDiffError(f"resolution {res} is not a multiple of the VAE scale factor {f}")
+    if res.width % (f * patch_size) or res.height % (f * patch_size):
+        raise FastDiffError(
+            f"resolution {res} is not a multiple of {f * patch_size}: the transformer takes {patch_size}x{patch_size}"
+            f" patches of the latents, which are 1/{f} of the image's size",
+            f"use sides that are multiples of {f * patch_size}",
+        )
 
 
 def _vae_dtype(pipe, dtype: torch.dtype) -> torch.dtype:

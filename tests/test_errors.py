@@ -637,6 +637,14 @@ def test_export_fp8_on_cpu(exports: Path) -> None:
     assert list(exports.iterdir()) == []
 
 
+def test_export_pixart_resolution_of_partial_patches(exports: Path) -> None:
+    """72 is a multiple of the VAE's 8, but its 9x9 latents are not whole 2x2 patches: the transformer would return
+    8x8 and the artifact fail at run time."""
+    proc, seconds = export("tiny-pixart", "--res", "72", "--device", "cpu", "--out", str(exports / "a"))
+    assert_export_refused(proc, seconds, exports, "72x72 is not a multiple of 16", "2x2 patches")
+    assert list(exports.iterdir()) == []
+
+
 def test_export_quantize_linears_without_quantization(exports: Path) -> None:
     args = ("--device", "cpu", "--quantize", "none", "--quantize-linears", "ff.net.0.proj", "--out", f"{exports}/a")
     proc, seconds = export("tiny-sdxl", "--res", "64", *args)
