@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,22 +101,69 @@ def time_backends(
     return seconds
 
 
+class BackendChoice(NamedTuple):
+    backend: str  # a BACKENDS name, or "default": torch's own choice
+    seconds: dict[str, float]  # what 'auto' timed, by backend
+    note: str | None = None  # why the backend asked for is not the one used
+
+
 def choose_backend(
     choice: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], device: torch.device
-) -> tuple[str, dict[str, float]]:
+) -> BackendChoice:
     """Resolve an --attention choice for one module: 'auto' times the backends on a CUDA device (and keeps torch's
-    default elsewhere); returns the backend's name and the timings it was chosen on."""
+    default elsewhere); a backend named that cannot run one of the module's attention calls (flash and cuDNN take
+    no head size of 512, as in the VAE's attention; flash no mask, as in T5's) gives way to torch's default."""
     if choice not in CHOICES:
         raise FastDiffError(f"unknown attention backend {choice!r}", f"choose from {', '.join(CHOICES)}")
+    if choice == "default":
+        return BackendChoice(choice, {})
     if choice != "auto":
-        return choice, {}
+        failure = backend_failure(choice, module, inputs)
+        if failure:
+            return BackendChoice("default", {}, f"{choice} cannot run it ({failure}): torch's default instead")
+        return BackendChoice(choice, {})
     if device.type != "cuda":
-        return "default", {}
+        return BackendChoice("default", {})
     calls = attention_calls(module, inputs)
     if not calls or any(call[5] is not None for call in calls):  # none, or masked (text encoders): keep torch's
-        return "default", {}
+        return BackendChoice("default", {})
     seconds = time_backends(calls, device)
-    return (min(seconds, key=seconds.get) if seconds else "default"), seconds
+    return BackendChoice(min(seconds, key=seconds.get) if seconds else "default", seconds)
+
+
+CUDA_ONLY_BACKENDS = ("cudnn", "efficient")
+
+
+def check_backend_device(choice: str, device: torch.device) -> None:
+    if device.type != "cuda" and choice in CUDA_ONLY_BACKENDS:
+        raise FastDiffError(f"--attention {choice} runs on CUDA GPUs only", "on cpu use default, auto, flash or math")
+
+
+class _TryBackend(TorchFunctionMode):
+    """Runs each SDPA call with one backend; the first call it cannot run is noted (and run with torch's choice)."""
+
+    def __init__(self, backend: SDPBackend) -> None:
+        super().__init__()
+        self.backend = backend
+        self.failure: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.failure is None:
+            try:
+                with sdpa_kernel([self.backend]):
+                    return func(*args, **kwargs)
+            except RuntimeError as e:
+                self.failure = f"q {tuple(args[0].shape)} {args[0].dtype}: {str(e).splitlines()[0]}"
+        return func(*args, **kwargs)
+
+
+def backend_failure(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Why backend `name` cannot run one of the module's attention calls (head size, dtype, mask, device), or None."""
+    trial = _TryBackend(BACKENDS[name])
+    with torch.no_grad(), trial:
+        module(*inputs)
+    return trial.failure
 
 
 @contextmanager

@@ -111,8 +111,9 @@ def auto_quantization(model: str, revision: str | None, dtype: str, device: torc
     type=click.Choice(ATTENTION_CHOICES),
     default="default",
     show_default=True,
-    help="SDPA kernel compiled in. default: torch's own choice (cuDNN on an H200 with torch 2.11); auto: the fastest "
-    "on the export GPU for the model's attention shapes (torch's choice on cpu); or one backend by name.",
+    help="SDPA kernel compiled in. default: torch's own choice; auto: the fastest on the export GPU for the model's "
+    "attention shapes (torch's choice on cpu); or one backend by name, used wherever it can run the attention (not "
+    "flash or cudnn at the VAE's head size of 512: torch's choice there, noted in the log).",
 )
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")

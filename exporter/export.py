@@ -22,7 +22,7 @@ from fastdiff.runtime.manifest import TEXT_PARTS, CompiledComponent, Manifest, M
 from fastdiff.runtime.resolution import Resolution
 
 from .artifact import ArtifactWriter
-from .attention import attention_backend, choose_backend
+from .attention import attention_backend, check_backend_device, choose_backend
 from .compile import (
     SEED_INDUCTOR_FLAGS,
     check_int8_rows,
@@ -130,6 +130,7 @@ def export_artifact(options: ExportOptions) -> Path:
     if not options.resolutions:
         raise FastDiffError("no resolution given", "pass --res, e.g. --res 1024")
     _check_passes(options)
+    check_backend_device(options.attention, options.device)
     out = options.out or options.default_out()
     with ArtifactWriter(out, options.overwrite) as writer:  # checks the target before the slow work
         with phase(f"loading {options.model}"):
@@ -221,10 +222,12 @@ def _export_component(
     dynamic = _batch_dims(input_names, max_batch, skip={"timestep"})
     for key, inputs in cases.items():
         rel = f"{name}/{key}.pt2"
-        backend, seconds = choose_backend(options.attention, module, inputs, options.device)
+        backend, seconds, note = choose_backend(options.attention, module, inputs, options.device)
         if seconds:
             timings = ", ".join(f"{b} {s * 1e3:.2f} ms" for b, s in sorted(seconds.items(), key=lambda kv: kv[1]))
             log(f"attention for {rel}: {backend} ({timings} per call of the module)")
+        if note:
+            log(f"attention for {rel}: {note}")
         attention[rel] = backend
         with phase(f"torch.export {rel}"), attention_backend(backend):
             program = export_program(module, inputs, dynamic)

@@ -49,10 +49,27 @@ def test_time_backends_keeps_only_backends_that_run_and_agree() -> None:
 
 def test_choose_backend() -> None:
     module, inputs, cpu = SelfAttention(), qkv(), torch.device("cpu")
-    assert choose_backend("math", module, inputs, cpu) == ("math", {})
-    assert choose_backend("auto", module, inputs, cpu) == ("default", {})  # tuned on CUDA only
+    assert choose_backend("math", module, inputs, cpu) == ("math", {}, None)
+    assert choose_backend("auto", module, inputs, cpu) == ("default", {}, None)  # tuned on CUDA only
     with pytest.raises(FastDiffError, match="unknown attention backend"):
         choose_backend("fastest", module, inputs, cpu)
+
+
+def test_a_backend_that_cannot_run_the_module_gives_way_to_the_default() -> None:
+    """As flash and cuDNN do for the VAE's head size of 512 on a GPU: here cuDNN, which has no CPU kernels."""
+    backend, seconds, note = choose_backend("cudnn", SelfAttention(), qkv(), torch.device("cpu"))
+    assert (backend, seconds) == ("default", {})
+    assert note.startswith("cudnn cannot run it (q (2, 4, 16, 8) torch.float32: ") and "torch's default" in note
+
+
+def test_cuda_only_backends_are_refused_on_the_cpu() -> None:
+    from fastdiff.exporter.attention import check_backend_device
+
+    for name in ("cudnn", "efficient"):
+        with pytest.raises(FastDiffError, match=f"--attention {name} runs on CUDA GPUs only"):
+            check_backend_device(name, torch.device("cpu"))
+    for name in ("default", "auto", "flash", "math"):
+        check_backend_device(name, torch.device("cpu"))
 
 
 def _attention_ops(backend: str) -> set[str]:
