@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,13 +21,29 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (a service manager stopping the command, a closed terminal), raised where the main thread is
+    so that cleanups run as for Ctrl-C: no partial artifact or image file is left behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
     """FastDiffError -> its message on stderr and exit code 2 (a device out of memory too); Ctrl-C -> `interrupted`
-    and exit 130. Bad input never shows a traceback (the fastdiff-export command uses this too)."""
+    and exit 130, SIGTERM and SIGHUP the same with exit 128 + the signal's number. Bad input never shows a traceback
+    (the fastdiff-export command uses this too)."""
 
     def decorate(fn: Callable) -> Callable:
         @wraps(fn)
         def wrapper(*args, **kwargs):
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, _terminate)
             try:
                 return fn(*args, **kwargs)
             except FastDiffError as e:
@@ -42,6 +59,9 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
             except KeyboardInterrupt:
                 click.echo(interrupted, err=True)
                 sys.exit(130)
+            except Terminated as e:
+                click.echo(f"{interrupted} ({e})", err=True)
+                sys.exit(128 + e.signum)
 
         return wrapper
 

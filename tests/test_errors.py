@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -634,6 +635,28 @@ def test_export_unknown_inductor_config(exports: Path) -> None:
 def test_export_fp8_on_cpu(exports: Path) -> None:
     proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--quantize", "fp8", "--out", f"{exports}/a")
     assert_export_refused(proc, seconds, exports, "fp8 needs a CUDA GPU of compute capability 8.9")
+    assert list(exports.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_export_stopped_midway_leaves_nothing(exports: Path, signum: int) -> None:
+    """Stopped while it writes (Ctrl-C, or a service manager's SIGTERM): the partial folder goes, the exit code says
+    why."""
+    import sys
+
+    out = exports / "a"
+    code = "import sys; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()"
+    args = ["tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(".partial-" in p.name for p in exports.iterdir()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signum)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr and "interrupted: nothing was written" in stderr, stderr
     assert list(exports.iterdir()) == []
 
 
