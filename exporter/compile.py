@@ -39,6 +39,11 @@ def parse_inductor_config(items: list[str]) -> dict[str, Any]:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]}?" if close else "see torch/_inductor/config.py for the settings"
             raise FastDiffError(f"unknown inductor config {key!r}", hint)
+        if key in PACKAGE_CONFIGS:
+            raise FastDiffError(
+                f"inductor config {key} is fixed by the artifact format ({PACKAGE_CONFIGS[key]})",
+                "leave it out: the weights live beside the packages, in safetensors, for the runtime to bind",
+            )
         configs[key] = _config_value(key, text.strip(), known[key])
     return configs
 
@@ -93,9 +98,13 @@ def check_int8_rows(program: torch.export.ExportedProgram, device: torch.device,
             )
 
 
+# Settings the artifact format depends on: a package holds code only; the runtime binds the weights at load.
+PACKAGE_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+
+
 def compile_package(program: torch.export.ExportedProgram, path: Path, inductor_configs: dict[str, Any]) -> Path:
     """Compile to a .pt2 package holding code only: weights are bound at load time by the runtime."""
-    configs = {**inductor_configs, "aot_inductor.package_constants_in_so": False}
+    configs = {**inductor_configs, **PACKAGE_CONFIGS}
     torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return path
 

@@ -392,6 +392,7 @@ def test_inductor_config_from_the_command_line() -> None:
         ("no_such_setting_at_all=1", "unknown inductor config 'no_such_setting_at_all'"),
         ("max_autotune=yes", "takes true or false"),
         ("unroll_reductions_threshold=many", "takes a number"),
+        ("aot_inductor.package_constants_in_so=true", "is fixed by the artifact format"),
     ],
 )
 def test_inductor_config_errors(item: str, message: str) -> None:
