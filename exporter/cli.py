@@ -7,6 +7,7 @@ import torch
 
 from fastdiff.runtime.cli import clean_errors
 from fastdiff.runtime.compat import resolve_device
+from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.resolution import parse_resolution
 
 from .attention import CHOICES as ATTENTION_CHOICES
@@ -146,6 +147,10 @@ def main(
     """
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
+    if quantizing := [p for p in pass_list if p in QUANTIZATION_PASSES]:
+        raise FastDiffError(
+            f"--passes {quantizing[0]}: quantization is chosen with --quantize", f"use --quantize {quantizing[0]}"
+        )
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if quantize == "auto":
         quantize = auto_quantization(model, revision, dtype, dev)
@@ -155,7 +160,7 @@ def main(
         pass_list.append(quantize)
     options = ExportOptions(
         model=model,
-        resolutions=[parse_resolution(r) for r in resolutions] or [default_resolution(model, revision)],
+        resolutions=list(dict.fromkeys(map(parse_resolution, resolutions))) or [default_resolution(model, revision)],
         device=dev,
         dtype=dtype,
         batch_size=batch_size,

@@ -304,6 +304,8 @@ def _check_passes(options: ExportOptions) -> None:
     dev = torch.device(options.device)
     capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
     quantization = [p for p in options.passes if p in QUANTIZATION_PASSES]
+    if len(quantization) > 1:
+        raise FastDiffError(f"passes {', '.join(quantization)}: one quantization at a time", "keep one of them")
     if options.quantize_linears is not None and not quantization:
         raise FastDiffError(
             "--quantize-linears names linears to quantize, but no quantization is on",

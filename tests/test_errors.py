@@ -668,6 +668,12 @@ def test_export_pixart_resolution_of_partial_patches(exports: Path) -> None:
     assert list(exports.iterdir()) == []
 
 
+def test_export_quantization_named_as_a_pass(exports: Path) -> None:
+    proc, seconds = export("tiny-sdxl", "--passes", "sdpa,int8", "--device", "cpu", "--out", f"{exports}/a")
+    assert_export_refused(proc, seconds, exports, "--passes int8: quantization is chosen with --quantize")
+    assert list(exports.iterdir()) == []
+
+
 def test_export_quantize_linears_without_quantization(exports: Path) -> None:
     args = ("--device", "cpu", "--quantize", "none", "--quantize-linears", "ff.net.0.proj", "--out", f"{exports}/a")
     proc, seconds = export("tiny-sdxl", "--res", "64", *args)
@@ -739,6 +745,8 @@ def test_export_api_errors(exports: Path, tmp_path: Path) -> None:
         export_artifact(options(model="no-such-model"))
     with pytest.raises(FastDiffError, match="unknown pass 'bogus'"):
         export_artifact(options(passes=["bogus"]))
+    with pytest.raises(FastDiffError, match="passes int8, fp8: one quantization at a time"):
+        export_artifact(options(passes=["sdpa", "int8", "fp8"]))
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(FastDiffError, match="no model_index.json"):
         export_artifact(options(model=str(tmp_path / "ckpt")))
