@@ -45,7 +45,9 @@ def import_scheduler_class(name: str, needs_scipy: bool = False) -> type:
     diffusers.utils imports torch._dynamo when it is first imported (all of dynamo: seconds, the largest part of a
     cold start once the weights are in the page cache) for a torch.compile decorator that its schedulers never use,
     and falls back to a no-op decorator when that import fails. The runtime compiles nothing, so on a first import
-    it lets that import fail: dynamo is blocked for the duration of the import only, and imports normally afterwards.
+    it lets that import fail: dynamo is blocked for the duration of the import only, and imports normally afterwards;
+    the decorator diffusers' model classes get from that module (allow_in_graph) is put back, so that models imported
+    later in the process compile as they would have.
 
     The Euler-family scheduler modules import scipy.stats (1.2 s of the scheduler's 2.6 s import on the H200) for
     beta sigmas alone. While they import, a stand-in takes its place; once it is removed, `scipy.stats` (through
@@ -76,6 +78,9 @@ def import_scheduler_class(name: str, needs_scipy: bool = False) -> type:
         importlib.metadata.packages_distributions = scan
         if block and sys.modules.get("torch._dynamo", 0) is None:
             del sys.modules["torch._dynamo"]
+            torch_utils = sys.modules.get("diffusers.utils.torch_utils")
+            if torch_utils is not None:  # its no-op fallback would stay for diffusers' models imported later
+                torch_utils.maybe_allow_in_graph = _allow_in_graph
         if stand_in is not None and sys.modules.get("scipy.stats") is stand_in:
             del sys.modules["scipy.stats"]
     if scheduler_class is None:
@@ -84,6 +89,14 @@ def import_scheduler_class(name: str, needs_scipy: bool = False) -> type:
             "install the diffusers version the artifact was exported with (fastdiff-inspect shows it)",
         )
     return scheduler_class
+
+
+def _allow_in_graph(cls: type) -> type:
+    """diffusers' maybe_allow_in_graph as it is where dynamo imports, importing dynamo when first applied (by a
+    diffusers model module, which the runtime never imports)."""
+    from torch._dynamo import allow_in_graph
+
+    return allow_in_graph(cls)
 
 
 class _StandIn(types.ModuleType):

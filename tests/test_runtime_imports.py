@@ -402,7 +402,8 @@ def test_scheduler_import_defers_the_distribution_scan(tiny_artifact: Path) -> N
 
 def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
     """diffusers imports torch._dynamo when first imported (seconds); the runtime's scheduler import avoids it through
-    diffusers' own fallback, and leaves torch._dynamo importable afterwards."""
+    diffusers' own fallback, and leaves torch._dynamo importable afterwards, and diffusers' models imported later
+    marked allow_in_graph as they would have been."""
     probe = textwrap.dedent(
         """
         import sys, torch
@@ -412,8 +413,12 @@ def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
         pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
         assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
         import torch._dynamo
-        from diffusers.utils.torch_utils import maybe_allow_in_graph
-        assert torch._dynamo.allow_in_graph is not maybe_allow_in_graph
+        allowed = []
+        allow_in_graph = torch._dynamo.allow_in_graph
+        torch._dynamo.allow_in_graph = lambda cls: allowed.append(cls) or allow_in_graph(cls)
+        assert "diffusers.models.attention" not in sys.modules
+        from diffusers.models.attention import GatedSelfAttentionDense
+        assert GatedSelfAttentionDense in allowed, allowed
         print("OK")
         """
     )
