@@ -7,6 +7,14 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (setting it, even back, would briefly change
+    the mode of files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,13 +62,31 @@ def load_pipeline(
     # on the H200 (bench/results/2026-11-30-h200-e). A short interval keeps the main thread's many short waits
     # short; measured for streamed weights beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms
     # interval, 0.62 s at 0.5 ms (0.43 s alone; CPU machine).
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
+    with _short_switch_interval(), on_device(device):
+        return _load(root, manifest, device, keys, cuda_graphs, warmup)
+
+
+_loads = 0  # load_pipeline calls in progress (threads may load several artifacts at once)
+_loads_lock = threading.Lock()
+_switch_interval = sys.getswitchinterval()
+
+
+@contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """LOAD_SWITCH_INTERVAL while any load runs; the process's own interval back once the last one is done."""
+    global _loads, _switch_interval
+    with _loads_lock:
+        if _loads == 0:
+            _switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
+        _loads += 1
     try:
-        with on_device(device):
-            return _load(root, manifest, device, keys, cuda_graphs, warmup)
+        yield
     finally:
-        sys.setswitchinterval(switch_interval)
+        with _loads_lock:
+            _loads -= 1
+            if _loads == 0:
+                sys.setswitchinterval(_switch_interval)
 
 
 def _load(

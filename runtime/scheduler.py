@@ -10,6 +10,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -58,6 +59,14 @@ def import_scheduler_class(name: str, needs_scipy: bool = False) -> type:
     if optimum, flashinfer or modelopt is installed: 0.7-0.8 s of load_pipeline on the H200 machine's image
     (bench/results/2026-12-01-h200-g). During the import that map is made on first use instead.
     """
+    with _import_lock:  # what it patches for the import is process-wide: one import at a time
+        return _import_scheduler_class(name, needs_scipy)
+
+
+_import_lock = threading.Lock()
+
+
+def _import_scheduler_class(name: str, needs_scipy: bool) -> type:
     first = "diffusers" not in sys.modules
     block = first and "torch._dynamo" not in sys.modules
     if block:

@@ -67,6 +67,25 @@ def test_written_files_get_the_umask_modes(tiny_artifact: Path, seeded_image: Pa
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux shows the umask in /proc")
+def test_the_umask_is_read_without_being_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the umask to read it, even back at once, would change the mode of files other threads create
+    meanwhile."""
+    from fastdiff.runtime import files
+
+    own = os.umask(0o027)
+    try:
+
+        def no_umask(mask: int) -> int:
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(files.os, "umask", no_umask)
+        assert files._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(own)
+
+
 def test_run_same_seed_same_pixels(tiny_artifact: Path, seeded_image: Path, tmp_path: Path) -> None:
     generate(tiny_artifact, tmp_path / "again.png", "--seed", "3")
     np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(seeded_image))

@@ -132,3 +132,20 @@ def test_weights_released_when_their_last_package_goes(tiny_artifact: Path) -> N
     del weights
     gc.collect()
     assert max(s.nbytes() for s in storages) == 0
+
+
+def test_overlapping_loads_restore_the_switch_interval() -> None:
+    """Loads in two threads overlap (A starts, B starts, A ends, B ends): the short interval lasts until the last
+    one ends, and the process's own interval comes back (B used to restore A's short one)."""
+    import sys
+
+    from fastdiff.runtime.loader import LOAD_SWITCH_INTERVAL, _short_switch_interval
+
+    own = sys.getswitchinterval()
+    a, b = _short_switch_interval(), _short_switch_interval()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+    b.__exit__(None, None, None)
+    assert sys.getswitchinterval() == own
