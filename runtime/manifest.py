@@ -269,13 +269,13 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
         raise FastDiffError(f"{path} is inconsistent: {'; '.join(problems)}", "export the model again")
 
 
-def _components(manifest: Manifest) -> list[CompiledComponent]:
-    return [manifest.unet, manifest.vae_decoder, *manifest.text_encoders]
-
-
 def _named_components(manifest: Manifest) -> list[tuple[str, CompiledComponent]]:
     encoders = [(f"text_encoders[{i}]", c) for i, c in enumerate(manifest.text_encoders)]
     return [("unet", manifest.unet), ("vae_decoder", manifest.vae_decoder), *encoders]
+
+
+def _components(manifest: Manifest) -> list[CompiledComponent]:
+    return [component for _, component in _named_components(manifest)]
 
 
 def _referenced_files(manifest: Manifest) -> list[str]:
