@@ -108,7 +108,8 @@ class FastDiffPipeline:
         n = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != n:
             raise FastDiffError(
-                f"{len(generator)} generators for {n} images", "give one generator, or one per image (prompt-major)"
+                f"{len(generator)} generators for {n} image{'s' * (n != 1)}",
+                "give one generator, or one per image (prompt-major)",
             )
         with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
             chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
