@@ -11,8 +11,6 @@ from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.resolution import parse_resolution
 
 from .attention import CHOICES as ATTENTION_CHOICES
-from .compile import parse_inductor_config
-from .export import ExportOptions, export_artifact, log
 from .passes import (
     DEFAULT_PASSES,
     PASSES,
@@ -22,7 +20,6 @@ from .passes import (
     quantization_advice,
 )
 from .presets import PRESETS
-from .source import default_resolution, model_family
 
 LAYOUT_PASSES = [p for p in PASSES if p not in QUANTIZATION_PASSES]
 
@@ -37,6 +34,9 @@ def _names(option: str | None) -> list[str] | None:
 
 def auto_quantization(model: str, revision: str | None, dtype: str, device: torch.device) -> str:
     """--quantize auto: passes.default_quantization for this model and GPU, if torchao is there to do it."""
+    from .export import log
+    from .source import model_family
+
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     family = model_family(model, revision) if capability else None  # reads the model's config only
     choice = default_quantization(family, dtype, capability)
@@ -145,6 +145,11 @@ def main(
     One AOTInductor package is written per component and resolution; the weights sit beside them in one
     safetensors file per component, with the tokenizers, the scheduler config and a manifest.
     """
+    # The export machinery imports diffusers' models (seconds): not needed for --help or a refused option.
+    from .compile import parse_inductor_config
+    from .export import ExportOptions, export_artifact, log
+    from .source import default_resolution
+
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
     if quantizing := [p for p in pass_list if p in QUANTIZATION_PASSES]:

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from .random_models import (
-    random_pixart_xl,
-    random_sd15,
-    random_sdxl_base,
-    random_ssd_1b,
-    tiny_pixart,
-    tiny_sd,
-    tiny_sdxl,
-)
 
 
 @dataclass(frozen=True)
@@ -25,7 +14,16 @@ class Preset:
     resolution: str
     family: str  # as in source.FAMILIES
     about: str
-    build: Callable[[], Path] | None = None  # builds the checkpoint offline and returns its folder
+    builder: str | None = None  # the random_models function that builds the checkpoint offline
+
+    def build(self) -> Path:
+        """Build the checkpoint offline (or find it built) and return its folder. random_models is imported here:
+        it imports diffusers' and transformers' model classes (seconds), which listing the presets does not need."""
+        from . import random_models
+
+        if self.builder is None:
+            raise ValueError(f"preset {self.name} is a hub checkpoint ({self.model}), not built offline")
+        return getattr(random_models, self.builder)()
 
 
 PRESETS = {
@@ -46,7 +44,7 @@ PRESETS = {
             "128",
             "sdxl",
             "a tiny random-weight SDXL-architecture model built offline (demo and tests)",
-            build=tiny_sdxl,
+            builder="tiny_sdxl",
         ),
         Preset(
             "sdxl-random",
@@ -55,7 +53,7 @@ PRESETS = {
             "1024",
             "sdxl",
             "SDXL base 1.0's architecture with random weights, built offline (benchmarks)",
-            build=random_sdxl_base,
+            builder="random_sdxl_base",
         ),
         Preset(
             "ssd-1b",
@@ -72,7 +70,7 @@ PRESETS = {
             "1024",
             "sdxl",
             "SSD-1B's architecture with random weights, built offline (benchmarks)",
-            build=random_ssd_1b,
+            builder="random_ssd_1b",
         ),
         Preset(
             "sd15",
@@ -89,7 +87,7 @@ PRESETS = {
             "512",
             "sd",
             "Stable Diffusion 1.5's architecture with random weights, built offline (benchmarks)",
-            build=random_sd15,
+            builder="random_sd15",
         ),
         Preset(
             "tiny-sd",
@@ -98,7 +96,7 @@ PRESETS = {
             "64",
             "sd",
             "a tiny random-weight Stable Diffusion 1.x-architecture model built offline (tests)",
-            build=tiny_sd,
+            builder="tiny_sd",
         ),
         Preset(
             "pixart",
@@ -115,7 +113,7 @@ PRESETS = {
             "1024",
             "pixart",
             "PixArt-XL-2-1024-MS's architecture with random weights, built offline (benchmarks)",
-            build=random_pixart_xl,
+            builder="random_pixart_xl",
         ),
         Preset(
             "tiny-pixart",
@@ -124,7 +122,7 @@ PRESETS = {
             "64",
             "pixart",
             "a tiny random-weight PixArt-α-architecture model built offline (tests)",
-            build=tiny_pixart,
+            builder="tiny_pixart",
         ),
     )
 }

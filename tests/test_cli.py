@@ -194,6 +194,26 @@ HELP_OPTIONS = {
 }
 
 
+def test_export_command_imports_no_model_code_before_it_runs() -> None:
+    """fastdiff-export --help (and a refused option, and Ctrl-C in the first seconds) need not wait for diffusers'
+    and transformers' model classes: the export machinery is imported when the command runs."""
+    import subprocess
+    import sys
+
+    code = "import sys; import fastdiff.exporter.cli; print(sorted({'diffusers', 'transformers'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_presets_built_offline_name_their_builders() -> None:
+    from fastdiff.exporter import random_models
+    from fastdiff.exporter.presets import PRESETS
+
+    for preset in PRESETS.values():
+        assert (preset.builder is None) == bool(preset.model), preset.name  # a hub checkpoint, or built offline
+        assert preset.builder is None or callable(getattr(random_models, preset.builder)), preset.name
+
+
 @pytest.mark.parametrize("command", list(HELP_OPTIONS))
 def test_help(command: str) -> None:
     proc = run_cli(command, "--help")
