@@ -109,8 +109,9 @@ python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, t
 pack_seed_tuning() {  # the seed compile's tuning results so far: GEMM/convolution timings, coordinate-descent picks
   (cd "$INDUCTOR_CACHE" && find . -path ./cache -prune -o -name '*.best_config' -print \
     | tar czf "$R/seed-tuning.tgz.part" cache -T - && mv "$R/seed-tuning.tgz.part" "$R/seed-tuning.tgz") 2> /dev/null
+  local tuned; tuned=$(grep -c '^AUTOTUNE [a-z_]*(' "$R/seed-cache-fill.log" 2> /dev/null)
   echo "$(date +%T) $(tar tzf "$R/seed-tuning.tgz" 2> /dev/null | grep -c 'best_config$') coordinate-descent picks," \
-    "$(grep -c '^AUTOTUNE [a-z_]*(' "$R/seed-cache-fill.log" 2> /dev/null) GEMM/convolution autotunings" >> "$R/seed-progress"
+    "${tuned:-0} GEMM/convolution autotunings" >> "$R/seed-progress"
 }
 seed_fill() {  # the seed's recipe compiled, then timed as the sdxl-seed step's compile baseline is (its own record)
   mkdir -p "$INDUCTOR_CACHE"
