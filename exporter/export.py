@@ -31,7 +31,15 @@ from .compile import (
     package_constant_names,
     plain_constants,
 )
-from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, QUANTIZATION_PASSES, apply_passes, have_torchao
+from .passes import (
+    DEFAULT_PASSES,
+    FP8_CAPABILITY,
+    PASSES,
+    QUANTIZATION_PASSES,
+    apply_passes,
+    check_quantization,
+    have_torchao,
+)
 from .source import Source, load_source
 from .wrappers import (
     T5_ENCODER_INPUTS,
@@ -303,9 +311,8 @@ def _check_passes(options: ExportOptions) -> None:
             raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
     dev = torch.device(options.device)
     capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    check_quantization(options.passes)  # as apply_passes will, but before the model loads
     quantization = [p for p in options.passes if p in QUANTIZATION_PASSES]
-    if len(quantization) > 1:
-        raise FastDiffError(f"passes {', '.join(quantization)}: one quantization at a time", "keep one of them")
     if options.quantize_linears is not None and not quantization:
         raise FastDiffError(
             "--quantize-linears names linears to quantize, but no quantization is on",

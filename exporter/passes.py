@@ -248,14 +248,20 @@ PASSES: dict[str, Callable[..., nn.Module]] = {
 QUANTIZATION_PASSES = ("int8", "fp8")
 
 
+def check_quantization(names: list[str]) -> None:
+    """At most one quantization pass (named once) among `names`."""
+    quantization = [n for n in names if n in QUANTIZATION_PASSES]
+    if len(quantization) > 1:
+        raise FastDiffError(f"passes {', '.join(quantization)}: one quantization at a time", "keep one of them")
+
+
 def apply_passes(model: nn.Module, names: list[str], quantize_linears: Sequence[str] | None = None) -> nn.Module:
     """Apply the named passes in the canonical order (quantization last, after the layout passes); a quantization
     pass takes `quantize_linears` (name suffixes of the linears to quantize; None: its own filter)."""
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
-    if "int8" in names and "fp8" in names:
-        raise FastDiffError("int8 and fp8 quantization exclude each other", "pick one of --quantize int8 or fp8")
+    check_quantization(names)
     for name in PASSES:
         if name in QUANTIZATION_PASSES and name in names:
             model = PASSES[name](model, quantize_linears)

@@ -527,8 +527,10 @@ def test_apply_passes_rejects_unknown(tiny_checkpoint: Path) -> None:
     with pytest.raises(FastDiffError, match="unknown pass 'bogus'"):
         apply_passes(model, ["sdpa", "bogus"])
     assert _processor_types(model) == {AttnProcessor}  # rejected before any pass ran
-    with pytest.raises(FastDiffError, match="int8 and fp8"):
+    with pytest.raises(FastDiffError, match="passes int8, fp8: one quantization at a time"):
         apply_passes(model, ["int8", "fp8"])
+    with pytest.raises(FastDiffError, match="passes int8, int8: one quantization at a time"):
+        apply_passes(model, ["int8", "int8"])
     assert set(PASSES) == {"sdpa", "fuse_qkv", "conv1x1_to_linear", "channels_last", "int8", "fp8"}
 
 
