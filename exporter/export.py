@@ -18,7 +18,15 @@ from torch.export import Dim
 
 from fastdiff.runtime.compat import device_record
 from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.manifest import TEXT_PARTS, CompiledComponent, Manifest, ModelFacts, dtype_name, torch_dtype
+from fastdiff.runtime.manifest import (
+    PENULTIMATE_CLIP_FAMILIES,
+    TEXT_PARTS,
+    CompiledComponent,
+    Manifest,
+    ModelFacts,
+    dtype_name,
+    torch_dtype,
+)
 from fastdiff.runtime.resolution import Resolution
 
 from .artifact import ArtifactWriter
@@ -178,7 +186,7 @@ def export_artifact(options: ExportOptions) -> Path:
                 if source.family == "pixart":
                     encoder, inputs, example = T5TextEncode(model), T5_ENCODER_INPUTS, (ids, torch.ones_like(ids))
                 else:
-                    encoder = CLIPTextEncode(model, penultimate=source.family == "sdxl")
+                    encoder = CLIPTextEncode(model, penultimate=source.family in PENULTIMATE_CLIP_FAMILIES)
                     inputs, example = TEXT_ENCODER_INPUTS, (ids,)
                 cases = {str(facts.text_max_length): example}
                 text_encoders.append(_export_component(writer, name, encoder, cases, inputs, n, options, attention))

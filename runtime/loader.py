@@ -13,7 +13,15 @@ import torch
 
 from .compat import check_compatible, on_device, resolve_device
 from .errors import FastDiffError
-from .manifest import TEXT_PARTS, CompiledComponent, Manifest, check_files, read_manifest, torch_dtype
+from .manifest import (
+    PENULTIMATE_CLIP_FAMILIES,
+    TEXT_PARTS,
+    CompiledComponent,
+    Manifest,
+    check_files,
+    read_manifest,
+    torch_dtype,
+)
 from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
@@ -137,7 +145,7 @@ def _load_conditioner(
         ]
     else:
         dtype = torch_dtype(manifest.dtype)
-        penultimate = manifest.model.family == "sdxl"  # as the exporter's compiled CLIP encoders do
+        penultimate = manifest.model.family in PENULTIMATE_CLIP_FAMILIES
         encoders = [load_stock_text_encoder(stock[encoder], dtype, device, penultimate) for _, encoder in parts]
     return TextConditioner(
         tokenizers=[load_tokenizer(stock[tokenizer], manifest.model.text_max_length) for tokenizer, _ in parts],

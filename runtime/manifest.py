@@ -42,6 +42,8 @@ TEXT_PARTS = {
     "sd": [("tokenizer", "text_encoder")],
     "pixart": [("tokenizer", "text_encoder")],
 }
+# Families whose pipeline conditions on the CLIP encoders' penultimate hidden states (SDXL); SD 1.x takes the final.
+PENULTIMATE_CLIP_FAMILIES = frozenset({"sdxl"})
 
 
 @dataclass
