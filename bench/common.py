@@ -214,8 +214,9 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def write_results(out: Path, record: dict, table: str) -> None:
+def write_results(out: Path, record: dict, table: str, echo: bool = True) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)
-    print(table, flush=True)
+    if echo:
+        print(table, flush=True)

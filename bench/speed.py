@@ -111,19 +111,24 @@ def generate(pipe, args, device, output_type: str):
     ).images
 
 
-def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latents, timed_phases: bool = False) -> dict:
-    """Times and outputs for one variant. `unet_step(inputs)` and `vae_decode(latents)` run one call. With
-    timed_phases (fastdiff's pipeline, which names its phases) and --profile, one generation's timeline too (a
-    diffusers eager one would be a trace of ~10^5 ops, for no phases)."""
-    result: dict = {"variant": name}
+def measure(
+    result: dict, unet_step, vae_decode, pipe, args, device, inputs, latents, saved, timed_phases: bool = False
+) -> dict:
+    """Times and outputs for one variant, added to `result`, which `saved(result)` writes out after each
+    measurement (a run stopped by its deadline keeps what it measured). `unet_step(inputs)` and `vae_decode(latents)`
+    run one call. With timed_phases (fastdiff's pipeline, which names its phases) and --profile, one generation's
+    timeline too (a diffusers eager one would be a trace of ~10^5 ops, for no phases)."""
     result["unet_step_ms"] = summary(time_ms(lambda: unet_step(inputs), device, args.warmup, args.step_runs))
+    saved(result)
     if args.profile and device.type == "cuda":
         result["unet_profile"] = kernel_profile(lambda: unet_step(inputs), device)
     result["vae_decode_ms"] = summary(time_ms(lambda: vae_decode(latents), device, 2, max(5, args.runs)))
+    saved(result)
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
     generate(pipe, args, device, "pil")  # first call: includes any lazy compilation / graph capture
     result["first_call_s"] = time.perf_counter() - t0
+    saved(result)
     for _ in range(args.e2e_warmup - 1):
         generate(pipe, args, device, "pil")
     e2e = []
@@ -134,6 +139,7 @@ def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latent
         sync(device)
         e2e.append(time.perf_counter() - t0)
     result["end_to_end_s"] = summary(e2e)
+    saved(result)
     if timed_phases and args.profile and device.type == "cuda":
         result["timeline"] = timeline(lambda: generate(pipe, args, device, "pil"), device)
     with torch.no_grad():
@@ -144,14 +150,13 @@ def measure(name: str, unet_step, vae_decode, pipe, args, device, inputs, latent
     return result
 
 
-def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None, inputs, latents_shape) -> dict:
+def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None, inputs, latents_shape, saved) -> dict:
     """diffusers' own pipeline, eager, or with the seed's torch.compile recipe (fused QKV, channels_last, compiled UNet
     and VAE decode; its Inductor flags unless --no-seed-flags)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     name = f"diffusers eager {args_dtype_name(dtype)}"
-    compile_s = None
     if compile_mode:
         flags = "seed flags" if args.seed_flags else "default flags"
         name = f"diffusers torch.compile ({compile_mode}, {flags}) {args_dtype_name(dtype)}"
@@ -182,18 +187,18 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
     def vae_decode(z):
         return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
 
+    result = {"variant": name, "compile_s": None}
     if compile_mode:
         t0 = time.perf_counter()
         unet_step(None)
         vae_decode(latents)
         sync(device)
-        compile_s = time.perf_counter() - t0
-    result = measure(name, unet_step, vae_decode, pipe, args, device, inputs, latents)
-    result["compile_s"] = compile_s
-    return result
+        result["compile_s"] = time.perf_counter() - t0
+        saved(result)
+    return measure(result, unet_step, vae_decode, pipe, args, device, inputs, latents, saved)
 
 
-def fastdiff_variant(label: str, path: str, args, device, inputs, latents_shape) -> dict:
+def fastdiff_variant(label: str, path: str, args, device, inputs, latents_shape, saved) -> dict:
     from fastdiff.runtime import load_pipeline
 
     t0 = time.perf_counter()
@@ -203,21 +208,15 @@ def fastdiff_variant(label: str, path: str, args, device, inputs, latents_shape)
     unet, vae = pipe.unets[key], pipe.vae_decoders[key]
     x = cast(inputs, pipe.dtype)
     latents = torch.randn(latents_shape, generator=torch.Generator().manual_seed(1)).to(device, pipe.vae_dtype)
-    result = measure(
-        f"fastdiff {label}",
-        lambda _: unet(*x),
-        lambda z: vae(z),
-        pipe,
-        args,
-        device,
-        inputs,
-        latents,
-        timed_phases=True,
+    result = {
+        "variant": f"fastdiff {label}",
+        "load_s": load_s,
+        "passes": pipe.manifest.options.get("passes"),
+        "dtype": pipe.manifest.dtype,
+    }
+    return measure(
+        result, lambda _: unet(*x), lambda z: vae(z), pipe, args, device, inputs, latents, saved, timed_phases=True
     )
-    result["load_s"] = load_s
-    result["passes"] = pipe.manifest.options.get("passes")
-    result["dtype"] = pipe.manifest.dtype
-    return result
 
 
 def args_dtype_name(dtype: torch.dtype) -> str:
@@ -234,16 +233,27 @@ def table(record: dict) -> str:
         f"diffusers {env['diffusers']}, torchao {env['torchao']}; {env['date']}",
         f"Command: `{env['command']}`",
         "",
-        "| variant | UNet step ms | VAE decode ms | end to end s | first call s | UNet rel err vs fp32 "
+        "| variant | compile s | UNet step ms | VAE decode ms | end to end s | first call s | UNet rel err vs fp32 "
         "| image PSNR dB |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r: dict, key: str, spec: str) -> str:  # "-": not measured (yet, or ever, for this variant)
+        value = r.get(key)
+        value = value["median"] if isinstance(value, dict) else value
+        return "-" if value is None else format(value, spec)
+
     for r in record["results"]:
-        lines.append(
-            f"| {r['variant']} | {r['unet_step_ms']['median']:.2f} | {r['vae_decode_ms']['median']:.1f} | "
-            f"{r['end_to_end_s']['median']:.3f} | {r['first_call_s']:.1f} | {r['unet_rel_err']:.2e} | "
-            f"{r['image_psnr_db']:.1f} |"
-        )
+        cells = [
+            cell(r, "compile_s", ".0f"),
+            cell(r, "unet_step_ms", ".2f"),
+            cell(r, "vae_decode_ms", ".1f"),
+            cell(r, "end_to_end_s", ".3f"),
+            cell(r, "first_call_s", ".1f"),
+            cell(r, "unet_rel_err", ".2e"),
+            cell(r, "image_psnr_db", ".1f"),
+        ]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         f"Medians; UNet step over {record['step_runs']} runs, end to end over {record['runs']} runs after warm-up."
@@ -334,11 +344,11 @@ def main() -> None:
     for spec in args.artifact:
         label, path = spec.split("=", 1)
         variants.append(
-            lambda label=label, path=path: fastdiff_variant(label, path, args, device, inputs, latents_shape)
+            lambda label=label, path=path: fastdiff_variant(label, path, args, device, inputs, latents_shape, saved)
         )
     for mode in baseline_modes:
         variants.append(
-            lambda mode=mode: diffusers_variant(args, device, DTYPES[args.dtype], mode, inputs, latents_shape)
+            lambda mode=mode: diffusers_variant(args, device, DTYPES[args.dtype], mode, inputs, latents_shape, saved)
         )
     record = {
         "pipeline": record_model,
@@ -348,6 +358,11 @@ def main() -> None:
         "step_runs": args.step_runs,
     }
     record["environment"] = environment(device)
+
+    def saved(partial: dict) -> None:
+        record["results"] = [*results, {k: v for k, v in partial.items() if not k.startswith("_")}]
+        write_results(args.out, record, table(record), echo=False)
+
     for run in variants:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
