@@ -30,6 +30,7 @@ from common import (
     timeline_table,
     write_results,
 )
+from inductor_fixes import keep_coordinate_descent_picks
 
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -157,6 +158,7 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
 
     pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     name = f"diffusers eager {args_dtype_name(dtype)}"
+    fixes = None  # what inductor_fixes patched, if anything
     if compile_mode:
         flags = "seed flags" if args.seed_flags else "default flags"
         name = f"diffusers torch.compile ({compile_mode}, {flags}) {args_dtype_name(dtype)}"
@@ -167,6 +169,8 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
 
             for flag, value in SEED_INDUCTOR_FLAGS.items():
                 setattr(inductor, flag, value)
+        if device.type == "cuda":  # Triton kernels: their coordinate-descent picks reused from the cache
+            fixes = keep_coordinate_descent_picks()
         part = denoiser_name(pipe)
         getattr(pipe, part).fuse_qkv_projections()
         pipe.vae.fuse_qkv_projections()
@@ -187,7 +191,7 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
     def vae_decode(z):
         return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
 
-    result = {"variant": name, "compile_s": None}
+    result = {"variant": name, "compile_s": None, "inductor_fixes": fixes}
     if compile_mode:
         t0 = time.perf_counter()
         unet_step(None)
