@@ -119,8 +119,8 @@ pack_seed_tuning() {  # the seed compile's tuning results so far: GEMM/convoluti
 seed_fill() {  # the seed's recipe compiled, then timed as the sdxl-seed step's compile baseline is (its own record)
   mkdir -p "$INDUCTOR_CACHE"
   [[ -f $SEED_TUNING ]] && tar xzf "$SEED_TUNING" -C "$INDUCTOR_CACHE" && stamp "seed tuning restored from $SEED_TUNING"
-  TORCH_LOGS=recompiles timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" --baselines compile --no-reference \
-    --profile --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
+  TORCH_LOGS=recompiles timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" \
+    --baselines compile --no-reference --profile --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
   local fill=$! packed=$SECONDS
   while kill -0 "$fill" 2> /dev/null; do
     sleep 5; (( SECONDS - packed >= 60 )) && { pack_seed_tuning; packed=$SECONDS; }
@@ -136,8 +136,9 @@ seed_time() {  # the seed's recipe from its warm cache against the SDXL artifact
   for variant in sdxl-fp8 sdxl-autotune; do
     [[ -f /tmp/art/$variant/manifest.json ]] && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
   done
-  TORCH_LOGS=recompiles python3 bench/speed.py --model "$(model sdxl-bf16)" "${seed_artifacts[@]}" \
-    --baselines compile --profile --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
+  # the artifacts are timed first; a recipe compiling past SEED_DEADLINE is stopped (what was measured is kept)
+  TORCH_LOGS=recompiles timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(model sdxl-bf16)" \
+    "${seed_artifacts[@]}" --baselines compile --profile --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
   grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
 }
 if [[ -n $SEED_GPU ]] && want sdxl-seed; then  # beside the rest, on its own GPU and CPUs, from the start
@@ -176,6 +177,7 @@ touch "$R/exports-done"
 
 sdxl_artifacts=(--artifact sdxl-bf16=/tmp/art/sdxl-bf16)  # the default artifact (fp8 on this GPU) last
 want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--artifact sdxl-fp8=/tmp/art/sdxl-fp8)
+want sdxl-seed && [[ -z $SEED_GPU ]] && seed_time  # first: the measurement no session has made yet
 if want sdxl-coldstart && exported sdxl-bf16; then
   stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases"
   python3 bench/coldstart.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --runs 2 $COLDSTART_OPTS \
@@ -206,7 +208,6 @@ if want sdxl-compile-cold; then
   python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
     > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
-want sdxl-seed && [[ -z $SEED_GPU ]] && seed_time
 want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf16 "$FAMILY_BASELINES"; }
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 "$FAMILY_BASELINES" --res 512; }
 for variant in $STEPS; do
