@@ -14,7 +14,7 @@
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
 #   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
-#                      (bf16, and sdxl-fp8's and sdxl-autotune's if those steps are on); its compile runs once in the
+#                      (bf16, and every SDXL variant's among the steps); its compile runs once in the
 #                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
 #   seed-fill          the seed recipe's cache-filling compile without the sdxl-seed step's second, timed process:
 #                      it gathers the tuning results ($R/seed-tuning.tgz, progress in $R/seed-progress) and, if it
@@ -133,8 +133,9 @@ seed_time() {  # the seed's recipe from its warm cache against the SDXL artifact
   if [[ ! -f $R/seed-cache-fill.json ]]; then stamp "skipping sdxl-seed: the seed recipe's compile did not finish"; return; fi
   stamp "sdxl: the seed's recipe (warm compile cache) against the artifacts"
   local seed_artifacts=(--artifact "sdxl-bf16=/tmp/art/sdxl-bf16") variant
-  for variant in sdxl-fp8 sdxl-autotune; do
-    [[ -f /tmp/art/$variant/manifest.json ]] && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
+  for variant in $STEPS; do  # every SDXL variant exported this session, in the same process as the recipe
+    [[ $variant == sdxl-* && -n ${VARIANTS[$variant]:-} && -f /tmp/art/$variant/manifest.json ]] \
+      && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
   done
   # the artifacts are timed first; a recipe compiling past SEED_DEADLINE is stopped (what was measured is kept)
   TORCH_LOGS=recompiles timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(model sdxl-bf16)" \
@@ -212,8 +213,8 @@ want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf1
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 "$FAMILY_BASELINES" --res 512; }
 for variant in $STEPS; do
   [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue
-  [[ $variant == sdxl-autotune && -f $R/speed-sdxl-seed.json ]] && continue  # measured beside the seed's recipe
-  [[ $variant == sdxl-fp8 && ( -f $R/speed-sdxl.json || -f $R/speed-sdxl-seed.json ) ]] && continue  # measured
+  grep -q "\"fastdiff $variant\"" "$R/speed-sdxl-seed.json" 2> /dev/null && continue  # beside the seed's recipe
+  [[ $variant == sdxl-fp8 && -f $R/speed-sdxl.json ]] && continue  # measured in the sdxl step
   stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 "$FAMILY_BASELINES"; }
