@@ -79,7 +79,17 @@ def diffusers_step(model, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
         )[0]
         return out[:, : x[0].shape[1]]  # the learned-variance half dropped, as the pipeline does
     cond = {"text_embeds": x[3], "time_ids": x[4]} if len(x) == 5 else None
-    return model(x[0], x[1], x[2], added_cond_kwargs=cond, return_dict=False)[0]
+    # The pipeline's own arguments, positional and keyword alike: torch.compile guards on them, and another call
+    # shape would compile the UNet a second time at the pipeline's first call (bench/results/2026-12-01-h200-j).
+    return model(
+        x[0],
+        x[1],
+        encoder_hidden_states=x[2],
+        timestep_cond=None,
+        cross_attention_kwargs=None,
+        added_cond_kwargs=cond,
+        return_dict=False,
+    )[0]
 
 
 def cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
