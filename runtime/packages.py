@@ -7,9 +7,11 @@ the package uses the runtime's tensors in place, so packages for several resolut
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import sys
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +41,21 @@ def make_libstdcxx_global() -> None:
     _libstdcxx_global = True
 
 
+# Every package's loader extracts the package into a folder of the temp dir and deletes it when destroyed. Python does
+# not promise to destroy every object at exit (one reachable from builtins, say, through an import hook's globals,
+# outlives the teardown), and such a pipeline left its packages' folders behind: released here before the teardown.
+_loaded: weakref.WeakSet[CompiledModule] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_loaded() -> None:
+    modules = list(_loaded)
+    for index in {m.device_index for m in modules if m.device_index >= 0}:
+        torch.cuda.synchronize(index)  # no kernel of theirs may still be running when their code is unloaded
+    for module in modules:
+        module._loader = None
+
+
 class CompiledModule:
     """One AOTInductor package: call it with the flat tensor inputs it was exported with."""
 
@@ -48,6 +65,7 @@ class CompiledModule:
         device_index = -1 if device.type == "cpu" else device.index
         if device_index is None:  # plain "cuda"
             device_index = torch.cuda.current_device()
+        self.device_index = device_index
         try:
             self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index)
         except Exception as e:  # the loader reports damaged archives and foreign binaries as RuntimeError
@@ -64,6 +82,7 @@ class CompiledModule:
             )
         self._loader.load_constants({n: weights[n] for n in names}, False, False, True)
         self.weights = weights  # user-managed: the package uses these tensors in place
+        _loaded.add(self)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         outputs = self._loader.run(list(inputs))

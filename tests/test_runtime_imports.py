@@ -1,5 +1,5 @@
 """The runtime stays slim: no model or pipeline code, no exporter, no torchao or transformers, no compiling at load
-and the packages of several resolutions share one copy of the weights."""
+and the packages of several resolutions share one copy of the weights; nothing is left in the temp dir at exit."""
 
 from __future__ import annotations
 
@@ -424,3 +424,23 @@ def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", probe, str(tiny_artifact)], capture_output=True, text=True)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_extracted_packages_are_removed_at_exit(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Each package is extracted into the temp dir while it is loaded. A pipeline that Python does not destroy at exit
+    (here: reachable from builtins, through an import hook's globals) must not leave those folders behind."""
+    probe = textwrap.dedent(
+        """
+        import builtins, os, sys
+        from fastdiff.runtime import load_pipeline
+        _import = builtins.__import__
+        builtins.__import__ = lambda *args, **kwargs: _import(*args, **kwargs)
+        pipe = load_pipeline(sys.argv[1], device="cpu")
+        print(len(os.listdir(os.environ["TMPDIR"])))
+        """
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", probe, str(tiny_artifact)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 0  # extracted there while loaded
+    assert list(tmp_path.iterdir()) == []
