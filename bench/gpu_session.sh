@@ -112,13 +112,15 @@ python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, t
 pack_seed_tuning() {  # the seed compile's tuning results so far: GEMM/convolution timings, coordinate-descent picks
   (cd "$INDUCTOR_CACHE" && find . -path ./cache -prune -o -name '*.best_config' -print \
     | tar czf "$R/seed-tuning.tgz.part" cache -T - && mv "$R/seed-tuning.tgz.part" "$R/seed-tuning.tgz") 2> /dev/null
-  local tuned; tuned=$(grep -c '^AUTOTUNE [a-z_]*(' "$R/seed-cache-fill.log" 2> /dev/null)
-  echo "$(date +%T) $(tar tzf "$R/seed-tuning.tgz" 2> /dev/null | grep -c 'best_config$') coordinate-descent picks," \
-    "${tuned:-0} GEMM/convolution autotunings" >> "$R/seed-progress"
+  local tuned retuned; tuned=$(grep -c '^AUTOTUNE [a-z_]*(' "$R/seed-cache-fill.log" 2> /dev/null)
+  retuned=$(find "$INDUCTOR_CACHE" -name '*.best_config' -newer "$R/seed-tuning-restored" 2> /dev/null | wc -l)
+  echo "$(date +%T) $(tar tzf "$R/seed-tuning.tgz" 2> /dev/null | grep -c 'best_config$') coordinate-descent picks" \
+    "(${retuned} written by this run), ${tuned:-0} GEMM/convolution autotunings" >> "$R/seed-progress"
 }
 seed_fill() {  # the seed's recipe compiled, then timed as the sdxl-seed step's compile baseline is (its own record)
   mkdir -p "$INDUCTOR_CACHE"
   [[ -f $SEED_TUNING ]] && tar xzf "$SEED_TUNING" -C "$INDUCTOR_CACHE" && stamp "seed tuning restored from $SEED_TUNING"
+  touch "$R/seed-tuning-restored"  # picks newer than this were tuned by this run (none, if the cache was reused)
   TORCH_LOGS=recompiles timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" \
     --baselines compile --no-reference --profile --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
   local fill=$! packed=$SECONDS
