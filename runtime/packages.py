@@ -8,6 +8,7 @@ the package uses the runtime's tensors in place, so packages for several resolut
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import sys
@@ -51,7 +52,8 @@ _loaded: weakref.WeakSet[CompiledModule] = weakref.WeakSet()
 def _release_loaded() -> None:
     modules = list(_loaded)
     for index in {m.device_index for m in modules if m.device_index >= 0}:
-        torch.cuda.synchronize(index)  # no kernel of theirs may still be running when their code is unloaded
+        with contextlib.suppress(RuntimeError):  # a GPU in an error state: nothing runs on it any more
+            torch.cuda.synchronize(index)  # no kernel of theirs may still be running when their code is unloaded
     for module in modules:
         module._loader = None
 
