@@ -30,6 +30,33 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
     )
 
 
+# Loads an artifact and generates (output_type "latent": the GPU may still be busy at exit) in a pipeline that Python
+# does not destroy at exit: reachable from builtins, through an import hook's globals.
+EXIT_PROBE = """
+import builtins, os, sys
+from fastdiff.runtime import load_pipeline
+_import = builtins.__import__
+builtins.__import__ = lambda *args, **kwargs: _import(*args, **kwargs)
+pipe = load_pipeline(sys.argv[1], device=sys.argv[2])
+pipe.set_progress_bar_config(disable=True)
+pipe("a cat", num_inference_steps=2, output_type="latent")
+print(len(os.listdir(os.environ["TMPDIR"])))
+"""
+
+
+def assert_no_packages_left_at_exit(artifact: Path, device: str, tmp_path: Path) -> None:
+    """Each package is extracted into the temp dir while it is loaded; the process exits cleanly and leaves none."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, str(artifact), device], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 0  # extracted there while loaded
+    assert list(tmp.iterdir()) == []
+
+
 def assert_matches_diffusers(mine, reference, **kwargs) -> None:
     """A fastdiff pipeline and diffusers' own give the same latents and images for the same request and seed
     (a 64x64 image of a cat in 4 steps, unless `kwargs` say otherwise)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_matches_diffusers, run_cli
+from conftest import assert_matches_diffusers, assert_no_packages_left_at_exit, run_cli
 
 from fastdiff.runtime import load_pipeline
 from fastdiff.runtime.packages import CUDAGraphModule
@@ -101,6 +101,13 @@ def test_a_dropped_pipeline_frees_its_weights(cuda_pipelines, tmp_path: Path) ->
     gc.collect()
     assert max(s.nbytes() for s in storages) == 0
     assert loaded - torch.cuda.memory_allocated() >= weight_bytes
+
+
+def test_exit_after_cuda_graphs_leaves_no_packages(cuda_pipelines, tmp_path: Path) -> None:
+    """The runtime releases its packages at exit after the GPU is done, with the UNet step captured as a CUDA
+    graph and a generation possibly still running."""
+    mine, _ = cuda_pipelines
+    assert_no_packages_left_at_exit(mine.unets["64x64"].module.path.parents[1], "cuda", tmp_path)
 
 
 def test_int8_artifact_generates(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_no_packages_left_at_exit
 
 from fastdiff.exporter.random_models import TINY_ARCH, TINY_PIXART_ARCH, TINY_SD_ARCH
 from fastdiff.runtime import FastDiffError, load_pipeline
@@ -427,20 +428,4 @@ def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
 
 
 def test_extracted_packages_are_removed_at_exit(tiny_artifact: Path, tmp_path: Path) -> None:
-    """Each package is extracted into the temp dir while it is loaded. A pipeline that Python does not destroy at exit
-    (here: reachable from builtins, through an import hook's globals) must not leave those folders behind."""
-    probe = textwrap.dedent(
-        """
-        import builtins, os, sys
-        from fastdiff.runtime import load_pipeline
-        _import = builtins.__import__
-        builtins.__import__ = lambda *args, **kwargs: _import(*args, **kwargs)
-        pipe = load_pipeline(sys.argv[1], device="cpu")
-        print(len(os.listdir(os.environ["TMPDIR"])))
-        """
-    )
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", probe, str(tiny_artifact)], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) > 0  # extracted there while loaded
-    assert list(tmp_path.iterdir()) == []
+    assert_no_packages_left_at_exit(tiny_artifact, "cpu", tmp_path)
