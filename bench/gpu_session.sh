@@ -43,8 +43,8 @@
 # autotuning timings and coordinate-descent picks, kilobytes) are packed into $R/seed-tuning.tgz every minute;
 # copied to SEED_TUNING (carried in: an ignored folder), a later session's compile restores them and benchmarks only
 # what is still missing: the same kernels, chosen by the same benchmarks, on the same kind of GPU, image and versions
-# (Inductor's cache keys check them). The picks are reused only since bench/inductor_fixes.py (torch 2.11 tuned
-# every kernel again, session J). The seed's runs log dynamo's recompiles (TORCH_LOGS=recompiles): in session J the
+# (Inductor's cache keys check them). torch 2.11 tuned every kernel again all the same (session J); speed.py's
+# bench/inductor_fixes.py should make it reuse the picks (seed-progress counts those this run wrote). The seed's runs log dynamo's recompiles (TORCH_LOGS=recompiles): in session J the
 # UNet compiled again on the pipeline's first call.
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.

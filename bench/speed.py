@@ -172,14 +172,14 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
     if compile_mode:
         flags = "seed flags" if args.seed_flags else "default flags"
         name = f"diffusers torch.compile ({compile_mode}, {flags}) {args_dtype_name(dtype)}"
-        if args.seed_flags:
-            import torch._inductor.config as inductor
+        import torch._inductor.config as inductor
 
+        if args.seed_flags:
             from fastdiff.exporter.compile import SEED_INDUCTOR_FLAGS
 
             for flag, value in SEED_INDUCTOR_FLAGS.items():
                 setattr(inductor, flag, value)
-        if device.type == "cuda":  # Triton kernels: their coordinate-descent picks reused from the cache
+        if device.type == "cuda" and inductor.coordinate_descent_tuning:  # its picks reused from the cache
             fixes = keep_coordinate_descent_picks()
         part = denoiser_name(pipe)
         getattr(pipe, part).fuse_qkv_projections()
