@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.abc
 import importlib.metadata
 import importlib.util
 import inspect
@@ -46,8 +47,9 @@ def import_scheduler_class(name: str, needs_scipy: bool = False) -> type:
     diffusers.utils imports torch._dynamo when it is first imported (all of dynamo: seconds, the largest part of a
     cold start once the weights are in the page cache) for a torch.compile decorator that its schedulers never use,
     and falls back to a no-op decorator when that import fails. The runtime compiles nothing, so on a first import
-    it lets that import fail: dynamo is blocked for the duration of the import only, and imports normally afterwards;
-    the decorator diffusers' model classes get from that module (allow_in_graph) is put back, so that models imported
+    it lets that import fail: dynamo is blocked in the importing thread for the duration of the import only (other
+    threads, such as a profiler started during the load, import it as usual), and imports normally afterwards; the
+    decorator diffusers' model classes get from that module (allow_in_graph) is put back, so that models imported
     later in the process compile as they would have.
 
     The Euler-family scheduler modules import scipy.stats (1.2 s of the scheduler's 2.6 s import on the H200) for
@@ -68,9 +70,9 @@ _import_lock = threading.Lock()
 
 def _import_scheduler_class(name: str, needs_scipy: bool) -> type:
     first = "diffusers" not in sys.modules
-    block = first and "torch._dynamo" not in sys.modules
+    block = _RefusedInThisThread("torch._dynamo") if first and "torch._dynamo" not in sys.modules else None
     if block:
-        sys.modules["torch._dynamo"] = None  # an import of it raises ImportError while this is set
+        sys.meta_path.insert(0, block)
     stand_in = None
     if not needs_scipy and "scipy.stats" not in sys.modules and importlib.util.find_spec("scipy") is not None:
         stand_in = sys.modules["scipy.stats"] = _StandIn("scipy.stats")
@@ -85,8 +87,9 @@ def _import_scheduler_class(name: str, needs_scipy: bool) -> type:
         raise FastDiffError(f"the runtime needs diffusers for its schedulers: {e}", "pip install diffusers") from None
     finally:
         importlib.metadata.packages_distributions = scan
-        if block and sys.modules.get("torch._dynamo", 0) is None:
-            del sys.modules["torch._dynamo"]
+        if block:
+            sys.meta_path.remove(block)
+        if block and block.refused:
             torch_utils = sys.modules.get("diffusers.utils.torch_utils")
             if torch_utils is not None:  # its no-op fallback would stay for diffusers' models imported later
                 torch_utils.maybe_allow_in_graph = _allow_in_graph
@@ -106,6 +109,22 @@ def _allow_in_graph(cls: type) -> type:
     from torch._dynamo import allow_in_graph
 
     return allow_in_graph(cls)
+
+
+class _RefusedInThisThread(importlib.abc.MetaPathFinder):
+    """An import finder that fails imports of one module in the thread that made it, and lets every other thread
+    import it as usual."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.thread = threading.get_ident()
+        self.refused = False
+
+    def find_spec(self, fullname: str, path, target=None) -> None:
+        if fullname == self.name and threading.get_ident() == self.thread:
+            self.refused = True
+            raise ModuleNotFoundError(f"No module named {fullname!r} (not imported by fastdiff)", name=fullname)
+        return None
 
 
 class _StandIn(types.ModuleType):

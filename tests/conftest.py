@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,21 +32,24 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
 
 
 # Loads an artifact and generates (output_type "latent": the GPU may still be busy at exit) in a pipeline that Python
-# does not destroy at exit: reachable from builtins, through an import hook's globals.
+# does not destroy at exit: reachable from builtins, through an import hook's globals. Prints the folders that the
+# packages' libraries were loaded from: where torch extracted them (under $TMPDIR in torch 2.13, a folder of /tmp
+# whatever $TMPDIR says in torch 2.11).
 EXIT_PROBE = """
-import builtins, os, sys
+import builtins, json, os, sys
 from fastdiff.runtime import load_pipeline
 _import = builtins.__import__
 builtins.__import__ = lambda *args, **kwargs: _import(*args, **kwargs)
 pipe = load_pipeline(sys.argv[1], device=sys.argv[2])
 pipe.set_progress_bar_config(disable=True)
 pipe("a cat", num_inference_steps=2, output_type="latent")
-print(len(os.listdir(os.environ["TMPDIR"])))
+maps = open("/proc/self/maps").read().split()
+print(json.dumps(sorted({os.path.dirname(p) for p in maps if "/data/aotinductor/" in p and p.endswith(".so")})))
 """
 
 
 def assert_no_packages_left_at_exit(artifact: Path, device: str, tmp_path: Path) -> None:
-    """Each package is extracted into the temp dir while it is loaded; the process exits cleanly and leaves none."""
+    """Each package is extracted into a temp folder while it is loaded; the process exits cleanly and leaves none."""
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
@@ -53,7 +57,9 @@ def assert_no_packages_left_at_exit(artifact: Path, device: str, tmp_path: Path)
         [sys.executable, "-c", EXIT_PROBE, str(artifact), device], capture_output=True, text=True, env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) > 0  # extracted there while loaded
+    extracted = [Path(p) for p in json.loads(proc.stdout.splitlines()[-1])]
+    assert extracted  # the packages' libraries were seen loaded from the folders they were extracted into
+    assert [p for p in extracted if p.exists()] == []
     assert list(tmp.iterdir()) == []
 
 

@@ -427,5 +427,46 @@ def test_load_does_not_import_dynamo(tiny_artifact: Path) -> None:
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_other_threads_import_dynamo_during_a_load(tiny_artifact: Path) -> None:
+    """The scheduler import keeps torch._dynamo out of its own thread only: another thread of the process that imports
+    it meanwhile (a profiler started during the load, say: it imports Inductor) gets it. The other thread imports it
+    before the scheduler's module runs, within the scheduler import (finders run under the global import lock: the
+    hook waits in the module's loader instead)."""
+    probe = textwrap.dedent(
+        """
+        import importlib.abc, importlib.machinery, sys, threading
+        from fastdiff.runtime import load_pipeline
+        imported = []
+        def import_dynamo():
+            try:
+                import torch._dynamo
+                imported.append(torch._dynamo.allow_in_graph)
+            except Exception as e:
+                imported.append(e)
+        class DuringTheSchedulerImport(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name != "diffusers.schedulers.scheduling_euler_discrete":
+                    return None
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                exec_module = spec.loader.exec_module
+                def exec_module_after_another_thread_imports_dynamo(module):
+                    other = threading.Thread(target=import_dynamo)
+                    other.start()
+                    other.join()
+                    exec_module(module)
+                spec.loader.exec_module = exec_module_after_another_thread_imports_dynamo
+                return spec
+        sys.meta_path.insert(0, DuringTheSchedulerImport())
+        pipe = load_pipeline(sys.argv[1], device="cpu")
+        assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+        assert len(imported) == 1 and callable(imported[0]), imported
+        print("OK")
+        """
+    )
+    args = [sys.executable, "-c", probe, str(tiny_artifact)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)  # a deadlock fails, not hangs
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_extracted_packages_are_removed_at_exit(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_no_packages_left_at_exit(tiny_artifact, "cpu", tmp_path)
