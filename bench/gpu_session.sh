@@ -38,14 +38,16 @@
 # SEED_GPU (a two-GPU machine): the sdxl-seed step (its cache-filling compile, then its timed run, once the artifacts
 # are exported) runs on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
 # the seed's compile then has SEED_DEADLINE seconds instead of sharing the export phase's CPUs and deadline.
-# The seed's compile takes longer than a session can give it (session I: 12 min benchmarking the UNet's 44 GEMMs and
-# convolutions, alone on a GPU; session J: 23 min to the end with those cached), so its tuning results (Inductor's
-# autotuning timings and coordinate-descent picks, kilobytes) are packed into $R/seed-tuning.tgz every minute;
-# copied to SEED_TUNING (carried in: an ignored folder), a later session's compile restores them and benchmarks only
-# what is still missing: the same kernels, chosen by the same benchmarks, on the same kind of GPU, image and versions
-# (Inductor's cache keys check them). torch 2.11 tuned every kernel again all the same (session J); speed.py's
-# bench/inductor_fixes.py should make it reuse the picks (seed-progress counts those this run wrote). The seed's runs log dynamo's recompiles (TORCH_LOGS=recompiles): in session J the
-# UNet compiled again on the pipeline's first call.
+# The seed's compile from an empty cache takes longer than a session can give it (session I: 12 min benchmarking the
+# UNet's 44 GEMMs and convolutions, alone on a GPU; session J: 23 min to the end with those cached), so its tuning
+# results (Inductor's autotuning timings and coordinate-descent picks, kilobytes) are packed into $R/seed-tuning.tgz
+# every minute; copied to SEED_TUNING (carried in: an ignored folder), a later session's compile restores them and
+# benchmarks only what is still missing: the same kernels, chosen by the same benchmarks, on the same kind of GPU,
+# image and versions (Inductor's cache keys check them). torch 2.11 tuned every restored pick again (session J);
+# bench/inductor_fixes.py, which speed.py applies, makes it reuse them (session K: none tuned again, compile 167 s;
+# seed-progress counts the picks a run writes). The seed's runs log dynamo's recompiles and Inductor's CUDA-graph
+# skips (TORCH_LOGS=recompiles,cudagraphs): in session J the UNet compiled again on the pipeline's first call; in
+# session K the recipe's UNet step took 38 ms of wall time for 32 ms of GPU work, as if it ran without CUDA graphs.
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
 # Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min. Session D: SDXL
@@ -121,7 +123,7 @@ seed_fill() {  # the seed's recipe compiled, then timed as the sdxl-seed step's 
   mkdir -p "$INDUCTOR_CACHE"
   [[ -f $SEED_TUNING ]] && tar xzf "$SEED_TUNING" -C "$INDUCTOR_CACHE" && stamp "seed tuning restored from $SEED_TUNING"
   touch "$R/seed-tuning-restored"  # picks newer than this were tuned by this run (none, if the cache was reused)
-  TORCH_LOGS=recompiles timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" \
+  TORCH_LOGS=recompiles,cudagraphs timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" \
     --baselines compile --no-reference --profile --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
   local fill=$! packed=$SECONDS
   while kill -0 "$fill" 2> /dev/null; do
@@ -140,7 +142,7 @@ seed_time() {  # the seed's recipe from its warm cache against the SDXL artifact
       && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
   done
   # the artifacts are timed first; a recipe compiling past SEED_DEADLINE is stopped (what was measured is kept)
-  TORCH_LOGS=recompiles timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(model sdxl-bf16)" \
+  TORCH_LOGS=recompiles,cudagraphs timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(model sdxl-bf16)" \
     "${seed_artifacts[@]}" --baselines compile --profile --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
   grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
 }

@@ -209,7 +209,12 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
         sync(device)
         result["compile_s"] = time.perf_counter() - t0
         saved(result)
-    return measure(result, unet_step, vae_decode, pipe, args, device, inputs, latents, saved)
+    result = measure(result, unet_step, vae_decode, pipe, args, device, inputs, latents, saved)
+    if compile_mode:  # graphs Inductor decided not to capture as CUDA graphs (a mode that would), and why in its log
+        from torch._dynamo.utils import counters
+
+        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    return result
 
 
 def fastdiff_variant(label: str, path: str, args, device, inputs, latents_shape, saved) -> dict:
