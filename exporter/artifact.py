@@ -21,11 +21,25 @@ from fastdiff.runtime.manifest import Manifest, describe_files, is_artifact
 from fastdiff.runtime.weights import to_storage_layout
 
 
+def check_target(out: Path, overwrite: bool) -> None:
+    """An export may write `out` if it does not exist, or replace it with --overwrite if it is an artifact. Checked
+    before the export starts and again before the artifact is put in place: the target may have appeared, or
+    changed, in the minutes between."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FastDiffError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    if not out.is_dir() or not is_artifact(out):
+        raise FastDiffError(
+            f"{out} exists and is not a fastdiff artifact; refusing to replace it", "choose another --out"
+        )
+
+
 class ArtifactWriter:
     def __init__(self, out: Path, overwrite: bool = False) -> None:
         self.out = Path(out).absolute()
         self.overwrite = overwrite
-        self._check_target()
+        check_target(self.out, self.overwrite)
         missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -38,19 +52,6 @@ class ArtifactWriter:
                 f"cannot write to {self.out.parent}: {e.strerror}", "choose an --out in a writable folder"
             ) from None
         self._created = missing  # folders made for --out, removed again if the export fails
-
-    def _check_target(self) -> None:
-        """Checked when the export starts and again before the artifact is put in place: the target may have
-        appeared, or changed, in the minutes between."""
-        if not self.out.exists():
-            return
-        if not self.overwrite:
-            raise FastDiffError(f"{self.out} already exists", "pass --overwrite to replace it, or choose another --out")
-        if not self.out.is_dir() or not is_artifact(self.out):
-            raise FastDiffError(
-                f"{self.out} exists and is not a fastdiff artifact; refusing to replace it",
-                "choose another --out",
-            )
 
     def __enter__(self) -> ArtifactWriter:
         return self
@@ -81,7 +82,7 @@ class ArtifactWriter:
         manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest.files = describe_files(self.root)
         manifest.write(self.root)
-        self._check_target()
+        check_target(self.out, self.overwrite)
         if self.out.exists():  # --overwrite: swap, then drop the old one
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             self.out.rename(old)

@@ -19,7 +19,8 @@ from .passes import (
     have_torchao,
     quantization_advice,
 )
-from .presets import PRESETS
+from .presets import PRESETS, check_model
+from .progress import log
 
 LAYOUT_PASSES = [p for p in PASSES if p not in QUANTIZATION_PASSES]
 
@@ -34,11 +35,12 @@ def _names(option: str | None) -> list[str] | None:
 
 def auto_quantization(model: str, revision: str | None, dtype: str, device: torch.device) -> str:
     """--quantize auto: passes.default_quantization for this model and GPU, if torchao is there to do it."""
-    from .export import log
-    from .source import model_family
-
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    family = model_family(model, revision) if capability else None  # reads the model's config only
+    family = None
+    if capability:
+        from .source import model_family  # imports diffusers' pipelines (seconds)
+
+        family = model_family(model, revision)  # reads the model's config only
     choice = default_quantization(family, dtype, capability)
     if choice != "none" and not have_torchao():
         log(f"--quantize auto: none ({choice} would be faster here: pip install 'fastdiff[quant]')")
@@ -145,10 +147,8 @@ def main(
     One AOTInductor package is written per component and resolution; the weights sit beside them in one
     safetensors file per component, with the tokenizers, the scheduler config and a manifest.
     """
-    # The export machinery imports diffusers' models (seconds): not needed for --help or a refused option.
-    from .compile import parse_inductor_config
-    from .export import ExportOptions, export_artifact, log
-    from .source import default_resolution
+    from .compile import parse_inductor_config  # torch's Inductor: not needed for --help
+    from .options import ExportOptions, check_options
 
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
@@ -156,6 +156,8 @@ def main(
         raise FastDiffError(
             f"--passes {quantizing[0]}: quantization is chosen with --quantize", f"use --quantize {quantizing[0]}"
         )
+    check_model(model)
+    parsed = list(dict.fromkeys(map(parse_resolution, resolutions)))
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if quantize == "auto":
         quantize = auto_quantization(model, revision, dtype, dev)
@@ -163,9 +165,13 @@ def main(
         log(f"note: {advice}")
     if quantize != "none":
         pass_list.append(quantize)
+    if not parsed:
+        from .source import default_resolution  # imports diffusers' pipelines (seconds)
+
+        parsed = [default_resolution(model, revision)]
     options = ExportOptions(
         model=model,
-        resolutions=list(dict.fromkeys(map(parse_resolution, resolutions))) or [default_resolution(model, revision)],
+        resolutions=parsed,
         device=dev,
         dtype=dtype,
         batch_size=batch_size,
@@ -181,4 +187,7 @@ def main(
         compile_text_encoders=text_encoders == "compiled",
         attention=attention,
     )
+    check_options(options)  # bad options refused in a second or two, before the export machinery is imported
+    from .export import export_artifact  # imports diffusers' and transformers' models (seconds)
+
     export_artifact(options)

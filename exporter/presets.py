@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastdiff.runtime.errors import FastDiffError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -126,3 +128,21 @@ PRESETS = {
         ),
     )
 }
+
+
+def check_model(model: str) -> None:
+    """MODEL must name a preset, a local diffusers checkpoint folder or (by its form) a hub id."""
+    if model in PRESETS:
+        return
+    if Path(model).exists():
+        if not (Path(model) / "model_index.json").is_file():
+            raise FastDiffError(
+                f"{model} is not a diffusers checkpoint folder (no model_index.json)",
+                "pass the folder that holds model_index.json, a hub id, or one of: " + ", ".join(PRESETS),
+            )
+        return
+    if model.count("/") != 1 or model.startswith(("/", ".")):
+        raise FastDiffError(
+            f"unknown model {model!r}: not a preset, a local folder or a hub id",
+            f"use a preset ({', '.join(PRESETS)}), a hub id like org/name, or a checkpoint folder",
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import diffusers
 import torch
@@ -21,7 +20,7 @@ from diffusers import (
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.resolution import Resolution, parse_resolution
 
-from .presets import PRESETS, Preset
+from .presets import PRESETS, Preset, check_model
 
 # The pipeline classes fastdiff exports, by family name (the manifest's model.family).
 FAMILIES = {"sdxl": StableDiffusionXLPipeline, "sd": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline}
@@ -95,19 +94,8 @@ def _location(model: str) -> str:
     preset = PRESETS.get(model)
     if preset is not None:
         return preset.model or str(preset.build())
-    if Path(model).exists():
-        if not (Path(model) / "model_index.json").is_file():
-            raise FastDiffError(
-                f"{model} is not a diffusers checkpoint folder (no model_index.json)",
-                "pass the folder that holds model_index.json, a hub id, or one of: " + ", ".join(PRESETS),
-            )
-        return model
-    if model.count("/") == 1 and not model.startswith(("/", ".")):
-        return model
-    raise FastDiffError(
-        f"unknown model {model!r}: not a preset, a local folder or a hub id",
-        f"use a preset ({', '.join(PRESETS)}), a hub id like org/name, or a checkpoint folder",
-    )
+    check_model(model)
+    return model
 
 
 def _load(load, location: str, **kwargs):

@@ -1,0 +1,94 @@
+"""What an export is asked to do, and the checks that need neither the model nor the export machinery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.resolution import Resolution
+
+from .artifact import check_target
+from .attention import check_backend_device
+from .compile import SEED_INDUCTOR_FLAGS
+from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, QUANTIZATION_PASSES, check_quantization, have_torchao
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    resolutions: list[Resolution]
+    device: torch.device
+    dtype: str = "fp32"
+    batch_size: int = 1
+    passes: list[str] = field(default_factory=lambda: list(DEFAULT_PASSES))
+    vae_passes: list[str] | None = None  # default: the UNet's passes without quantization
+    quantize_linears: list[str] | None = None  # name suffixes of the linears to quantize; None: the pass's own filter
+    seed_inductor_flags: bool = False
+    max_autotune: bool = False
+    inductor_overrides: dict[str, Any] = field(default_factory=dict)  # any torch._inductor.config keys, applied last
+    revision: str | None = None
+    vae: str | None = None
+    out: Path | None = None
+    overwrite: bool = False
+    compile_text_encoders: bool = True  # False: ship the stock transformers encoders instead
+    attention: str = "default"  # SDPA backend compiled in: torch's choice, auto (fastest on the export GPU), or a name
+
+    def inductor_configs(self) -> dict:
+        """The Inductor settings every package of the export compiles with (recorded in the manifest)."""
+        configs = dict(SEED_INDUCTOR_FLAGS) if self.seed_inductor_flags else {}
+        if self.max_autotune:
+            configs["max_autotune"] = True
+        if "int8" in self.passes:
+            configs["force_fuse_int_mm_with_mul"] = True  # int8 matmul and its scales in one kernel (the seed's flag)
+        if "channels_last" in self.passes:
+            # NHWC activations as well as weights. Inductor decides that by itself, but never for a graph with a
+            # dynamic dimension (the UNet's batch): the SDXL UNet then mixed NCHW and NHWC tensors, its group-norm
+            # kernels read across channels, and its Triton kernels took 7.02 ms per step on the H200 against
+            # torch.compile's 6.39; 6.40 with this (bench/results/2026-12-01-h200-g).
+            configs["force_layout_optimization"] = True
+        return {**configs, **self.inductor_overrides}
+
+    def default_out(self) -> Path:
+        name = self.model.rstrip("/").split("/")[-1] if "/" in self.model else self.model
+        res = "_".join(r.key for r in self.resolutions)
+        return Path("artifacts") / f"{name}-{res}-{self.dtype}-{self.device.type}"
+
+
+def check_options(options: ExportOptions) -> None:
+    """What can be checked before the model is loaded (which can mean a long download) and before the export
+    machinery is imported (seconds): batch size, resolutions given, pass names, quantization's needs, the attention
+    backend's device, the --out target."""
+    if options.batch_size < 1:
+        raise FastDiffError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if not options.resolutions:
+        raise FastDiffError("no resolution given", "pass --res, e.g. --res 1024")
+    check_backend_device(options.attention, options.device)
+    check_target(Path(options.out or options.default_out()).absolute(), options.overwrite)
+    for names in (options.passes, options.vae_passes or []):
+        unknown = [n for n in names if n not in PASSES]
+        if unknown:
+            raise FastDiffError(f"unknown pass {unknown[0]!r}", f"choose from {', '.join(PASSES)}")
+    dev = torch.device(options.device)
+    capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    check_quantization(options.passes)  # as apply_passes will, but before the model loads
+    quantization = [p for p in options.passes if p in QUANTIZATION_PASSES]
+    if options.quantize_linears is not None and not quantization:
+        raise FastDiffError(
+            "--quantize-linears names linears to quantize, but no quantization is on",
+            "add --quantize int8 or fp8 (--quantize auto picks none for most models and devices)",
+        )
+    if quantization and not have_torchao():
+        raise FastDiffError(
+            f"--quantize {quantization[0]} needs torchao, which is not installed",
+            "pip install 'fastdiff[quant]' (or torchao), or export with --quantize none",
+        )
+    if "fp8" in options.passes and (capability is None or capability < FP8_CAPABILITY):
+        have = f"compute capability {capability[0]}.{capability[1]}" if capability else dev.type
+        raise FastDiffError(
+            f"--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer, not {have}",
+            "use --quantize int8 or none, or export on such a GPU",
+        )
