@@ -26,7 +26,7 @@ from .packages import CompiledModule, CUDAGraphModule
 from .pipeline import FastDiffPipeline
 from .resolution import Resolution, parse_resolution
 from .scheduler import load_scheduler
-from .text import TextConditioner, compiled_text_encoder, load_stock_text_encoder, load_tokenizer
+from .text import CompiledTextEncoder, TextConditioner, load_stock_text_encoder, load_tokenizer
 from .weights import Weights, shared_weights
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; Python's default is 0.005
@@ -46,7 +46,8 @@ def load_pipeline(
     resolutions: which exported resolutions to load (default: all of them); their packages share one copy of
         the weights.
     verify: re-hash every file against the manifest first (slow for large models; sizes are always checked).
-    cuda_graphs: on a GPU, replay each UNet step as a CUDA graph (captured on the first call at each batch size).
+    cuda_graphs: on a GPU, replay each UNet step and compiled text encoder call as a CUDA graph (captured on the
+        first call at each batch size).
     warmup: run each compiled module once at a default request's shapes before returning (FastDiffPipeline.warm_up),
         beside the scheduler import; default: on a GPU, where the first call would otherwise pay for kernel
         loading, algorithm selection and the CUDA-graph capture.
@@ -111,11 +112,12 @@ def _load(
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if not manifest.text_encoders:
             scheduler.result()  # stock encoders import transformers below: keep the two big imports apart
+        graphed = cuda_graphs and device.type == "cuda"
         unets = _load_packages(root, manifest.unet, keys, device, weights)
-        if cuda_graphs and device.type == "cuda":
+        if graphed:
             unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
         vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
-        conditioner = _load_conditioner(root, manifest, stock, device, weights)
+        conditioner = _load_conditioner(root, manifest, stock, device, weights, graphed)
         pipeline = FastDiffPipeline(
             manifest=manifest,
             device=device,
@@ -133,16 +135,22 @@ def _load(
 
 
 def _load_conditioner(
-    root: Path, manifest: Manifest, stock: dict[str, Path], device: torch.device, weights: dict[str, Weights]
+    root: Path,
+    manifest: Manifest,
+    stock: dict[str, Path],
+    device: torch.device,
+    weights: dict[str, Weights],
+    graphed: bool,
 ) -> TextConditioner:
     parts = TEXT_PARTS[manifest.model.family]
     if manifest.text_encoders:
-        encoders = [
-            compiled_text_encoder(
-                next(iter(_load_packages(root, c, list(c.packages), device, weights).values())), c.inputs
-            )
-            for c in manifest.text_encoders
-        ]
+        encoders = []
+        for c in manifest.text_encoders:
+            module = next(iter(_load_packages(root, c, list(c.packages), device, weights).values()))
+            # A CLIP encoder call launches several kernels per layer (SDXL's second encoder has 32) for little GPU
+            # work: the prompt's encoding took 13-22 ms of host time for 2.6 ms of GPU time per SDXL image on the
+            # H200, the GPU mostly idle (bench/results/2026-12-01-h200-k); replayed as a graph, it is one launch.
+            encoders.append(CompiledTextEncoder(CUDAGraphModule(module) if graphed else module, c.inputs))
     else:
         dtype = torch_dtype(manifest.dtype)
         penultimate = manifest.model.family in PENULTIMATE_CLIP_FAMILIES

@@ -15,6 +15,7 @@ import sys
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -92,7 +93,8 @@ class CompiledModule:
 
 
 class CUDAGraphModule:
-    """Replays a compiled module as a CUDA graph, one per input signature, with static input buffers.
+    """Replays a compiled module (the UNet step, a text encoder) as a CUDA graph, one per input signature, with
+    static input buffers.
 
     AOTInductor ignores Inductor's own cudagraph option, so launch overhead is removed here: the first call
     with a new signature warms up and captures; later calls copy inputs into the static buffers and replay.
@@ -102,9 +104,9 @@ class CUDAGraphModule:
     def __init__(self, module: CompiledModule) -> None:
         self.module = module
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, Any]] = {}
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         key = tuple((t.shape, t.dtype) for t in inputs)
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
@@ -112,7 +114,10 @@ class CUDAGraphModule:
         for buffer, value in zip(static_inputs, inputs, strict=True):
             buffer.copy_(value, non_blocking=True)
         graph.replay()
-        return static_output.clone()  # the next replay overwrites the static output
+        # the next replay overwrites the static outputs
+        if isinstance(static_output, torch.Tensor):
+            return static_output.clone()
+        return tuple(t.clone() for t in static_output)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]):
         static_inputs = [t.clone() for t in inputs]

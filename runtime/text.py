@@ -65,16 +65,17 @@ def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device
     return encode_t5 if arch == "T5EncoderModel" else encode_clip
 
 
-def compiled_text_encoder(module: Callable, inputs: list[str]) -> TextEncoder:
-    """A compiled encoder package as a TextEncoder: it takes the mask only if it was exported with one (T5), and
-    returns the pooled embedding only if it was exported with one (CLIP)."""
-    masked = "attention_mask" in inputs
+class CompiledTextEncoder:
+    """A compiled encoder package (or its CUDA-graph replay) as a TextEncoder: it takes the mask only if it was
+    exported with one (T5), and returns the pooled embedding only if it was exported with one (CLIP)."""
 
-    def encode(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = module(ids, mask) if masked else module(ids)
+    def __init__(self, module: Callable, inputs: list[str]) -> None:
+        self.module = module
+        self.masked = "attention_mask" in inputs
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.module(ids, mask) if self.masked else self.module(ids)
         return (out, None) if isinstance(out, torch.Tensor) else out
-
-    return encode
 
 
 Conditioning = dict[str, torch.Tensor]  # denoiser input name -> one row per prompt

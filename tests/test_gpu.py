@@ -1,6 +1,6 @@
-"""What only a GPU shows: on CUDA (weights streamed through pinned buffers, the UNet step replayed as a CUDA graph)
-an artifact still matches diffusers, and the denoise loop never waits for the GPU. Skipped without one; the GPU
-machine runs this file (bench/gpu_session.sh, step gpu-tests)."""
+"""What only a GPU shows: on CUDA (weights streamed through pinned buffers, the UNet step and the text encoders
+replayed as CUDA graphs) an artifact still matches diffusers, and the denoise loop never waits for the GPU. Skipped
+without one; the GPU machine runs this file (bench/gpu_session.sh, step gpu-tests)."""
 
 from __future__ import annotations
 
@@ -48,10 +48,14 @@ def cuda_pipelines(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 def test_loaded_for_cuda_graphs(cuda_pipelines) -> None:
+    """The UNet step and the text encoders replay CUDA graphs, captured by the warm-up at a default request's
+    shapes (one prompt)."""
     mine, _ = cuda_pipelines
-    unet = mine.unets["64x64"]
-    assert isinstance(unet, CUDAGraphModule)
-    assert len(unet.graphs) == 1  # captured by the warm-up, at a default request's shapes
+    modules = [mine.unets["64x64"], *(encoder.module for encoder in mine.conditioner.encoders)]
+    assert len(modules) == {"tiny-sdxl": 3, "tiny-sd": 2}[mine.manifest.source["preset"]]
+    for module in modules:
+        assert isinstance(module, CUDAGraphModule)
+        assert len(module.graphs) == 1
 
 
 @pytest.mark.parametrize(
