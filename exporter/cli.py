@@ -91,9 +91,10 @@ def auto_quantization(model: str, revision: str | None, dtype: str, device: torc
     "--inductor-config",
     "inductor_config",
     multiple=True,
-    metavar="KEY=VALUE",
+    metavar="[COMPONENT:]KEY=VALUE",
     help="Any torch._inductor.config setting for the compiles, applied last (repeatable), e.g. "
-    "max_autotune_conv_backends=ATEN to autotune only the matmuls.",
+    "max_autotune_conv_backends=ATEN to autotune only the matmuls; with a component (unet, vae_decoder, "
+    "text_encoder, text_encoder_2) for its packages only, e.g. vae_decoder:max_autotune=true.",
 )
 @click.option(
     "--seed-flags/--no-seed-flags",
@@ -148,7 +149,7 @@ def main(
     safetensors file per component, with the tokenizers, the scheduler config and a manifest.
     """
     from .compile import parse_inductor_config  # torch's Inductor: not needed for --help
-    from .options import ExportOptions, check_options
+    from .options import COMPONENTS, ExportOptions, check_options
 
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
@@ -169,6 +170,7 @@ def main(
         from .source import default_resolution  # imports diffusers' pipelines (seconds)
 
         parsed = [default_resolution(model, revision)]
+    inductor = parse_inductor_config(list(inductor_config), COMPONENTS)
     options = ExportOptions(
         model=model,
         resolutions=parsed,
@@ -179,7 +181,8 @@ def main(
         quantize_linears=_names(quantize_linears),
         seed_inductor_flags=seed_flags,
         max_autotune=max_autotune,
-        inductor_overrides=parse_inductor_config(list(inductor_config)),
+        inductor_overrides=inductor.pop("", {}),
+        component_inductor_overrides=inductor,
         revision=revision,
         vae=vae,
         out=out,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,24 @@ SEED_INDUCTOR_FLAGS = {
 }
 
 
-def parse_inductor_config(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE settings of torch._inductor.config, checked against its keys and their defaults' types."""
+def parse_inductor_config(items: list[str], components: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """[COMPONENT:]KEY=VALUE settings of torch._inductor.config, checked against its keys and their defaults' types;
+    returned by component ("" for every package, else one of `components`: that component's packages only)."""
     known = torch._inductor.config.get_config_copy()
-    configs: dict[str, Any] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for item in items:
-        key, sep, text = item.partition("=")
+        setting, sep, text = item.partition("=")
+        component, _, key = setting.strip().rpartition(":")
         key = key.strip()
         if not sep or not key:
             raise FastDiffError(
                 f"inductor config {item!r} is not KEY=VALUE", "e.g. --inductor-config max_autotune=true"
+            )
+        if component and component not in components:
+            raise FastDiffError(
+                f"inductor config {item!r} is for an unknown component {component!r}",
+                f"prefix a setting with one of {', '.join(components)} (e.g. vae_decoder:max_autotune=true), or "
+                "with nothing for every component",
             )
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -44,7 +53,7 @@ def parse_inductor_config(items: list[str]) -> dict[str, Any]:
                 f"inductor config {key} is fixed by the artifact format ({PACKAGE_CONFIGS[key]})",
                 "leave it out: the weights live beside the packages, in safetensors, for the runtime to bind",
             )
-        configs[key] = _config_value(key, text.strip(), known[key])
+        configs.setdefault(component, {})[key] = _config_value(key, text.strip(), known[key])
     return configs
 
 

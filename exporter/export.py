@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.export import Dim
@@ -61,6 +62,12 @@ def export_artifact(options: ExportOptions) -> Path:
             source = load_source(options.model, torch_dtype(options.dtype), options.revision, options.vae)
         pipe = source.pipe
         facts = _model_facts(source)
+        compiled = {"unet", "vae_decoder", *(e for _, e in TEXT_PARTS[source.family] if options.compile_text_encoders)}
+        if unused := sorted(set(options.component_inductor_overrides) - compiled):
+            raise FastDiffError(
+                f"--inductor-config {unused[0]}:...: {options.model} has no {unused[0]} to compile",
+                f"its components are {', '.join(sorted(compiled))}",
+            )
         for res in options.resolutions:
             _check_divisible(res, facts, getattr(source.denoiser.config, "patch_size", None) or 1)
         vae_dtype = _vae_dtype(pipe, torch_dtype(options.dtype))
@@ -110,7 +117,7 @@ def export_artifact(options: ExportOptions) -> Path:
                 "passes": options.passes,
                 "vae_passes": vae_passes,
                 "quantize_linears": options.quantize_linears,
-                "inductor": options.inductor_configs(),
+                **_inductor_record(options),
                 "text_encoders": "compiled" if text_encoders else "stock",
                 "attention": attention,
             },
@@ -126,6 +133,14 @@ def export_artifact(options: ExportOptions) -> Path:
             path = writer.commit(manifest)
     log(f"artifact written to {path}")
     return path
+
+
+def _inductor_record(options: ExportOptions) -> dict[str, Any]:
+    """The manifest's record of the Inductor settings: every package's, and each component's where it has its own."""
+    record: dict[str, Any] = {"inductor": options.inductor_configs()}
+    if options.component_inductor_overrides:
+        record["inductor_by_component"] = {c: options.inductor_configs(c) for c in options.component_inductor_overrides}
+    return record
 
 
 def _export_component(
@@ -157,7 +172,7 @@ def _export_component(
             program = export_program(module, inputs, dynamic)
         check_int8_rows(program, options.device, rel)
         with phase(f"AOTInductor compile {rel}"), attention_backend(backend):
-            path = compile_package(program, writer.path(rel), options.inductor_configs())
+            path = compile_package(program, writer.path(rel), options.inductor_configs(name))
         weights |= plain_constants(program, package_constant_names(path, options.device))
         packages[key] = rel
     weights_rel = f"{name}/weights.safetensors"

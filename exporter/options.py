@@ -9,12 +9,17 @@ from typing import Any
 import torch
 
 from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.manifest import TEXT_PARTS
 from fastdiff.runtime.resolution import Resolution
 
 from .artifact import check_target
 from .attention import check_backend_device
 from .compile import SEED_INDUCTOR_FLAGS
 from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, QUANTIZATION_PASSES, check_quantization, have_torchao
+
+# What an artifact compiles, by the manifest's names: the denoiser (named unet for every family), the VAE decoder
+# and the text encoders of any family (TEXT_PARTS).
+COMPONENTS = ("unet", "vae_decoder", *sorted({encoder for parts in TEXT_PARTS.values() for _, encoder in parts}))
 
 
 @dataclass
@@ -30,6 +35,8 @@ class ExportOptions:
     seed_inductor_flags: bool = False
     max_autotune: bool = False
     inductor_overrides: dict[str, Any] = field(default_factory=dict)  # any torch._inductor.config keys, applied last
+    # and for one component's packages only (a COMPONENTS name -> settings), after those
+    component_inductor_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     revision: str | None = None
     vae: str | None = None
     out: Path | None = None
@@ -37,8 +44,9 @@ class ExportOptions:
     compile_text_encoders: bool = True  # False: ship the stock transformers encoders instead
     attention: str = "default"  # SDPA backend compiled in: torch's choice, auto (fastest on the export GPU), or a name
 
-    def inductor_configs(self) -> dict:
-        """The Inductor settings every package of the export compiles with (recorded in the manifest)."""
+    def inductor_configs(self, component: str | None = None) -> dict:
+        """The Inductor settings every package of the export compiles with (recorded in the manifest), or those of
+        one component's packages."""
         configs = dict(SEED_INDUCTOR_FLAGS) if self.seed_inductor_flags else {}
         if self.max_autotune:
             configs["max_autotune"] = True
@@ -50,7 +58,7 @@ class ExportOptions:
             # kernels read across channels, and its Triton kernels took 7.02 ms per step on the H200 against
             # torch.compile's 6.39; 6.40 with this (bench/results/2026-12-01-h200-g).
             configs["force_layout_optimization"] = True
-        return {**configs, **self.inductor_overrides}
+        return {**configs, **self.inductor_overrides, **self.component_inductor_overrides.get(component or "", {})}
 
     def default_out(self) -> Path:
         name = self.model.rstrip("/").split("/")[-1] if "/" in self.model else self.model
@@ -67,7 +75,16 @@ def check_options(options: ExportOptions) -> None:
     if not options.resolutions:
         raise FastDiffError("no resolution given", "pass --res, e.g. --res 1024")
     check_backend_device(options.attention, options.device)
-    check_target(Path(options.out or options.default_out()).absolute(), options.overwrite)
+    for component in options.component_inductor_overrides:
+        if component not in COMPONENTS:
+            raise FastDiffError(
+                f"unknown component {component!r} for Inductor settings", f"use one of {', '.join(COMPONENTS)}"
+            )
+        if component.startswith("text_encoder") and not options.compile_text_encoders:
+            raise FastDiffError(
+                f"--inductor-config {component}:...: the text encoders are not compiled (--text-encoders stock)",
+                "drop the setting, or compile the text encoders",
+            )
     for names in (options.passes, options.vae_passes or []):
         unknown = [n for n in names if n not in PASSES]
         if unknown:
@@ -92,3 +109,4 @@ def check_options(options: ExportOptions) -> None:
             f"--quantize fp8 needs a CUDA GPU of compute capability 8.9 or newer, not {have}",
             "use --quantize int8 or none, or export on such a GPU",
         )
+    check_target(Path(options.out or options.default_out()).absolute(), options.overwrite)

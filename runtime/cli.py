@@ -199,6 +199,7 @@ def inspect_main(artifact: Path, verify: bool) -> None:
         f"resolutions   {', '.join(map(str, manifest.resolutions))}",
         f"passes        {_passes(manifest.options)}",
         f"inductor      {manifest.options.get('inductor') or '(defaults)'}",
+        *(f"  {c:<12}{configs}" for c, configs in (manifest.options.get("inductor_by_component") or {}).items()),
         f"device        {manifest.device['type']} {manifest.device.get('name') or ''}"
         + (f" (compute capability {manifest.device['capability']})" if manifest.device.get("capability") else ""),
         "versions      " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items() if v),

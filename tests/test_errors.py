@@ -631,6 +631,13 @@ def test_export_unknown_inductor_config(exports: Path) -> None:
     assert list(exports.iterdir()) == []
 
 
+def test_export_inductor_config_for_a_missing_component(exports: Path) -> None:
+    args = ("--res", "64", "--device", "cpu", "--out", f"{exports}/a")
+    proc, seconds = export("tiny-sd", *args, "--inductor-config", "text_encoder_2:max_autotune=true")
+    assert_export_refused(proc, seconds, exports, "tiny-sd has no text_encoder_2 to compile")
+    assert list(exports.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp8's requirement is only checked on a CPU-only machine here")
 def test_export_fp8_on_cpu(exports: Path) -> None:
     proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--quantize", "fp8", "--out", f"{exports}/a")

@@ -28,9 +28,11 @@ from safetensors import safe_open
 from torch import nn
 from torch.export import Dim
 
+from fastdiff.exporter import options as export_options
 from fastdiff.exporter import passes as passes_module
 from fastdiff.exporter.compile import check_int8_rows, export_program, parse_inductor_config
-from fastdiff.exporter.export import ExportOptions, export_artifact
+from fastdiff.exporter.export import export_artifact
+from fastdiff.exporter.options import ExportOptions, check_options
 from fastdiff.exporter.passes import (
     FP8_ACTIVATION_AMAX_MIN,
     PASSES,
@@ -371,16 +373,43 @@ def test_inductor_config_from_the_command_line() -> None:
         ]
     )
     assert configs == {
-        "max_autotune": True,
-        "max_autotune_conv_backends": "ATEN",
-        "unroll_reductions_threshold": 20,
-        "epilogue_fusion": False,
+        "": {
+            "max_autotune": True,
+            "max_autotune_conv_backends": "ATEN",
+            "unroll_reductions_threshold": 20,
+            "epilogue_fusion": False,
+        }
     }
     options = ExportOptions("m", [Resolution(64, 64)], torch.device("cpu"), seed_inductor_flags=True)
     options.inductor_overrides = {"epilogue_fusion": True}  # the user's settings come last
     assert options.inductor_configs()["epilogue_fusion"] is True
     with torch._inductor.config.patch(options.inductor_configs()):  # every key is one Inductor knows
         pass
+
+
+def test_inductor_config_for_one_component() -> None:
+    """COMPONENT:KEY=VALUE applies to that component's packages only, after the settings for all of them."""
+    configs = parse_inductor_config(
+        ["epilogue_fusion=false", "vae_decoder:max_autotune=true", "vae_decoder:epilogue_fusion=true"],
+        export_options.COMPONENTS,
+    )
+    assert configs == {"": {"epilogue_fusion": False}, "vae_decoder": {"max_autotune": True, "epilogue_fusion": True}}
+    options = ExportOptions(
+        "m",
+        [Resolution(64, 64)],
+        torch.device("cpu"),
+        passes=["channels_last"],
+        inductor_overrides=configs.pop(""),
+        component_inductor_overrides=configs,
+    )
+    layout = {"force_layout_optimization": True}  # the channels_last pass's own setting
+    assert options.inductor_configs() == options.inductor_configs("unet") == {**layout, "epilogue_fusion": False}
+    assert options.inductor_configs("vae_decoder") == {**layout, "epilogue_fusion": True, "max_autotune": True}
+    check_options(options)
+    options.compile_text_encoders = False
+    options.component_inductor_overrides = {"text_encoder": {"max_autotune": True}}
+    with pytest.raises(FastDiffError, match="the text encoders are not compiled"):
+        check_options(options)
 
 
 @pytest.mark.parametrize(
@@ -393,11 +422,13 @@ def test_inductor_config_from_the_command_line() -> None:
         ("max_autotune=yes", "takes true or false"),
         ("unroll_reductions_threshold=many", "takes a number"),
         ("aot_inductor.package_constants_in_so=true", "is fixed by the artifact format"),
+        ("vae:max_autotune=true", "unknown component 'vae'"),
+        ("unet:max_autotun=true", "did you mean max_autotune?"),
     ],
 )
 def test_inductor_config_errors(item: str, message: str) -> None:
     with pytest.raises(FastDiffError, match=re.escape(message)):
-        parse_inductor_config([item])
+        parse_inductor_config([item], export_options.COMPONENTS)
 
 
 def test_fp8_filter() -> None:

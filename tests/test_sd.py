@@ -21,9 +21,9 @@ def sd_checkpoint(fastdiff_cache: Path) -> Path:
 @pytest.fixture(scope="module")
 def sd_artifact(sd_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    proc = run_cli(
-        "fastdiff-export", "tiny-sd", "--res", "64", "--batch-size", "2", "--device", "cpu", "--out", str(out)
-    )
+    args = ("--res", "64", "--batch-size", "2", "--device", "cpu", "--out", str(out))
+    # a setting for one component (that leaves its numerics alone: no template kernels on the CPU to fuse into)
+    proc = run_cli("fastdiff-export", "tiny-sd", *args, "--inductor-config", "vae_decoder:epilogue_fusion=false")
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -48,6 +48,15 @@ def test_manifest_records_the_family(sd_artifact: Path) -> None:
     assert manifest["unet"]["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
     assert [c["weights"] for c in manifest["text_encoders"]] == ["text_encoder/weights.safetensors"]
     assert "tokenizer_2" not in manifest["stock"]
+
+
+def test_manifest_records_one_components_inductor_settings(sd_artifact: Path) -> None:
+    options = json.loads((sd_artifact / "manifest.json").read_text())["options"]
+    assert "epilogue_fusion" not in options["inductor"]
+    assert options["inductor_by_component"] == {"vae_decoder": {**options["inductor"], "epilogue_fusion": False}}
+    proc = run_cli("fastdiff-inspect", str(sd_artifact))
+    assert proc.returncode == 0, proc.stderr
+    assert "vae_decoder" in proc.stdout and "'epilogue_fusion': False" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize(
