@@ -205,6 +205,32 @@ def test_export_command_imports_no_model_code_before_it_runs() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["tiny-sdxl", "--res", "100"], id="resolution"),
+        pytest.param(["no-such-model", "--res", "64"], id="model"),
+        pytest.param(["tiny-sdxl", "--res", "64", "--passes", "sdpa,bogus"], id="pass"),
+        pytest.param(["tiny-sdxl", "--res", "64", "--batch-size", "0"], id="batch-size"),
+        pytest.param(["tiny-sdxl", "--res", "64", "--inductor-config", "vae:max_autotune=1"], id="inductor-config"),
+    ],
+)
+def test_export_refuses_bad_options_before_importing_model_code(args: list[str], tmp_path: Path) -> None:
+    """A refused option costs the user seconds, not the import of diffusers' and transformers' models."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, sys; atexit.register(lambda: print(sorted({'diffusers', 'transformers'} & set(sys.modules))))"
+        "; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()"
+    )
+    out = ["--device", "cpu", "--out", str(tmp_path / "a")]
+    proc = subprocess.run([sys.executable, "-c", code, *args, *out], capture_output=True, text=True)
+    assert proc.returncode == 2 and "error:" in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_presets_built_offline_name_their_builders() -> None:
     from fastdiff.exporter import random_models
     from fastdiff.exporter.presets import PRESETS
