@@ -13,8 +13,9 @@
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
-#   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) against the SDXL artifacts
-#                      (bf16, and every SDXL variant's among the steps); its compile runs once in the
+#   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) and diffusers eager
+#                      against the SDXL artifacts (bf16, and every SDXL variant's among the steps), all in one
+#                      process (issue 3's benchmark: eager, recipe, artifacts in one run); its compile runs once in the
 #                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
 #   seed-fill          the seed recipe's cache-filling compile without the sdxl-seed step's second, timed process:
 #                      it gathers the tuning results ($R/seed-tuning.tgz, progress in $R/seed-progress) and, if it
@@ -147,7 +148,7 @@ seed_time() {  # the seed's recipe from its warm cache against the SDXL artifact
   done
   # the artifacts are timed first; a recipe compiling past SEED_DEADLINE is stopped (what was measured is kept)
   TORCH_LOGS=recompiles,cudagraphs timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(model sdxl-bf16)" \
-    "${seed_artifacts[@]}" --baselines compile --profile --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
+    "${seed_artifacts[@]}" --baselines eager,compile --profile --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
   grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
 }
 if [[ -n $SEED_GPU ]] && want sdxl-seed; then  # beside the rest, on its own GPU and CPUs, from the start
