@@ -50,7 +50,7 @@
 # bench/inductor_fixes.py, which speed.py applies, makes it reuse them (session K: none tuned again, compile 167 s;
 # seed-progress counts the picks a run writes). The seed's runs log dynamo's recompiles and Inductor's CUDA-graph
 # skips (TORCH_LOGS=recompiles,cudagraphs): in session J the UNet compiled again on the pipeline's first call; in
-# session K the recipe's UNet step took 38 ms of wall time for 32 ms of GPU work, as if it ran without CUDA graphs.
+# session K the recipe's UNet step took 38 ms of wall time for 32 ms of GPU work: were its CUDA graphs captured?
 # Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
 # and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
 # Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min. Session D: SDXL
