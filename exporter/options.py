@@ -58,7 +58,8 @@ class ExportOptions:
             # kernels read across channels, and its Triton kernels took 7.02 ms per step on the H200 against
             # torch.compile's 6.39; 6.40 with this (bench/results/2026-12-01-h200-g).
             configs["force_layout_optimization"] = True
-        return {**configs, **self.inductor_overrides, **self.component_inductor_overrides.get(component or "", {})}
+        own = self.component_inductor_overrides.get(component, {}) if component else {}
+        return {**configs, **self.inductor_overrides, **own}
 
     def default_out(self) -> Path:
         name = self.model.rstrip("/").split("/")[-1] if "/" in self.model else self.model
