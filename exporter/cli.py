@@ -149,7 +149,7 @@ def main(
     safetensors file per component, with the tokenizers, the scheduler config and a manifest.
     """
     from .compile import parse_inductor_config  # torch's Inductor: not needed for --help
-    from .options import COMPONENTS, ExportOptions, check_options
+    from .options import ExportOptions, check_options
 
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
@@ -170,7 +170,7 @@ def main(
         from .source import default_resolution  # imports diffusers' pipelines (seconds)
 
         parsed = [default_resolution(model, revision)]
-    inductor = parse_inductor_config(list(inductor_config), COMPONENTS)
+    inductor = parse_inductor_config(list(inductor_config))
     options = ExportOptions(
         model=model,
         resolutions=parsed,

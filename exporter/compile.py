@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ SEED_INDUCTOR_FLAGS = {
 }
 
 
-def parse_inductor_config(items: list[str], components: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+def parse_inductor_config(items: list[str]) -> dict[str, dict[str, Any]]:
     """[COMPONENT:]KEY=VALUE settings of torch._inductor.config, checked against its keys and their defaults' types;
-    returned by component ("" for every package, else one of `components`: that component's packages only)."""
+    returned by component ("" for every package; options.check_options checks the components' names)."""
     known = torch._inductor.config.get_config_copy()
     configs: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -37,12 +36,6 @@ def parse_inductor_config(items: list[str], components: Iterable[str] = ()) -> d
         if not sep or not key:
             raise FastDiffError(
                 f"inductor config {item!r} is not KEY=VALUE", "e.g. --inductor-config max_autotune=true"
-            )
-        if component and component not in components:
-            raise FastDiffError(
-                f"inductor config {item!r} is for an unknown component {component!r}",
-                f"prefix a setting with one of {', '.join(components)} (e.g. vae_decoder:max_autotune=true), or "
-                "with nothing for every component",
             )
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)

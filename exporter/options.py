@@ -79,7 +79,9 @@ def check_options(options: ExportOptions) -> None:
     for component in options.component_inductor_overrides:
         if component not in COMPONENTS:
             raise FastDiffError(
-                f"unknown component {component!r} for Inductor settings", f"use one of {', '.join(COMPONENTS)}"
+                f"--inductor-config {component}:...: unknown component {component!r}",
+                f"prefix a setting with one of {', '.join(COMPONENTS)} (e.g. vae_decoder:max_autotune=true), or with "
+                "nothing for every component",
             )
         if component.startswith("text_encoder") and not options.compile_text_encoders:
             raise FastDiffError(

@@ -28,7 +28,6 @@ from safetensors import safe_open
 from torch import nn
 from torch.export import Dim
 
-from fastdiff.exporter import options as export_options
 from fastdiff.exporter import passes as passes_module
 from fastdiff.exporter.compile import check_int8_rows, export_program, parse_inductor_config
 from fastdiff.exporter.export import export_artifact
@@ -390,8 +389,7 @@ def test_inductor_config_from_the_command_line() -> None:
 def test_inductor_config_for_one_component() -> None:
     """COMPONENT:KEY=VALUE applies to that component's packages only, after the settings for all of them."""
     configs = parse_inductor_config(
-        ["epilogue_fusion=false", "vae_decoder:max_autotune=true", "vae_decoder:epilogue_fusion=true"],
-        export_options.COMPONENTS,
+        ["epilogue_fusion=false", "vae_decoder:max_autotune=true", "vae_decoder:epilogue_fusion=true"]
     )
     assert configs == {"": {"epilogue_fusion": False}, "vae_decoder": {"max_autotune": True, "epilogue_fusion": True}}
     options = ExportOptions(
@@ -406,6 +404,9 @@ def test_inductor_config_for_one_component() -> None:
     assert options.inductor_configs() == options.inductor_configs("unet") == {**layout, "epilogue_fusion": False}
     assert options.inductor_configs("vae_decoder") == {**layout, "epilogue_fusion": True, "max_autotune": True}
     check_options(options)
+    options.component_inductor_overrides = parse_inductor_config(["vae:max_autotune=true"])
+    with pytest.raises(FastDiffError, match=re.escape("unknown component 'vae'")):
+        check_options(options)
     options.compile_text_encoders = False
     options.component_inductor_overrides = {"text_encoder": {"max_autotune": True}}
     with pytest.raises(FastDiffError, match="the text encoders are not compiled"):
@@ -422,13 +423,12 @@ def test_inductor_config_for_one_component() -> None:
         ("max_autotune=yes", "takes true or false"),
         ("unroll_reductions_threshold=many", "takes a number"),
         ("aot_inductor.package_constants_in_so=true", "is fixed by the artifact format"),
-        ("vae:max_autotune=true", "unknown component 'vae'"),
         ("unet:max_autotun=true", "did you mean max_autotune?"),
     ],
 )
 def test_inductor_config_errors(item: str, message: str) -> None:
     with pytest.raises(FastDiffError, match=re.escape(message)):
-        parse_inductor_config([item], export_options.COMPONENTS)
+        parse_inductor_config([item])
 
 
 def test_fp8_filter() -> None:
