@@ -201,6 +201,9 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
     def vae_decode(z):
         return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
 
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]  # the process's count so far: this variant's is what it adds
     result = {"variant": name, "compile_s": None, "inductor_fixes": fixes}
     if compile_mode:
         t0 = time.perf_counter()
@@ -211,9 +214,7 @@ def diffusers_variant(args, device, dtype: torch.dtype, compile_mode: str | None
         saved(result)
     result = measure(result, unet_step, vae_decode, pipe, args, device, inputs, latents, saved)
     if compile_mode:  # graphs Inductor decided not to capture as CUDA graphs (a mode that would), and why in its log
-        from torch._dynamo.utils import counters
-
-        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     return result
 
 
