@@ -213,11 +213,6 @@ if want sdxl-cudnn-benchmark && exported sdxl-bf16; then
     --profile --no-reference --out "$R/speed-sdxl-cudnn-benchmark" > "$R/speed-sdxl-cudnn-benchmark.log" 2>&1
   grep -A4 "^| variant" "$R/speed-sdxl-cudnn-benchmark.md"
 fi
-if want sdxl-compile-cold; then
-  stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
-  python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
-    > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
-fi
 want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf16 "$FAMILY_BASELINES"; }
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 "$FAMILY_BASELINES" --res 512; }
 for variant in $STEPS; do
@@ -227,5 +222,10 @@ for variant in $STEPS; do
   stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 "$FAMILY_BASELINES"; }
+if want sdxl-compile-cold; then  # last: the longest step (session F: 5 min)
+  stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
+  python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
+    > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
+fi
 [[ -n ${seed_job:-} ]] && { stamp "waiting for the sdxl-seed step"; wait "$seed_job"; }
 stamp "ALL DONE"
