@@ -123,9 +123,12 @@ class CUDAGraphModule:
         static_inputs = [t.clone() for t in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        # One run first, off the capture: it loads the kernels and has cuBLAS and cuDNN choose and allocate, none of
+        # which a capture allows (Inductor's CUDA-graph trees warm up once, too). Each run before the capture costs
+        # the load host time: on the H200 cuDNN attention's setup took 0.9 ms of it per call, 140 calls per SDXL UNet
+        # run (bench/results/2026-12-01-h200-l, probe-warmup.txt); a replay spends none.
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.module(*static_inputs)
+            self.module(*static_inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
