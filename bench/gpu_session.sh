@@ -35,8 +35,8 @@
 # (bench/results/2026-11-30-h200-e, probe-fp8.txt) their fp8 matmuls were 0.6 and 0.4 ms per step faster, and the
 # separate quantization kernels lost more than that; in the UNet the feed-forward input projection's quantization
 # was fused into its LayerNorm kernel (0.24 ms for 18 calls), so the other two may gain there.
-# sdxl-fp8-vae-autotune: the VAE decoder alone compiled with max-autotune, as the seed's recipe compiles it (27.4 ms
-# per decode against the default package's 35.2 in session K; max-autotune on GEMMs only gave 31.2 in session E).
+# On the H200 every export's VAE decoder compiles with max-autotune (the exporter's default there since session L:
+# 31.0 ms per decode against 34.9; the seed's recipe 27.7).
 # Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
 # SEED_GPU (a two-GPU machine): the sdxl-seed step (its cache-filling compile, then its timed run, once the artifacts
 # are exported) runs on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
@@ -88,7 +88,6 @@ declare -A VARIANTS=(
   [sdxl-conv1x1]="--passes sdpa,fuse_qkv,channels_last,conv1x1_to_linear"
   [sdxl-fp8-qkv]="--quantize fp8 --quantize-linears ff.net.0.proj,attn1.to_qkv"
   [sdxl-fp8-qkv-ff]="--quantize fp8 --quantize-linears ff.net.0.proj,attn1.to_qkv,ff.net.2"
-  [sdxl-fp8-vae-autotune]="--quantize fp8 --inductor-config vae_decoder:max_autotune=true"
   [sd15-fp8]="--quantize fp8" [pixart-fp8]="--quantize fp8"
   [sd15-autotune]="--max-autotune --inductor-config max_autotune_conv_backends=ATEN"
 )

@@ -21,6 +21,27 @@ from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, QUANTIZATION_PASSES,
 # and the text encoders of any family (TEXT_PARTS).
 COMPONENTS = ("unet", "vae_decoder", *sorted({encoder for parts in TEXT_PARTS.values() for _, encoder in parts}))
 
+# Inductor settings that components compile with by default on CUDA GPUs of a compute capability where they measured
+# faster. H200 (9.0): the VAE decoder with max-autotune decoded SDXL's 1024² latents in 31.0 ms against 34.9 ms with
+# Inductor's defaults (Triton GEMMs won its attention projections and 1×1 convolutions, and its last convolution;
+# cuDNN kept the others), for ~2.6 minutes more compile (bench/results/2026-12-01-h200-l). SD 1.x and PixArt-α use
+# the same VAE architecture. The denoiser keeps the defaults: max-autotune made SDXL's UNet step slower there
+# (34.07 against 31.06 ms, bench/results/2026-11-30-h200-e).
+COMPONENT_DEFAULTS: dict[tuple[int, int], dict[str, dict[str, Any]]] = {(9, 0): {"vae_decoder": {"max_autotune": True}}}
+
+
+def default_component_configs(
+    capability: tuple[int, int] | None, everywhere: dict[str, Any], component_overrides: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The per-component settings measured faster on a GPU of `capability` (COMPONENT_DEFAULTS; None: not a CUDA
+    GPU), less the keys the user set for every component (`everywhere`) or for that component."""
+    defaults = {}
+    for component, configs in COMPONENT_DEFAULTS.get(capability, {}).items():
+        own = component_overrides.get(component, {})
+        if kept := {key: value for key, value in configs.items() if key not in everywhere and key not in own}:
+            defaults[component] = kept
+    return defaults
+
 
 @dataclass
 class ExportOptions:

@@ -31,7 +31,7 @@ from torch.export import Dim
 from fastdiff.exporter import passes as passes_module
 from fastdiff.exporter.compile import check_int8_rows, export_program, parse_inductor_config
 from fastdiff.exporter.export import export_artifact
-from fastdiff.exporter.options import ExportOptions, check_options
+from fastdiff.exporter.options import ExportOptions, check_options, default_component_configs
 from fastdiff.exporter.passes import (
     FP8_ACTIVATION_AMAX_MIN,
     PASSES,
@@ -411,6 +411,21 @@ def test_inductor_config_for_one_component() -> None:
     options.component_inductor_overrides = {"text_encoder": {"max_autotune": True}}
     with pytest.raises(FastDiffError, match="the text encoders are not compiled"):
         check_options(options)
+
+
+def test_component_defaults_per_gpu_give_way_to_the_users_settings() -> None:
+    """The VAE decoder compiles with max-autotune by default on compute capability 9.0 (measured faster on the H200)
+    and nowhere else; any max_autotune the user sets, for every component or for the VAE decoder, wins."""
+    hopper = (9, 0)
+    assert default_component_configs(hopper, {}, {}) == {"vae_decoder": {"max_autotune": True}}
+    assert default_component_configs(hopper, {}, {"unet": {"max_autotune": True}}) == {
+        "vae_decoder": {"max_autotune": True}
+    }
+    for other in (None, (8, 0), (8, 9), (10, 0)):
+        assert default_component_configs(other, {}, {}) == {}
+    assert default_component_configs(hopper, {"max_autotune": False}, {}) == {}
+    assert default_component_configs(hopper, {"epilogue_fusion": False}, {}) == {"vae_decoder": {"max_autotune": True}}
+    assert default_component_configs(hopper, {}, {"vae_decoder": {"max_autotune": False}}) == {}
 
 
 @pytest.mark.parametrize(
