@@ -17,10 +17,12 @@
 #                      against the SDXL artifacts (bf16, and every SDXL variant's among the steps), all in one
 #                      process (issue 3's benchmark: eager, recipe, artifacts in one run); its compile runs once in the
 #                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
-#   seed-fill          the seed recipe's cache-filling compile without the sdxl-seed step's second, timed process:
-#                      it gathers the tuning results ($R/seed-tuning.tgz, progress in $R/seed-progress) and, if it
-#                      finishes, times the recipe in its own process (seed-cache-fill.md; beside the exports only
-#                      if they outlast it: the timed steps wait for it)
+#   ssd-1b-seed, sd15-seed, pixart-seed  the same for SSD-1B, SD 1.5 (512²) and PixArt-α (issue 5); the families'
+#                      cache-filling compiles run one after another (they benchmark on the GPU), SDXL's first
+#   seed-fill          SDXL's cache-filling compile without the sdxl-seed step's second, timed process: it gathers
+#                      the tuning results ($R/seed-tuning.tgz, progress in $R/seed-progress) and, if it finishes,
+#                      times the recipe in its own process (seed-cache-fill-sdxl.md; beside the exports only if they
+#                      outlast it: the timed steps wait for it)
 #   ssd-1b             SSD-1B (SDXL pipeline, distilled UNet) at 1024², bf16, against eager and torch.compile
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
@@ -38,9 +40,9 @@
 # On the H200 every export's VAE decoder compiles with max-autotune (the exporter's default there since session L:
 # 31.0 ms per decode against 34.9; the seed's recipe 27.7).
 # Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
-# SEED_GPU (a two-GPU machine): the sdxl-seed step (its cache-filling compile, then its timed run, once the artifacts
-# are exported) runs on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
-# the seed's compile then has SEED_DEADLINE seconds instead of sharing the export phase's CPUs and deadline.
+# SEED_GPU (a two-GPU machine): the seed steps (their cache-filling compiles, then their timed runs, once the artifacts
+# are exported) run on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
+# the compiles then have SEED_DEADLINE seconds instead of sharing the export phase's CPUs and deadline.
 # The seed's compile from an empty cache takes longer than a session can give it (session I: 12 min benchmarking the
 # UNet's 44 GEMMs and convolutions, alone on a GPU; session J: 23 min to the end with those cached), so its tuning
 # results (Inductor's autotuning timings and coordinate-descent picks, kilobytes) are packed into $R/seed-tuning.tgz
@@ -115,45 +117,64 @@ speed() {  # artifact name, baselines, extra options
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv
 python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__, torchao.__version__)'
 
-pack_seed_tuning() {  # the seed compile's tuning results so far: GEMM/convolution timings, coordinate-descent picks
+SEED_FAMILIES=()  # whose recipe is compiled (in this order) and timed against their artifacts
+for family in sdxl ssd-1b sd15 pixart; do want "$family-seed" && SEED_FAMILIES+=("$family"); done
+fills=("${SEED_FAMILIES[@]}")
+want seed-fill && [[ ${fills[0]:-} != sdxl ]] && fills=(sdxl "${fills[@]}")
+res_of() { [[ $1 == sd15* ]] && echo --res 512; }  # a family's default resolution, as speed.py's option
+
+pack_seed_tuning() {  # the seed compiles' tuning results so far: GEMM/convolution timings, coordinate-descent picks
   (cd "$INDUCTOR_CACHE" && find . -path ./cache -prune -o -name '*.best_config' -print \
     | tar czf "$R/seed-tuning.tgz.part" cache -T - && mv "$R/seed-tuning.tgz.part" "$R/seed-tuning.tgz") 2> /dev/null
-  local tuned retuned; tuned=$(grep -c '^AUTOTUNE [a-z_]*(' "$R/seed-cache-fill.log" 2> /dev/null)
+  local tuned retuned; tuned=$(cat "$R"/seed-cache-fill-*.log 2> /dev/null | grep -c '^AUTOTUNE [a-z_]*(')
   retuned=$(find "$INDUCTOR_CACHE" -name '*.best_config' -newer "$R/seed-tuning-restored" 2> /dev/null | wc -l)
   echo "$(date +%T) $(tar tzf "$R/seed-tuning.tgz" 2> /dev/null | grep -c 'best_config$') coordinate-descent picks" \
     "(${retuned} written by this run), ${tuned:-0} GEMM/convolution autotunings" >> "$R/seed-progress"
 }
-seed_fill() {  # the seed's recipe compiled, then timed as the sdxl-seed step's compile baseline is (its own record)
+seed_fill() {  # each family's recipe compiled in turn, then timed as its seed step's compile baseline is (own record)
   mkdir -p "$INDUCTOR_CACHE"
   [[ -f $SEED_TUNING ]] && tar xzf "$SEED_TUNING" -C "$INDUCTOR_CACHE" && stamp "seed tuning restored from $SEED_TUNING"
   touch "$R/seed-tuning-restored"  # picks newer than this were tuned by this run (none, if the cache was reused)
-  TORCH_LOGS=recompiles,cudagraphs timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(build sdxl-random)" \
-    --baselines compile --no-reference --profile --out "$R/seed-cache-fill" > "$R/seed-cache-fill.log" 2>&1 &
-  local fill=$! packed=$SECONDS
-  while kill -0 "$fill" 2> /dev/null; do
-    sleep 5; (( SECONDS - packed >= 60 )) && { pack_seed_tuning; packed=$SECONDS; }
+  local family fill packed=$SECONDS start=$SECONDS
+  for family in "${fills[@]}"; do  # SEED_DEADLINE for them all; none started once the exports' deadline stopped one
+    [[ -z $SEED_GPU && -f $R/exports-deadline ]] && break
+    (( SECONDS - start < SEED_DEADLINE )) || { stamp "seed recipe for $family: no time left"; continue; }
+    # shellcheck disable=SC2046  # res_of's option is words
+    TORCH_LOGS=recompiles,cudagraphs timeout $(( SEED_DEADLINE - (SECONDS - start) )) python3 bench/speed.py \
+      --model "$(build "$family-random")" $(res_of "$family") --baselines compile --no-reference --profile \
+      --out "$R/seed-cache-fill-$family" > "$R/seed-cache-fill-$family.log" 2>&1 &
+    fill=$!
+    while kill -0 "$fill" 2> /dev/null; do
+      sleep 5; (( SECONDS - packed >= 60 )) && { pack_seed_tuning; packed=$SECONDS; }
+    done
+    wait "$fill"; pack_seed_tuning
+    [[ -f $R/seed-cache-fill-$family.json ]] && stamp "seed recipe for $family compiled (cache filled)"
   done
-  wait "$fill"; pack_seed_tuning
-  [[ -f $R/seed-cache-fill.json ]] && stamp "seed recipe compiled (cache filled)"
 }
-seed_time() {  # the seed's recipe from its warm cache against the SDXL artifacts exported
-  exported sdxl-bf16 || return
-  if [[ ! -f $R/seed-cache-fill.json ]]; then stamp "skipping sdxl-seed: the seed recipe's compile did not finish"; return; fi
-  stamp "sdxl: the seed's recipe (warm compile cache) against the artifacts"
-  local seed_artifacts=(--artifact "sdxl-bf16=/tmp/art/sdxl-bf16") variant
-  for variant in $STEPS; do  # every SDXL variant exported this session, in the same process as the recipe
-    [[ $variant == sdxl-* && -n ${VARIANTS[$variant]:-} && -f /tmp/art/$variant/manifest.json ]] \
+seed_time() {  # a family's recipe from its warm cache, and eager, against the family's artifacts exported
+  local family=$1 variant
+  exported "$family-bf16" || return
+  if [[ ! -f $R/seed-cache-fill-$family.json ]]; then
+    stamp "skipping $family-seed: the seed recipe's compile did not finish"; return
+  fi
+  stamp "$family: diffusers eager and the seed's recipe (warm compile cache) against the artifacts"
+  local seed_artifacts=(--artifact "$family-bf16=/tmp/art/$family-bf16")
+  for variant in $STEPS; do  # every variant of the family exported this session, in the same process as the recipe
+    [[ $variant == "$family"-* && -n ${VARIANTS[$variant]:-} && -f /tmp/art/$variant/manifest.json ]] \
       && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
   done
   # the artifacts are timed first; a recipe compiling past SEED_DEADLINE is stopped (what was measured is kept)
-  TORCH_LOGS=recompiles,cudagraphs timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(model sdxl-bf16)" \
-    "${seed_artifacts[@]}" --baselines eager,compile --profile --out "$R/speed-sdxl-seed" > "$R/speed-sdxl-seed.log" 2>&1
-  grep -A8 "^| variant" "$R/speed-sdxl-seed.md"
+  # shellcheck disable=SC2046  # res_of's option is words
+  TORCH_LOGS=recompiles,cudagraphs timeout "$SEED_DEADLINE" python3 bench/speed.py --model "$(model "$family-bf16")" \
+    $(res_of "$family") "${seed_artifacts[@]}" --baselines eager,compile --profile --out "$R/speed-$family-seed" \
+    > "$R/speed-$family-seed.log" 2>&1
+  grep -A8 "^| variant" "$R/speed-$family-seed.md"
 }
-if [[ -n $SEED_GPU ]] && want sdxl-seed; then  # beside the rest, on its own GPU and CPUs, from the start
-  stamp "sdxl-seed on GPU $SEED_GPU, CPUs $SEED_CPUS; the rest on GPU $MAIN_GPU, CPUs $MAIN_CPUS"
+if [[ -n $SEED_GPU ]] && (( ${#fills[@]} )); then  # beside the rest, on its own GPU and CPUs, from the start
+  stamp "seed recipes (${fills[*]}) on GPU $SEED_GPU, CPUs $SEED_CPUS; the rest on GPU $MAIN_GPU, CPUs $MAIN_CPUS"
   ( export CUDA_VISIBLE_DEVICES=$SEED_GPU; taskset -cp "$SEED_CPUS" $BASHPID > /dev/null
-    seed_fill; while [[ ! -f $R/exports-done ]]; do sleep 5; done; seed_time ) &
+    seed_fill; while [[ ! -f $R/exports-done ]]; do sleep 5; done
+    for family in "${SEED_FAMILIES[@]}"; do seed_time "$family"; done ) &
   seed_job=$!
   export CUDA_VISIBLE_DEVICES=$MAIN_GPU; taskset -cp "$MAIN_CPUS" $$ > /dev/null
 fi
@@ -162,14 +183,14 @@ stamp "exports, all at once"
 pids=()
 { want sdxl || want sdxl-coldstart || want sdxl-seed || want sdxl-cudnn-benchmark; } && { prepare sdxl-random sdxl-bf16 &
   pids+=($!); }
-{ want sdxl-seed || want seed-fill; } && [[ -z $SEED_GPU ]] && { seed_fill & pids+=($!); }
-want ssd-1b && { prepare ssd-1b-random ssd-1b-bf16 & pids+=($!); }
-want sd15 && { prepare sd15-random sd15-bf16 & pids+=($!); }
+(( ${#fills[@]} )) && [[ -z $SEED_GPU ]] && { seed_fill & pids+=($!); }
+{ want ssd-1b || want ssd-1b-seed; } && { prepare ssd-1b-random ssd-1b-bf16 & pids+=($!); }
+{ want sd15 || want sd15-seed; } && { prepare sd15-random sd15-bf16 & pids+=($!); }
 for variant in "${!VARIANTS[@]}"; do
   # shellcheck disable=SC2086  # the options are words
   want "$variant" && { prepare "${variant%%-*}-random" "$variant" ${VARIANTS[$variant]} & pids+=($!); }
 done
-want pixart && { prepare pixart-random pixart-bf16 & pids+=($!); }
+{ want pixart || want pixart-seed; } && { prepare pixart-random pixart-bf16 & pids+=($!); }
 want gpu-tests && { { python3 -m pytest -q -rs $GPU_TESTS > "$R/gpu-tests.log" 2>&1; tail -3 "$R/gpu-tests.log"; } &
   pids+=($!); }
 running() { local pid; for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return; done; return 1; }
@@ -178,7 +199,8 @@ while running && (( SECONDS - start < EXPORT_DEADLINE )); do
   sleep "$STACK_EVERY"; pkill -USR1 --older 5 -f -- "--out /tmp/art/"  # not while an interpreter starts
 done
 if running; then
-  stamp "deadline: stopping the compiles still running"  # the seed's own, on its own GPU, keeps its SEED_DEADLINE
+  stamp "deadline: stopping the compiles still running"  # the seeds' own, on their own GPU, keep their SEED_DEADLINE
+  touch "$R/exports-deadline"
   pkill -f -- "--out (/tmp/art/$([[ -z $SEED_GPU ]] && echo "|$R/seed-cache-fill"))"
 fi
 wait "${pids[@]}"
@@ -186,13 +208,15 @@ touch "$R/exports-done"
 
 sdxl_artifacts=(--artifact sdxl-bf16=/tmp/art/sdxl-bf16)  # the default artifact (fp8 on this GPU) last
 want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--artifact sdxl-fp8=/tmp/art/sdxl-fp8)
-want sdxl-seed && [[ -z $SEED_GPU ]] && seed_time  # first: the measurement no session has made yet
+if [[ -z $SEED_GPU ]]; then  # first: the measurements no session has made yet
+  for family in "${SEED_FAMILIES[@]}"; do seed_time "$family"; done
+fi
 if want sdxl-coldstart && exported sdxl-bf16; then
   stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases"
   python3 bench/coldstart.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --runs "$COLDSTART_RUNS" $COLDSTART_OPTS \
     --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
   probed=${sdxl_artifacts[-1]#*=}
-  for run in 1 2; do python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1; done
+  for _ in 1 2; do python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1; done
   cat "$R/probe-load.txt"
   python3 bench/probe_load.py "$probed" --profile-warmup 40 > "$R/probe-warmup.txt" 2>&1  # what the warm-up pays for
 fi
@@ -216,9 +240,11 @@ want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf1
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 "$FAMILY_BASELINES" --res 512; }
 for variant in $STEPS; do
   [[ -n ${VARIANTS[$variant]:-} ]] && exported "$variant" || continue
-  grep -q "\"fastdiff $variant\"" "$R/speed-sdxl-seed.json" 2> /dev/null && continue  # beside the seed's recipe
+  grep -q "\"fastdiff $variant\"" "$R/speed-${variant%%-*}-seed.json" 2> /dev/null && continue  # beside the recipe
   [[ $variant == sdxl-fp8 && -f $R/speed-sdxl.json ]] && continue  # measured in the sdxl step
-  stamp "$variant: speed"; speed "$variant" "" $([[ $variant == sd15-* ]] && echo --res 512)
+  stamp "$variant: speed"
+  # shellcheck disable=SC2046  # res_of's option is words
+  speed "$variant" "" $(res_of "$variant")
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 "$FAMILY_BASELINES"; }
 if want sdxl-compile-cold; then  # last: the longest step (session F: 5 min)
@@ -226,5 +252,5 @@ if want sdxl-compile-cold; then  # last: the longest step (session F: 5 min)
   python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
     > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
-[[ -n ${seed_job:-} ]] && { stamp "waiting for the sdxl-seed step"; wait "$seed_job"; }
+[[ -n ${seed_job:-} ]] && { stamp "waiting for the seed recipes' steps"; wait "$seed_job"; }
 stamp "ALL DONE"
