@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import click
-import torch
 
-from fastdiff.runtime.cli import clean_errors
-from fastdiff.runtime.compat import resolve_device
+from fastdiff.runtime.cli import clean_errors, exit_interrupted
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.resolution import parse_resolution
 
-from .attention import CHOICES as ATTENTION_CHOICES
-from .passes import (
-    DEFAULT_PASSES,
-    PASSES,
-    QUANTIZATION_PASSES,
-    default_quantization,
-    have_torchao,
-    quantization_advice,
-)
-from .presets import PRESETS, check_model
-from .progress import log
+INTERRUPTED = "interrupted: nothing was written"
+
+try:  # torch and its friends take seconds to import, before any command runs: a Ctrl-C there ends it as one later does
+    import torch
+
+    from fastdiff.runtime.compat import resolve_device
+
+    from .attention import CHOICES as ATTENTION_CHOICES
+    from .passes import (
+        DEFAULT_PASSES,
+        PASSES,
+        QUANTIZATION_PASSES,
+        default_quantization,
+        have_torchao,
+        quantization_advice,
+    )
+    from .presets import PRESETS, check_model
+    from .progress import log
+except KeyboardInterrupt:
+    exit_interrupted(INTERRUPTED)
 
 LAYOUT_PASSES = [p for p in PASSES if p not in QUANTIZATION_PASSES]
 
@@ -123,7 +130,7 @@ def auto_quantization(model: str, revision: str | None, dtype: str, device: torc
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --out once the new one is complete.")
-@clean_errors(interrupted="interrupted: nothing was written")
+@clean_errors(interrupted=INTERRUPTED)
 def main(
     model: str,
     resolutions: tuple[str, ...],

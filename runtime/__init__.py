@@ -2,22 +2,49 @@
 
 Imports neither the exporter, torchao, nor diffusers' model or pipeline code; with compiled text encoders (the
 default) not transformers either: tokenizers run through the `tokenizers` library.
+
+The names below are imported on first use: importing the package (as the command-line tools do before anything else)
+costs nothing, and torch is imported where it is needed, where a Ctrl-C during its seconds of import can end the
+command cleanly.
 """
 
-from .errors import FastDiffError
-from .loader import load_pipeline
-from .manifest import FORMAT_VERSION, Manifest, read_manifest
-from .pipeline import FastDiffPipeline, FastDiffPipelineOutput
-from .resolution import Resolution, parse_resolution
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT_VERSION",
-    "FastDiffError",
-    "FastDiffPipeline",
-    "FastDiffPipelineOutput",
-    "Manifest",
-    "Resolution",
-    "load_pipeline",
-    "parse_resolution",
-    "read_manifest",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names for type checkers and editors (re-exported: `import X as X`)
+    from .errors import FastDiffError as FastDiffError
+    from .loader import load_pipeline as load_pipeline
+    from .manifest import FORMAT_VERSION as FORMAT_VERSION
+    from .manifest import Manifest as Manifest
+    from .manifest import read_manifest as read_manifest
+    from .pipeline import FastDiffPipeline as FastDiffPipeline
+    from .pipeline import FastDiffPipelineOutput as FastDiffPipelineOutput
+    from .resolution import Resolution as Resolution
+    from .resolution import parse_resolution as parse_resolution
+
+_SOURCES = {
+    "FORMAT_VERSION": ".manifest",
+    "FastDiffError": ".errors",
+    "FastDiffPipeline": ".pipeline",
+    "FastDiffPipelineOutput": ".pipeline",
+    "Manifest": ".manifest",
+    "Resolution": ".resolution",
+    "load_pipeline": ".loader",
+    "parse_resolution": ".resolution",
+    "read_manifest": ".manifest",
+}
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SOURCES})

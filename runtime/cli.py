@@ -9,13 +9,25 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from .errors import FastDiffError
 from .files import set_default_mode
-from .manifest import Manifest, check_files, read_manifest
 from .resolution import parse_resolution
+
+
+def exit_interrupted(message: str, code: int = 130) -> NoReturn:
+    """How a command ends on Ctrl-C (130) or a termination signal: a line on stderr, no traceback."""
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+try:  # imports torch (seconds, before any command runs): a Ctrl-C there ends the command as one later does
+    from .manifest import Manifest, check_files, read_manifest
+except KeyboardInterrupt:
+    exit_interrupted("interrupted")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -57,11 +69,9 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
                 click.echo(f"error: {FastDiffError(problem, fix)}", err=True)
                 sys.exit(2)
             except KeyboardInterrupt:
-                click.echo(interrupted, err=True)
-                sys.exit(130)
+                exit_interrupted(interrupted)
             except Terminated as e:
-                click.echo(f"{interrupted} ({e})", err=True)
-                sys.exit(128 + e.signum)
+                exit_interrupted(f"{interrupted} ({e})", 128 + e.signum)
 
         return wrapper
 

@@ -206,6 +206,38 @@ def test_export_command_imports_no_model_code_before_it_runs() -> None:
 
 
 @pytest.mark.parametrize(
+    ("entry_point", "interrupted_import", "message"),
+    [
+        ("fastdiff.runtime.cli:run_main", "torch", "interrupted"),
+        ("fastdiff.runtime.cli:inspect_main", "torch", "interrupted"),
+        ("fastdiff.exporter.cli:main", "torch", "interrupted"),  # the runtime's, which comes first
+        ("fastdiff.exporter.cli:main", "fastdiff.exporter.passes", "interrupted: nothing was written"),
+    ],
+)
+def test_ctrl_c_while_a_command_imports(entry_point: str, interrupted_import: str, message: str) -> None:
+    """Ctrl-C in the seconds a command spends importing torch and the rest ends it like a Ctrl-C later: a line, exit
+    130, no traceback. The console script's own first line (`from MODULE import FUNCTION`) is what gets interrupted,
+    so the package and the command's module must import torch inside their own handling; the interrupt is raised
+    where a module's import starts (an import finder), as a real Ctrl-C would raise it anywhere in there."""
+    import subprocess
+    import sys
+
+    module, function = entry_point.split(":")
+    code = (
+        "import sys\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {interrupted_import!r}:\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        f"from {module} import {function}\n"
+        f"sys.exit({function}())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (130, f"{message}\n"), proc.stderr
+
+
+@pytest.mark.parametrize(
     "args",
     [
         pytest.param(["tiny-sdxl", "--res", "100"], id="resolution"),
