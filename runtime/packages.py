@@ -124,9 +124,9 @@ class CUDAGraphModule:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         # One run first, off the capture: it loads the kernels and has cuBLAS and cuDNN choose and allocate, none of
-        # which a capture allows (Inductor's CUDA-graph trees warm up once, too). Each run before the capture costs
-        # the load host time: on the H200 cuDNN attention's setup took 0.9 ms of it per call, 140 calls per SDXL UNet
-        # run (bench/results/2026-12-01-h200-l, probe-warmup.txt); a replay spends none.
+        # which a capture allows (Inductor's CUDA-graph trees warm up once, too). A run costs the load host time: on
+        # the H200, SDXL's warm-up spent 1.06 s of it on three UNet runs and three of each text encoder, 0.49 s in
+        # cuDNN attention's host side (bench/results/2026-12-01-h200-l, probe-warmup.txt).
         with torch.cuda.stream(stream):
             self.module(*static_inputs)
         torch.cuda.current_stream().wait_stream(stream)
