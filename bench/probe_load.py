@@ -6,7 +6,9 @@ python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS C
 --scheduler-first imports diffusers' scheduler before load_pipeline (shows the weights without the import beside
 them); --staging sets stream_weights' ring of pinned buffers; --profile-warmup prints the N host-side ops and CUDA
 API calls that took the warm-up's time (the packages' first calls: kernel loading, cuDNN and cuBLAS plan choice),
-by self time; the profiler's overhead inflates that run's timings.
+by self time; the profiler's overhead inflates that run's timings. It then times a few more calls of the UNet's
+package off its CUDA graph: their host time says how much of the warm-up's is paid on every call (what each run
+before a capture costs) rather than on the first (kernel loading, cuDNN building its plans).
 """
 
 import argparse
@@ -115,3 +117,15 @@ print(
     f"{weight_bytes / 1e9 / timings['shared_weights']:.1f} GB/s"
 )
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "torchao"}))
+if args.profile_warmup:
+    for key, unet in pipe.unets.items():
+        if not isinstance(unet, packages.CUDAGraphModule):
+            continue
+        static_inputs = next(iter(unet.graphs.values()))[0]  # the captured call's inputs
+        for _ in range(3):
+            t = time.perf_counter()
+            unet.module(*static_inputs)
+            host = time.perf_counter() - t
+            torch.cuda.synchronize()
+            done = time.perf_counter() - t
+            print(f"unet {key} package called again: host {host * 1e3:.1f} ms, to the GPU's end {done * 1e3:.1f} ms")
