@@ -26,7 +26,8 @@ COMPONENTS = ("unet", "vae_decoder", *sorted({encoder for parts in TEXT_PARTS.va
 # Inductor's defaults (Triton GEMMs won its attention projections and 1×1 convolutions, and its last convolution;
 # cuDNN kept the others), for ~2.6 minutes more compile (bench/results/2026-12-01-h200-l). SD 1.x and PixArt-α use
 # the same VAE architecture. The denoiser keeps the defaults: max-autotune made SDXL's UNet step slower there
-# (34.07 against 31.06 ms, bench/results/2026-11-30-h200-e).
+# (34.07 against 31.06 ms, bench/results/2026-11-30-h200-e). fastdiff-export applies these, as it resolves --quantize
+# auto; ExportOptions compiles with the settings it is given.
 COMPONENT_DEFAULTS: dict[tuple[int, int], dict[str, dict[str, Any]]] = {(9, 0): {"vae_decoder": {"max_autotune": True}}}
 
 

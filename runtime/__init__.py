@@ -4,8 +4,8 @@ Imports neither the exporter, torchao, nor diffusers' model or pipeline code; wi
 default) not transformers either: tokenizers run through the `tokenizers` library.
 
 The names below are imported on first use: importing the package (as the command-line tools do before anything else)
-costs nothing, and torch is imported where it is needed, where a Ctrl-C during its seconds of import can end the
-command cleanly.
+takes a millisecond, and torch is imported where it is needed, where a Ctrl-C during its seconds of import can end
+the command cleanly.
 """
 
 from __future__ import annotations
