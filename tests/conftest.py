@@ -13,14 +13,16 @@ import pytest
 EXPORT_RESOLUTIONS = ["64", "96x64"]  # width x height; the tiny VAE scales by 8
 
 
+ENTRY_POINTS = {
+    "fastdiff-export": "fastdiff.exporter.cli:main",
+    "fastdiff-run": "fastdiff.runtime.cli:run_main",
+    "fastdiff-inspect": "fastdiff.runtime.cli:inspect_main",
+}
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run one of the installed console scripts' entry points in a fresh interpreter."""
-    entry = {
-        "fastdiff-export": "fastdiff.exporter.cli:main",
-        "fastdiff-run": "fastdiff.runtime.cli:run_main",
-        "fastdiff-inspect": "fastdiff.runtime.cli:inspect_main",
-    }[args[0]]
-    module, func = entry.split(":")
+    module, func = ENTRY_POINTS[args[0]].split(":")
     code = f"import sys; from {module} import {func}; sys.argv[0] = {args[0]!r}; {func}()"
     return subprocess.run(
         [sys.executable, "-c", code, *args[1:]],
@@ -29,6 +31,30 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """The same command run in this process by click's test runner: what a refusal test checks (exit status, stderr,
+    no traceback) without a fresh interpreter's seconds of imports. run_cli for what needs a process of its own
+    (signals, an environment read at import, what the command imports)."""
+    import importlib
+    import signal
+    import traceback
+
+    from click.testing import CliRunner
+
+    module, func = ENTRY_POINTS[args[0]].split(":")
+    command = getattr(importlib.import_module(module), func)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}  # the commands install their own
+    try:
+        result = CliRunner().invoke(command, list(args[1:]), prog_name=args[0])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))  # as the console script would print it
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
 
 
 # Loads an artifact and generates (output_type "latent": the GPU may still be busy at exit) in a pipeline that Python

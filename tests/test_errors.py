@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 from fastdiff.runtime import FastDiffError, load_pipeline, parse_resolution, read_manifest
 from fastdiff.runtime import compat as compat_module
@@ -60,7 +60,7 @@ def assert_refused_everywhere(
     """The same problem refused cleanly by fastdiff-run (naming `phrase` and `more`), fastdiff-inspect and
     load_pipeline (both naming `phrase`)."""
     assert_clean_error(run(target, tmp_path, *run_args), phrase, *more)
-    assert_clean_error(run_cli("fastdiff-inspect", str(target), *inspect_args), phrase)
+    assert_clean_error(invoke_cli("fastdiff-inspect", str(target), *inspect_args), phrase)
     with pytest.raises(FastDiffError, match=re.escape(phrase)):
         load_pipeline(target, device="cpu")
 
@@ -84,7 +84,7 @@ def edit_manifest(root: Path, edit: Callable[[dict[str, Any]], object]) -> None:
 def run(artifact: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """fastdiff-run with a cheap request (1 step), writing into tmp_path unless --out is given."""
     out = [] if "--out" in args else ["--out", str(tmp_path / "img.png")]
-    return run_cli("fastdiff-run", str(artifact), "-p", "a cat", "--steps", "1", "--device", "cpu", *out, *args)
+    return invoke_cli("fastdiff-run", str(artifact), "-p", "a cat", "--steps", "1", "--device", "cpu", *out, *args)
 
 
 def images_in(folder: Path) -> list[str]:
@@ -125,7 +125,7 @@ def test_manifest_invalid_json(tiny_artifact: Path, tmp_path: Path) -> None:
 def test_manifest_not_utf8(tiny_artifact: Path, tmp_path: Path) -> None:
     art = copy_artifact(tiny_artifact, tmp_path)
     (art / MANIFEST_NAME).write_bytes(b"\xff\xfe\x00garbage")
-    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "not valid JSON")
+    assert_clean_error(invoke_cli("fastdiff-inspect", str(art)), "not valid JSON")
 
 
 def test_manifest_newer_format(tiny_artifact: Path, tmp_path: Path) -> None:
@@ -198,7 +198,7 @@ def test_manifest_missing_key_cli(tiny_artifact: Path, tmp_path: Path, edit, phr
     art = copy_artifact(tiny_artifact, tmp_path)
     edit_manifest(art, edit)
     assert_clean_error(run(art, tmp_path), phrase, "export the model again")
-    assert_clean_error(run_cli("fastdiff-inspect", str(art), "--verify"), phrase)
+    assert_clean_error(invoke_cli("fastdiff-inspect", str(art), "--verify"), phrase)
     assert images_in(tmp_path) == []
 
 
@@ -211,7 +211,7 @@ def test_truncated_weights(tiny_artifact: Path, tmp_path: Path) -> None:
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     assert_clean_error(run(art, tmp_path), UNET_WEIGHTS, "truncated")
-    proc = run_cli("fastdiff-inspect", str(art), "--verify")
+    proc = invoke_cli("fastdiff-inspect", str(art), "--verify")
     assert_clean_error(proc, UNET_WEIGHTS, "do not match the manifest")
     with pytest.raises(FastDiffError, match="truncated"):
         load_pipeline(art, device="cpu")  # the size check, without verify
@@ -227,7 +227,7 @@ def test_corrupted_weights_same_size(tiny_artifact: Path, tmp_path: Path) -> Non
     weights.write_bytes(bytes(data))
     assert weights.stat().st_size == (tiny_artifact / UNET_WEIGHTS).stat().st_size
 
-    proc = run_cli("fastdiff-inspect", str(art), "--verify")
+    proc = invoke_cli("fastdiff-inspect", str(art), "--verify")
     assert_clean_error(proc, UNET_WEIGHTS, "sha256 differs", "1 of")
     assert "verified" not in proc.stdout
     with pytest.raises(FastDiffError, match=f"{UNET_WEIGHTS}: sha256 differs"):
@@ -333,11 +333,11 @@ def test_artifact_for_another_device(tiny_artifact: Path, tmp_path: Path) -> Non
     with pytest.raises(FastDiffError, match="compiled for cuda, not cpu"):
         load_pipeline(art, device="cpu")
     if not torch.cuda.is_available():  # the default device is the artifact's
-        proc = run_cli("fastdiff-run", str(art), "-p", "a cat", "--out", str(tmp_path / "img.png"))
+        proc = invoke_cli("fastdiff-run", str(art), "-p", "a cat", "--out", str(tmp_path / "img.png"))
         assert_clean_error(proc, "compiled for cuda, but no CUDA GPU is visible", "a machine with a GPU")
         with pytest.raises(FastDiffError, match="no CUDA GPU"):
             load_pipeline(art)
-        proc = run_cli("fastdiff-inspect", str(art))  # the summary, then the check's failure
+        proc = invoke_cli("fastdiff-inspect", str(art))  # the summary, then the check's failure
         assert_clean_error(proc, "cannot load here", "no CUDA GPU is visible")
         assert re.search(r"^loads here\s+no: this artifact was compiled for cuda", proc.stdout, re.M), proc.stdout
     assert images_in(tmp_path) == []
@@ -375,7 +375,7 @@ def test_incompatible_torch(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_clean_error(run(art, tmp_path), "compiled with torch 2.9.0", "install torch 2.9.x")
     with pytest.raises(FastDiffError, match="compiled with torch 2.9.0"):
         load_pipeline(art, device="cpu")
-    assert_clean_error(run_cli("fastdiff-inspect", str(art)), "cannot load here", "compiled with torch 2.9.0")
+    assert_clean_error(invoke_cli("fastdiff-inspect", str(art)), "cannot load here", "compiled with torch 2.9.0")
 
 
 def test_same_torch_minor_is_compatible(tiny_artifact: Path) -> None:
@@ -405,7 +405,7 @@ def test_transposed_resolution_is_not_exported(tiny_pipeline) -> None:
 
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_non_positive_steps_cli(tiny_artifact: Path, tmp_path: Path, steps: str) -> None:
-    proc = run_cli(
+    proc = invoke_cli(
         "fastdiff-run", str(tiny_artifact), "-p", "a cat", "--steps", steps, "--out", str(tmp_path / "i.png")
     )
     assert_clean_error(proc, "--steps", steps, usage=True)
@@ -558,7 +558,7 @@ def exports(tmp_path: Path) -> Path:
 
 def export(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
-    proc = run_cli("fastdiff-export", *args, env=env)
+    proc = run_cli("fastdiff-export", *args, env=env) if env else invoke_cli("fastdiff-export", *args)
     return proc, time.perf_counter() - start
 
 
