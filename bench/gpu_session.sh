@@ -64,6 +64,9 @@
 # cold starts 3 min, speed 8 min, torch.compile's cold starts 5 min; 24 min in all from the call that started it.
 # Session G (STEPS="gpu-tests sdxl sdxl-int8 sdxl-cudnn-benchmark sdxl-coldstart ssd-1b", one compile baseline):
 # exports 8.2 min (int8's UNet 324 s), cold starts 2 min, sdxl 3.2 min, cudnn 0.6 min, ssd-1b 2.7 min; 18 min in all.
+# Session L (STEPS="gpu-tests sdxl-fp8 sdxl-fp8-vae-autotune sdxl-seed sdxl-coldstart sd15-fp8 pixart-fp8
+# sdxl-compile-cold"): exports 9.5 min but the GPU tests 11 min (the timed steps wait for them), sdxl-seed 2.6 min,
+# cold starts 3.7 min, sd15-fp8 and pixart-fp8 1.5 min, torch.compile's cold starts 5.2 min; 25 min in all.
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
