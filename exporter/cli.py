@@ -40,9 +40,9 @@ def _names(option: str | None) -> list[str] | None:
     return None if option is None else [name.strip() for name in option.split(",") if name.strip()]
 
 
-def auto_quantization(model: str, revision: str | None, dtype: str, device: torch.device) -> str:
-    """--quantize auto: passes.default_quantization for this model and GPU, if torchao is there to do it."""
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+def auto_quantization(model: str, revision: str | None, dtype: str, capability: tuple[int, int] | None) -> str:
+    """--quantize auto: passes.default_quantization for this model and GPU (None: not a CUDA GPU), if torchao is there
+    to do it."""
     family = None
     if capability:
         from .source import model_family  # imports diffusers' pipelines (seconds)
@@ -160,6 +160,7 @@ def main(
     from .options import ExportOptions, check_options, default_component_configs
 
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
     pass_list = [] if passes.strip() in ("", "none") else [p.strip() for p in passes.split(",")]
     if quantizing := [p for p in pass_list if p in QUANTIZATION_PASSES]:
         raise FastDiffError(
@@ -169,8 +170,8 @@ def main(
     parsed = list(dict.fromkeys(map(parse_resolution, resolutions)))
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if quantize == "auto":
-        quantize = auto_quantization(model, revision, dtype, dev)
-    elif dev.type == "cuda" and (advice := quantization_advice(quantize, torch.cuda.get_device_capability(dev))):
+        quantize = auto_quantization(model, revision, dtype, capability)
+    elif capability and (advice := quantization_advice(quantize, capability)):
         log(f"note: {advice}")
     if quantize != "none":
         pass_list.append(quantize)
@@ -180,7 +181,6 @@ def main(
         parsed = [default_resolution(model, revision)]
     inductor = parse_inductor_config(list(inductor_config))
     overrides = inductor.pop("", {})
-    capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
     everywhere = {**overrides, **({"max_autotune": True} if max_autotune else {})}
     defaults = default_component_configs(capability, everywhere, inductor)
     if defaults:

@@ -498,13 +498,12 @@ def test_int8_on_a_gpu_with_fp8_matmuls_gets_a_note() -> None:
 def test_auto_quantization_on_an_fp8_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from fastdiff.exporter.cli import auto_quantization
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cuda = torch.device("cuda")
-    assert auto_quantization("tiny-sdxl", None, "bf16", cuda) == "fp8"
-    assert auto_quantization("tiny-sd", None, "bf16", cuda) == "none"
-    assert auto_quantization("tiny-sdxl", None, "bf16", torch.device("cpu")) == "none"
+    hopper = (9, 0)
+    assert auto_quantization("tiny-sdxl", None, "bf16", hopper) == "fp8"
+    assert auto_quantization("tiny-sd", None, "bf16", hopper) == "none"
+    assert auto_quantization("tiny-sdxl", None, "bf16", None) == "none"  # not a CUDA GPU
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now fails, as where it is not installed
-    assert auto_quantization("tiny-sdxl", None, "bf16", cuda) == "none"
+    assert auto_quantization("tiny-sdxl", None, "bf16", hopper) == "none"
     assert "fp8 would be faster here: pip install 'fastdiff[quant]'" in capsys.readouterr().err
 
 
