@@ -18,7 +18,7 @@
 #                      process (issue 3's benchmark: eager, recipe, artifacts in one run); its compile runs once in the
 #                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
 #   ssd-1b-seed, sd15-seed, pixart-seed  the same for SSD-1B, SD 1.5 (512²) and PixArt-α (issue 5); the families'
-#                      cache-filling compiles run one after another (they benchmark on the GPU), SDXL's first
+#                      cache-filling compiles run one after another (they benchmark on the GPU), in STEPS order
 #   seed-fill          SDXL's cache-filling compile without the sdxl-seed step's second, timed process: it gathers
 #                      the tuning results ($R/seed-tuning.tgz, progress in $R/seed-progress) and, if it finishes,
 #                      times the recipe in its own process (seed-cache-fill-sdxl.md; beside the exports only if they
@@ -120,8 +120,8 @@ speed() {  # artifact name, baselines, extra options
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv
 python3 -c 'import torch, triton, diffusers, torchao; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__, torchao.__version__)'
 
-SEED_FAMILIES=()  # whose recipe is compiled (in this order) and timed against their artifacts
-for family in sdxl ssd-1b sd15 pixart; do want "$family-seed" && SEED_FAMILIES+=("$family"); done
+SEED_FAMILIES=()  # whose recipe is compiled and timed against their artifacts, in STEPS order
+for step in $STEPS; do [[ $step == *-seed ]] && SEED_FAMILIES+=("${step%-seed}"); done
 fills=("${SEED_FAMILIES[@]}")
 want seed-fill && [[ ${fills[0]:-} != sdxl ]] && fills=(sdxl "${fills[@]}")
 res_of() { [[ $1 == sd15* ]] && echo --res 512; }  # a family's default resolution, as speed.py's option
