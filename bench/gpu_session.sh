@@ -9,7 +9,8 @@
 #                      code of the kernels that differ most
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
 #                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
-#                      for the last artifact (twice), and its warm-up's host time by op (probe-warmup.txt)
+#                      for the last artifact (twice, then twice with the scheduler imported before it), and its
+#                      warm-up's host time by op (probe-warmup.txt)
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
@@ -67,6 +68,9 @@
 # Session L (STEPS="gpu-tests sdxl-fp8 sdxl-fp8-vae-autotune sdxl-seed sdxl-coldstart sd15-fp8 pixart-fp8
 # sdxl-compile-cold"): exports 9.5 min but the GPU tests 11 min (the timed steps wait for them), sdxl-seed 2.6 min,
 # cold starts 3.7 min, sd15-fp8 and pixart-fp8 1.5 min, torch.compile's cold starts 5.2 min; 25 min in all.
+# Session M (STEPS="gpu-tests sdxl-fp8 sdxl-coldstart pixart-fp8 pixart-seed sd15-fp8 sd15-seed", deadlines 840 s):
+# six exports 7-8.3 min, the GPU tests 13.7 min, PixArt-α's recipe compile 12 min from an empty cache (SD 1.5's then
+# stopped by the deadline), pixart-seed 2.2 min, cold starts 3.9 min, sdxl-fp8 and sd15-fp8 1.5 min; 22 min in all.
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
@@ -220,6 +224,9 @@ if want sdxl-coldstart && exported sdxl-bf16; then
     --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
   probed=${sdxl_artifacts[-1]#*=}
   for _ in 1 2; do python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1; done
+  for _ in 1 2; do  # the scheduler's import alone, then the load without it beside the warm-up
+    python3 bench/probe_load.py "$probed" --scheduler-first >> "$R/probe-load-scheduler-first.txt" 2>&1
+  done
   cat "$R/probe-load.txt"
   python3 bench/probe_load.py "$probed" --profile-warmup 40 > "$R/probe-warmup.txt" 2>&1  # what the warm-up pays for
 fi
