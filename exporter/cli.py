@@ -84,8 +84,8 @@ def auto_quantization(model: str, revision: str | None, dtype: str, capability: 
     default="auto",
     show_default=True,
     help="torchao dynamic quantization of the denoiser's linears (fp8: its feed-forward input projections; needs "
-    "compute capability >= 8.9). auto: what measured fastest for the model on the export GPU: fp8 for SDXL in bf16 "
-    "on such GPUs, else none.",
+    "compute capability >= 8.9). auto: what measured fastest for the model on the export GPU: fp8 for SDXL and "
+    "PixArt-α in bf16 on such GPUs, else none.",
 )
 @click.option(
     "--quantize-linears",

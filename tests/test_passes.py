@@ -469,14 +469,15 @@ def test_fp8_filter() -> None:
 
 
 def test_auto_quantization(tmp_path: Path) -> None:
-    """fp8 only where it measured faster: SDXL in bf16 on GPUs with fp8 matmuls."""
+    """fp8 only where it measured faster: SDXL and PixArt-α in bf16 on GPUs with fp8 matmuls."""
     assert default_quantization("sdxl", "bf16", (9, 0)) == "fp8"
     assert default_quantization("sdxl", "bf16", (8, 9)) == "fp8"
     assert default_quantization("sdxl", "bf16", (8, 0)) == "none"  # A100: no fp8 matmuls
     assert default_quantization("sdxl", "fp32", (9, 0)) == "none"
     assert default_quantization("sdxl", "bf16", None) == "none"
     assert default_quantization("sd", "bf16", (9, 0)) == "none"
-    assert default_quantization("pixart", "bf16", (9, 0)) == "none"
+    assert default_quantization("pixart", "bf16", (9, 0)) == "fp8"
+    assert default_quantization("pixart", "bf16", (8, 0)) == "none"
     assert default_quantization(None, "bf16", (9, 0)) == "none"
     for name in ("tiny-sdxl", "tiny-sd", "tiny-pixart"):  # a preset's family is what its checkpoint says
         assert model_family(name) == model_family(str(PRESETS[name].build())) == PRESETS[name].family
