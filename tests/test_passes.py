@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -360,6 +361,50 @@ def test_channels_last_keeps_activations_nhwc_with_a_dynamic_batch(
     with torch.backends.mkldnn.flags(enabled=False):
         compile_package(program, tmp_path / "block.pt2", options.inductor_configs())
     assert decisions == ["channels_last" in passes]
+
+
+def test_autotuning_reports_stay_off_the_console(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With max-autotune Inductor writes a benchmark table per GEMM to stderr; the export keeps them off its console
+    unless asked, and keeps its log quiet about autotuning choices Inductor skips for lack of shared memory."""
+    from fastdiff.exporter import compile as compile_module
+
+    program = export_program(nn.Linear(64, 128).eval(), (torch.randn(32, 64),), None)
+    # force_disable_caches: the GEMM is autotuned again whatever an earlier run left in Inductor's caches
+    compile_module.compile_package(program, tmp_path / "mm.pt2", {"max_autotune": True, "force_disable_caches": True})
+    err = capfd.readouterr().err
+    assert "AUTOTUNE" not in err and "Autotune Choices Stats" not in err, err[-2000:]
+
+    compiled = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: compiled.append(k))
+    compile_module.compile_package(program, tmp_path / "mm.pt2", {"autotune_num_choices_displayed": 10})
+    assert compiled[0]["inductor_configs"]["autotune_num_choices_displayed"] == 10  # the user's setting wins
+
+    log = logging.getLogger("torch._inductor.select_algorithm")
+    shown = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: shown.extend(_logged(log)))
+    compile_module.compile_package(program, tmp_path / "mm.pt2", {})
+    assert shown == [
+        "Runtime error during autotuning: \nNo valid triton configs. RuntimeError: bad. \nIgnoring this choice."
+    ]
+    assert len(_logged(log)) == 2  # the filter is gone after the compile
+
+
+def _logged(log: logging.Logger) -> list[str]:
+    """The messages `log` passes on of two autotuning errors: a Triton config out of shared memory, another one."""
+    passed = []
+    handler = logging.Handler()
+    handler.emit = lambda record: passed.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        for error in ("OutOfResources: out of resource: shared memory", "RuntimeError: bad"):
+            log.error(
+                "Runtime error during autotuning: \n%s. \nIgnoring this choice.", f"No valid triton configs. {error}"
+            )
+    finally:
+        log.removeHandler(handler)
+    return passed
 
 
 def test_inductor_config_from_the_command_line() -> None:
