@@ -210,6 +210,13 @@ def have_torchao() -> bool:
     return True
 
 
+# Families whose bf16 export fp8 made faster, measured beside bf16 in one process on the H200 (UNet or transformer
+# step; step error against fp32): SDXL 28.81 vs 30.76 ms (1.2e-2 vs 0.92e-2, bench/results/2026-12-01-h200-l),
+# PixArt-α 29.97 vs 31.09 ms (1.38e-2 vs 1.35e-2, bench/results/2026-12-01-h200-m). Not SD 1.5: 6.32 vs 6.27 ms, its
+# matmuls are a quarter of its step (1.50e-2 vs 1.02e-2, bench/results/2026-12-01-h200-m).
+FP8_FAMILIES = {"sdxl", "pixart"}
+
+
 def default_quantization(family: str | None, dtype: str, capability: tuple[int, int] | None) -> str:
     """What measured fastest at an acceptable error for a model family in `dtype` on a CUDA GPU of this compute
     capability (None: not a CUDA GPU): fp8 where fp8 matmuls exist, for the families it made faster in bf16
@@ -219,13 +226,6 @@ def default_quantization(family: str | None, dtype: str, capability: tuple[int, 
     on GPUs without fp8 matmuls."""
     fp8_matmuls = capability is not None and capability >= FP8_CAPABILITY
     return "fp8" if family in FP8_FAMILIES and dtype == "bf16" and fp8_matmuls else "none"
-
-
-# Families whose bf16 export fp8 made faster, measured beside bf16 in one process on the H200 (UNet or transformer
-# step; step error against fp32): SDXL 28.81 vs 30.76 ms (1.2e-2 vs 0.92e-2, bench/results/2026-12-01-h200-l),
-# PixArt-α 29.97 vs 31.09 ms (1.38e-2 vs 1.35e-2, bench/results/2026-12-01-h200-m). Not SD 1.5: 6.32 vs 6.27 ms, its
-# matmuls are a quarter of its step (1.50e-2 vs 1.02e-2, bench/results/2026-12-01-h200-m).
-FP8_FAMILIES = {"sdxl", "pixart"}
 
 
 def quantization_advice(choice: str, capability: tuple[int, int] | None) -> str | None:
