@@ -28,6 +28,8 @@
 #   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
 #   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
 #   gpu-tests          the test files that need a GPU (GPU_TESTS), run with the exports
+#   attention-probe    every SDPA backend on PixArt-α's and SDXL's own attention calls, shape by shape
+#                      (probe-attention-FAMILY.md): what a per-call backend choice could gain
 #   a VARIANTS name    an export with other options (below), speed + quality + profile of the artifact alone
 # Every export's main-thread Python stack is appended to $R/stacks-NAME.txt each STACK_EVERY seconds (a SIGUSR1
 # handler: unlike faulthandler's timed dump, which crashed an export in session C, it runs between bytecodes; ignored
@@ -257,6 +259,14 @@ for variant in $STEPS; do
   speed "$variant" "" $(res_of "$variant")
 done
 want pixart && exported pixart-bf16 && { stamp "pixart: speed"; speed pixart-bf16 "$FAMILY_BASELINES"; }
+if want attention-probe; then
+  for family in pixart sdxl; do
+    stamp "$family: each attention backend on the denoiser's calls"
+    python3 bench/probe_attention.py "$(build "$family-random")" > "$R/probe-attention-$family.md" \
+      2> "$R/probe-attention-$family.log"
+    cat "$R/probe-attention-$family.md"
+  done
+fi
 if want sdxl-compile-cold; then  # last: the longest step (session F: 5 min)
   stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
   python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \

@@ -33,7 +33,9 @@ CHOICES = ["auto", "default", *BACKENDS]
 AttentionCall = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], torch.dtype, bool, tuple[int, ...] | None]
 
 
-class _RecordAttention(TorchFunctionMode):
+class RecordAttention(TorchFunctionMode):
+    """Counts the SDPA calls made while it is active, by AttentionCall."""
+
     def __init__(self) -> None:
         super().__init__()
         self.calls: Counter[AttentionCall] = Counter()
@@ -51,7 +53,7 @@ class _RecordAttention(TorchFunctionMode):
 
 def attention_calls(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Counter[AttentionCall]:
     """The SDPA calls one forward pass of `module` makes, by shape, with how often each shape occurs."""
-    recorder = _RecordAttention()
+    recorder = RecordAttention()
     with torch.no_grad(), recorder:
         module(*inputs)
     return recorder.calls
