@@ -474,6 +474,35 @@ def test_component_defaults_per_gpu_give_way_to_the_users_settings() -> None:
 
 
 @pytest.mark.parametrize(
+    ("flags", "vae_decoder", "everywhere"),
+    [([], {"max_autotune": True}, False), (["--no-max-autotune"], None, False), (["--max-autotune"], None, True)],
+    ids=["default", "no-max-autotune", "max-autotune"],
+)
+def test_max_autotune_flag_sets_the_component_defaults_aside(
+    flags: list[str], vae_decoder: dict | None, everywhere: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What fastdiff-export asks of the compiles on a compute capability 9.0 GPU: the VAE decoder's max-autotune
+    default unless --max-autotune or --no-max-autotune says otherwise for every component."""
+    from conftest import invoke_cli
+
+    from fastdiff.exporter import cli, options
+
+    asked = []
+
+    def stop(export_options: ExportOptions) -> None:
+        asked.append(export_options)
+        raise FastDiffError("stopped before the export")
+
+    monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(options, "check_options", stop)
+    args = ["tiny-sd", "--res", "64", "--quantize", "none", *flags]
+    assert "error: stopped before the export" in invoke_cli("fastdiff-export", *args).stderr
+    assert asked[0].component_inductor_overrides.get("vae_decoder") == vae_decoder
+    assert asked[0].max_autotune is everywhere
+
+
+@pytest.mark.parametrize(
     ("item", "message"),
     [
         ("max_autotune", "is not KEY=VALUE"),
