@@ -6,6 +6,7 @@ A failed or interrupted export leaves nothing behind, and an existing artifact i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -17,12 +18,13 @@ from safetensors.torch import save_file
 
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.files import set_default_mode
-from fastdiff.runtime.manifest import Manifest, describe_files, is_artifact
+from fastdiff.runtime.manifest import MANIFEST_NAME, Manifest, describe_files, is_artifact
 from fastdiff.runtime.weights import to_storage_layout
 
 
 def check_target(out: Path, overwrite: bool) -> None:
-    """An export may write `out` if it does not exist, or replace it with --overwrite if it is an artifact. Checked
+    """An export may write `out` if it does not exist, or replace it with --overwrite if it is an artifact and holds
+    nothing its manifest does not list. Checked
     before the export starts and again before the artifact is put in place: the target may have appeared, or
     changed, in the minutes between."""
     if not out.exists():
@@ -33,6 +35,23 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise FastDiffError(
             f"{out} exists and is not a fastdiff artifact; refusing to replace it", "choose another --out"
         )
+    if foreign := _files_not_in_manifest(out):
+        raise FastDiffError(
+            f"{out} holds {len(foreign)} file{'s' if len(foreign) > 1 else ''} that its artifact does not list (e.g. "
+            f"{foreign[0]}), which replacing it would delete",
+            "move them out of the folder, or choose another --out",
+        )
+
+
+def _files_not_in_manifest(root: Path) -> list[str]:
+    """Files under an artifact folder that its manifest does not list (a user's images or notes put there)."""
+    try:
+        listed = json.loads((root / MANIFEST_NAME).read_text()).get("files")
+    except (OSError, ValueError):
+        listed = None
+    listed = set(listed) if isinstance(listed, dict) else set()
+    present = (p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
+    return sorted(rel for rel in present if rel != MANIFEST_NAME and rel not in listed)
 
 
 class ArtifactWriter:

@@ -772,6 +772,32 @@ def test_export_api_errors(exports: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in exports.iterdir()) == ["extension", "mine"]
 
 
+def test_overwrite_keeps_what_the_user_put_in_an_artifact(tiny_artifact: Path, exports: Path) -> None:
+    """An artifact folder that holds files its manifest does not list (an image rendered into it, notes) is not
+    replaced, even with --overwrite: before the export starts, nor when the artifact is put in place."""
+    from fastdiff.exporter.artifact import ArtifactWriter
+    from fastdiff.exporter.export import ExportOptions, export_artifact
+
+    art = Path(shutil.copytree(tiny_artifact, exports / "art"))
+    (art / "renders").mkdir()
+    (art / "renders" / "cat.png").write_bytes(b"mine")
+    before = tree(art)
+    options = ExportOptions("tiny-sdxl", [parse_resolution(64)], torch.device("cpu"), out=art, overwrite=True)
+    with pytest.raises(FastDiffError, match=r"holds 1 file that its artifact does not list \(e.g. renders/cat.png\)"):
+        export_artifact(options)
+    with pytest.raises(FastDiffError, match="move them out of the folder"):
+        with ArtifactWriter(exports / "other", overwrite=True) as writer:
+            writer.path("unet/weights.safetensors").write_bytes(b"new")
+            shutil.copytree(art, exports / "other")  # an artifact, with the user's file, appeared meanwhile
+            writer.commit(read_manifest(tiny_artifact))
+    assert tree(art) == before == tree(exports / "other")
+    (art / "renders" / "cat.png").unlink()
+    with ArtifactWriter(art, overwrite=True) as writer:  # without it, the artifact (and its empty folder) is replaced
+        writer.path("unet/weights.safetensors").write_bytes(b"new")
+        writer.commit(read_manifest(tiny_artifact))
+    assert sorted(p.name for p in exports.iterdir()) == ["art", "other"]
+
+
 def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: Path) -> None:
     """The target is checked again when the artifact is put in place: what appeared there meanwhile is not
     replaced (without --overwrite), nor is something that is not an artifact (with it)."""
