@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -47,7 +48,8 @@ def _terminate(signum: int, frame) -> None:
 
 
 def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
-    """FastDiffError -> its message on stderr and exit code 2 (a device out of memory too); Ctrl-C -> `interrupted`
+    """FastDiffError -> its message on stderr and exit code 2 (a device out of memory, or a file that cannot be read or
+    written, too); Ctrl-C -> `interrupted`
     and exit 130, SIGTERM and SIGHUP the same with exit 128 + the signal's number. Bad input never shows a traceback
     (the fastdiff-export command uses this too)."""
 
@@ -61,26 +63,43 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
             except FastDiffError as e:
                 click.echo(f"error: {e}", err=True)
                 sys.exit(2)
-            except RuntimeError as e:
-                if not _out_of_memory(e):
-                    raise
-                problem = f"out of memory on the device: {str(e).splitlines()[0]}"
-                fix = "free memory there (other processes), load fewer resolutions (--res), or use a larger device"
-                click.echo(f"error: {FastDiffError(problem, fix)}", err=True)
-                sys.exit(2)
             except KeyboardInterrupt:
                 exit_interrupted(interrupted)
             except Terminated as e:
                 exit_interrupted(f"{interrupted} ({e})", 128 + e.signum)
+            except Exception as e:
+                if (error := _environment_error(e)) is None:
+                    raise
+                click.echo(f"error: {error}", err=True)
+                sys.exit(2)
 
         return wrapper
 
     return decorate
 
 
-def _out_of_memory(error: RuntimeError) -> bool:
+# What a full disk or a read-only folder raises, also from inside a compile that wraps it in its own error.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _environment_error(error: Exception) -> FastDiffError | None:
+    """The machine's fault rather than the command's: the device out of memory, or a file that cannot be read or
+    written (a permission, a full disk); None for anything else."""
     torch = sys.modules.get("torch")  # an error from torch means torch is imported; the CLI imports it lazily
-    return torch is not None and isinstance(error, torch.OutOfMemoryError)
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        problem = f"out of memory on the device: {str(error).splitlines()[0]}"
+        return FastDiffError(
+            problem, "free memory there (other processes), load fewer resolutions (--res), or use a larger device"
+        )
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or (cause is not error and cause.errno not in _STORAGE_ERRNOS):
+        return None
+    where = f": {cause.filename}" if cause.filename else ""
+    return FastDiffError(
+        f"{cause.strerror or cause}{where}", "check the path's permissions and the free space on its disk"
+    )
 
 
 def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:

@@ -111,11 +111,16 @@ class FastDiffPipeline:
                 f"{len(generator)} generators for {n} image{'s' * (n != 1)}",
                 "give one generator, or one per image (prompt-major)",
             )
-        with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
-            chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
         # The scheduler's tables and timesteps stay on the CPU: indexing them with a device timestep would wait for
         # the GPU at every step (PNDM's alphas_cumprod[t]). The denoiser gets the timesteps in one copy per call.
-        self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        try:
+            self.scheduler.set_timesteps(num_inference_steps, device="cpu")
+        except ValueError as e:  # DDIM's, for one: more steps than the model was trained with
+            raise FastDiffError(
+                f"{type(self.scheduler).__name__} cannot run {num_inference_steps} steps: {e}", "choose fewer steps"
+            ) from None
+        with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
+            chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)  # so step() never searches the timesteps
         unet_timesteps = self.scheduler.timesteps.to(self.device, torch.float32)  # the package takes float32 scalars

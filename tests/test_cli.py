@@ -3,6 +3,7 @@ an artifact, and every command documents its options."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -301,3 +302,41 @@ def test_out_of_device_memory_is_a_clear_error(capsys: pytest.CaptureFixture) ->
 
     with pytest.raises(RuntimeError, match="not a memory problem"):  # real bugs keep their traceback
         other_bug()
+
+
+def _fails_with(error: Exception, cause: BaseException | None = None) -> None:
+    raise error from cause
+
+
+@pytest.mark.parametrize(
+    ("error", "cause", "message"),
+    [
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/a/manifest.json"),
+            None,
+            "Permission denied: /a/manifest.json",
+        ),
+        (
+            RuntimeError("InductorError: compile failed"),
+            OSError(errno.ENOSPC, "No space left on device"),
+            "No space left on device",
+        ),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/x.png"), None, "Read-only file system: /ro/x.png"),
+    ],
+    ids=["unreadable", "disk-full-in-a-compile", "read-only"],
+)
+def test_unreadable_or_unwritable_files_are_clear_errors(
+    error: Exception, cause: OSError | None, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    """A permission or a full disk is the machine's problem, not a bug: one line, exit 2, also when a compile wraps
+    it in an error of its own."""
+    from fastdiff.runtime.cli import clean_errors
+
+    with pytest.raises(SystemExit) as exit_info:
+        clean_errors()(_fails_with)(error, cause)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}\n") and "fix: check the path's permissions and the free space" in err
+    missing_tool = FileNotFoundError(errno.ENOENT, "No such file or directory", "g++")
+    with pytest.raises(RuntimeError):  # a wrapped error of another kind keeps its traceback
+        clean_errors()(_fails_with)(RuntimeError("compile failed"), missing_tool)

@@ -772,6 +772,19 @@ def test_export_api_errors(exports: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in exports.iterdir()) == ["extension", "mine"]
 
 
+def test_a_scheduler_that_cannot_run_the_steps(tiny_pipeline) -> None:
+    """DDIM refuses more steps than the model was trained with: a FastDiffError (fastdiff-run: one line, exit 2)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = tiny_pipeline.scheduler
+    tiny_pipeline.scheduler = DDIMScheduler.from_config(scheduler.config)
+    try:
+        with pytest.raises(FastDiffError, match="DDIMScheduler cannot run 2000 steps"):
+            tiny_pipeline("a cat", num_inference_steps=2000)
+    finally:
+        tiny_pipeline.scheduler = scheduler
+
+
 def test_overwrite_keeps_what_the_user_put_in_an_artifact(tiny_artifact: Path, exports: Path) -> None:
     """An artifact folder that holds files its manifest does not list (an image rendered into it, notes) is not
     replaced, even with --overwrite: before the export starts, nor when the artifact is put in place."""
