@@ -170,7 +170,13 @@ def _load_conditioner(
 def _resolution_keys(component: CompiledComponent, wanted: Iterable | None) -> list[str]:
     if wanted is None:
         return list(component.packages)
-    keys = [parse_resolution(r).key for r in wanted]
+    if isinstance(wanted, (str, int, Resolution)):  # one resolution, not an iterable of them
+        wanted = [wanted]
+    keys = list(dict.fromkeys(parse_resolution(r).key for r in wanted))
+    if not keys:
+        raise FastDiffError(
+            "no resolution asked for", f"pass some of {', '.join(component.packages)}, or None for all of them"
+        )
     missing = [k for k in keys if k not in component.packages]
     if missing:
         raise FastDiffError(

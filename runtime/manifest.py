@@ -186,8 +186,13 @@ def _check_structure(manifest: Manifest) -> list[str]:
     if manifest.model.family not in TEXT_PARTS:
         problems.append(f"unknown model family {manifest.model.family!r}")
         return problems
+    parts = TEXT_PARTS[manifest.model.family]
+    if manifest.text_encoders and len(manifest.text_encoders) != len(parts):
+        problems.append(
+            f"text_encoders lists {len(manifest.text_encoders)}; a {manifest.model.family} model has {len(parts)}"
+        )
     needed = ["scheduler"]
-    for tokenizer, encoder in TEXT_PARTS[manifest.model.family]:
+    for tokenizer, encoder in parts:
         needed += [tokenizer] if manifest.text_encoders else [tokenizer, encoder]
     missing = [name for name in needed if not isinstance(manifest.stock.get(name), str)]
     if missing:

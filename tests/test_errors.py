@@ -154,6 +154,7 @@ def test_manifest_newer_format(tiny_artifact: Path, tmp_path: Path) -> None:
         (lambda d: d["model"].update(default_resolution=[128]), "default_resolution [128] is not [width, height]"),
         (lambda d: d["model"].update(latents_std="x"), "model.latents_std is not a list of numbers or null"),
         (lambda d: d["unet"].update(inputs=[1]), "unet.inputs is not a list of strings"),
+        (lambda d: d["text_encoders"].pop(), "text_encoders lists 1; a sdxl model has 2"),
     ],
     ids=[
         "no-unet",
@@ -173,6 +174,7 @@ def test_manifest_newer_format(tiny_artifact: Path, tmp_path: Path) -> None:
         "resolution-one-number",
         "latents-std-string",
         "inputs-not-strings",
+        "one-text-encoder",
     ],
 )
 def test_manifest_missing_or_bad_key(tiny_artifact: Path, tmp_path: Path, edit, phrase: str) -> None:
@@ -395,6 +397,10 @@ def test_unexported_resolution(tiny_artifact: Path, tiny_pipeline, tmp_path: Pat
         tiny_pipeline("a cat", num_inference_steps=1, height=128, width=128)
     with pytest.raises(FastDiffError, match=EXPORTED):
         load_pipeline(tiny_artifact, device="cpu", resolutions=["128"])
+    with pytest.raises(FastDiffError, match=EXPORTED):  # one resolution given as a string, not its characters
+        load_pipeline(tiny_artifact, device="cpu", resolutions="128")
+    with pytest.raises(FastDiffError, match="no resolution asked for"):
+        load_pipeline(tiny_artifact, device="cpu", resolutions=[])
     assert images_in(tmp_path) == []
 
 
