@@ -147,7 +147,9 @@ def _save_atomically(image, path: Path) -> None:
 @click.option("--res", metavar="SIZE|WxH", help="Resolution, width x height; one of the artifact's. Default: model's.")
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option(
-    "--guidance", type=float, help="Classifier-free guidance; <=1 is off. Default: the family's (5.0 SDXL, 7.5 SD 1.x)."
+    "--guidance",
+    type=float,
+    help="Classifier-free guidance; <=1 is off. Default: the family's (5.0 SDXL, 7.5 SD 1.x, 4.5 PixArt-α).",
 )
 @click.option(
     "--seed",

@@ -48,7 +48,9 @@ PENULTIMATE_CLIP_FAMILIES = frozenset({"sdxl"})
 
 @dataclass
 class ModelFacts:
-    """What the runtime needs from the model configs, so it needs no diffusers model code."""
+    """What the runtime needs from the model configs, so it needs no diffusers model code, and for the record what
+    the compiled packages have built in (scaling_factor, latents_mean and latents_std in the VAE decoder, pooled_dim
+    and the time_ids layout in the UNet), which the runtime does not read."""
 
     # A key of TEXT_PARTS: "sdxl" (StableDiffusionXLPipeline), "sd" (StableDiffusionPipeline) or "pixart"
     # (PixArtAlphaPipeline, whose denoiser, a transformer, is the manifest's `unet` component).

@@ -1,7 +1,9 @@
 """The denoise loop and decode: prompt -> text conditioning -> latents -> compiled UNet steps -> compiled VAE decode.
 
-Mirrors diffusers' StableDiffusionXLPipeline step for step (same initial latents from the same generator, same
-guidance arithmetic, same scheduler calls), so that swapping one for the other changes nothing but speed.
+Mirrors the family's diffusers pipeline (StableDiffusionXLPipeline, StableDiffusionPipeline, PixArtAlphaPipeline)
+step for step (same initial latents from the same generator, same guidance arithmetic, same scheduler calls), so that
+swapping one for the other changes nothing but speed. A pipeline serves one call at a time: the scheduler's state
+and the CUDA graphs' input buffers are its own, so threads that share one must take turns (a lock).
 """
 
 from __future__ import annotations
