@@ -124,9 +124,25 @@ class _SkippedAutotuneChoices(logging.Filter):
         )
 
 
-def compile_package(program: torch.export.ExportedProgram, path: Path, inductor_configs: dict[str, Any]) -> Path:
+# Inductor compiles a CPU package for the export machine's own processor (-march=native): it may use instructions
+# that another CPU of the same ISA level (the manifest's cpu_isa, what the runtime checks) lacks, and die there with
+# an illegal instruction. It compiles for the x86-64 level of that ISA instead; a user's cpp.march wins.
+X86_LEVELS = {"DEFAULT": "x86-64", "AVX2": "x86-64-v3", "AVX512": "x86-64-v4"}
+
+
+def cpu_target_configs(device: torch.device) -> dict[str, Any]:
+    """The Inductor setting that makes a package for `device` run on any CPU of the export machine's ISA level."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    if device.type != "cpu" or isa not in X86_LEVELS or not hasattr(torch._inductor.config.cpp, "march"):
+        return {}
+    return {"cpp.march": X86_LEVELS[isa]}
+
+
+def compile_package(
+    program: torch.export.ExportedProgram, path: Path, inductor_configs: dict[str, Any], device: torch.device
+) -> Path:
     """Compile to a .pt2 package holding code only: weights are bound at load time by the runtime."""
-    configs = {**QUIET_AUTOTUNE_CONFIGS, **inductor_configs, **PACKAGE_CONFIGS}
+    configs = {**QUIET_AUTOTUNE_CONFIGS, **cpu_target_configs(device), **inductor_configs, **PACKAGE_CONFIGS}
     autotune_log = logging.getLogger("torch._inductor.select_algorithm")
     skipped = _SkippedAutotuneChoices()
     autotune_log.addFilter(skipped)

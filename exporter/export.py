@@ -172,7 +172,7 @@ def _export_component(
             program = export_program(module, inputs, dynamic)
         check_int8_rows(program, options.device, rel)
         with phase(f"AOTInductor compile {rel}"), attention_backend(backend):
-            path = compile_package(program, writer.path(rel), options.inductor_configs(name))
+            path = compile_package(program, writer.path(rel), options.inductor_configs(name), options.device)
         weights |= plain_constants(program, package_constant_names(path, options.device))
         packages[key] = rel
     weights_rel = f"{name}/weights.safetensors"

@@ -359,7 +359,7 @@ def test_channels_last_keeps_activations_nhwc_with_a_dynamic_batch(
         apply_passes(block.eval(), passes), (torch.randn(2, 32, 16, 16),), {"input": {0: Dim("b", max=4)}}
     )
     with torch.backends.mkldnn.flags(enabled=False):
-        compile_package(program, tmp_path / "block.pt2", options.inductor_configs())
+        compile_package(program, tmp_path / "block.pt2", options.inductor_configs(), options.device)
     assert decisions == ["channels_last" in passes]
 
 
@@ -372,23 +372,43 @@ def test_autotuning_reports_stay_off_the_console(
 
     program = export_program(nn.Linear(64, 128).eval(), (torch.randn(32, 64),), None)
     # force_disable_caches: the GEMM is autotuned again whatever an earlier run left in Inductor's caches
-    compile_module.compile_package(program, tmp_path / "mm.pt2", {"max_autotune": True, "force_disable_caches": True})
+    cpu = torch.device("cpu")
+    configs = {"max_autotune": True, "force_disable_caches": True}
+    compile_module.compile_package(program, tmp_path / "mm.pt2", configs, cpu)
     err = capfd.readouterr().err
     assert "AUTOTUNE" not in err and "Autotune Choices Stats" not in err, err[-2000:]
 
     compiled = []
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: compiled.append(k))
-    compile_module.compile_package(program, tmp_path / "mm.pt2", {"autotune_num_choices_displayed": 10})
+    compile_module.compile_package(program, tmp_path / "mm.pt2", {"autotune_num_choices_displayed": 10}, cpu)
     assert compiled[0]["inductor_configs"]["autotune_num_choices_displayed"] == 10  # the user's setting wins
 
     log = logging.getLogger("torch._inductor.select_algorithm")
     shown = []
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: shown.extend(_logged(log)))
-    compile_module.compile_package(program, tmp_path / "mm.pt2", {})
+    compile_module.compile_package(program, tmp_path / "mm.pt2", {}, cpu)
     assert shown == [
         "Runtime error during autotuning: \nNo valid triton configs. RuntimeError: bad. \nIgnoring this choice."
     ]
     assert len(_logged(log)) == 2  # the filter is gone after the compile
+
+
+def test_cpu_packages_target_the_isa_level_not_this_processor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU package is compiled for the x86-64 level of the ISA the manifest records (what the runtime checks), not
+    for the export machine's own processor, whose other instructions a CPU of the same level may lack."""
+    from torch._inductor import cpp_builder
+
+    from fastdiff.exporter.compile import X86_LEVELS, compile_package
+
+    level = X86_LEVELS.get(torch.backends.cpu.get_cpu_capability())
+    if level is None:
+        pytest.skip("not an x86 CPU")
+    flags = []
+    arch_flags = cpp_builder._get_cpu_arch_cflags
+    monkeypatch.setattr(cpp_builder, "_get_cpu_arch_cflags", lambda *a: flags.append(arch_flags(*a)) or flags[-1])
+    program = export_program(nn.Linear(16, 8).eval(), (torch.randn(4, 16),), None)
+    compile_package(program, tmp_path / "linear.pt2", {"force_disable_caches": True}, torch.device("cpu"))
+    assert flags and all(f == [f"march={level}"] for f in flags), flags
 
 
 def _logged(log: logging.Logger) -> list[str]:
