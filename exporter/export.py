@@ -21,6 +21,7 @@ from fastdiff.runtime.manifest import (
     dtype_name,
     torch_dtype,
 )
+from fastdiff.runtime.pipeline import micro_conditioning
 from fastdiff.runtime.resolution import Resolution
 
 from .artifact import ArtifactWriter
@@ -83,7 +84,7 @@ def export_artifact(options: ExportOptions) -> Path:
         n, dev, dtype = options.batch_size, options.device, torch_dtype(options.dtype)
         unet_cases = {res.key: _unet_inputs(source, facts, res, options) for res in options.resolutions}
         vae_cases = {
-            res.key: (torch.randn(n, *_latent_shape(facts, res), device=dev, dtype=vae_dtype),)
+            res.key: (torch.randn(n, *facts.latent_shape(res), device=dev, dtype=vae_dtype),)
             for res in options.resolutions
         }
         attention: dict[str, str] = {}  # package -> the SDPA backend compiled into it
@@ -201,11 +202,6 @@ def _step_wrapper(source: Source) -> type[torch.nn.Module]:
     return SDXLUNetStep if source.family == "sdxl" else UNetStep
 
 
-def _latent_shape(facts: ModelFacts, res: Resolution) -> tuple[int, int, int]:
-    f = facts.vae_scale_factor
-    return facts.latent_channels, res.height // f, res.width // f
-
-
 def _unet_inputs(
     source: Source, facts: ModelFacts, res: Resolution, options: ExportOptions
 ) -> tuple[torch.Tensor, ...]:
@@ -214,23 +210,18 @@ def _unet_inputs(
     config = source.denoiser.config
     text_dim = config.caption_channels if facts.family == "pixart" else config.cross_attention_dim
     inputs = (
-        torch.randn(n, *_latent_shape(facts, res), device=dev, dtype=dtype),
+        torch.randn(n, *facts.latent_shape(res), device=dev, dtype=dtype),
         torch.tensor(999.0, device=dev),
         torch.randn(n, facts.text_max_length, text_dim, device=dev, dtype=dtype),
     )
+    micro = {name: t.to(dev) for name, t in micro_conditioning(res, n, dtype).items()}  # as the runtime makes it
     if facts.family == "sdxl":
-        return (
-            *inputs,
-            torch.randn(n, facts.pooled_dim, device=dev, dtype=dtype),
-            torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * n, device=dev, dtype=dtype),
-        )
+        return (*inputs, torch.randn(n, facts.pooled_dim, device=dev, dtype=dtype), micro["time_ids"])
     if facts.family == "pixart":
         mask = torch.ones(n, facts.text_max_length, dtype=torch.long, device=dev)
         if _step_wrapper(source) is PixArtStep:
             return (*inputs, mask)
-        size = torch.tensor([[res.height, res.width]] * n, device=dev, dtype=dtype)
-        ratio = torch.tensor([[res.height / res.width]] * n, device=dev, dtype=dtype)
-        return (*inputs, mask, size, ratio)
+        return (*inputs, mask, micro["resolution"], micro["aspect_ratio"])
     return inputs
 
 

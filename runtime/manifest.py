@@ -68,6 +68,11 @@ class ModelFacts:
     latents_std: list[float] | None = None
     lowercase_prompts: bool = False  # PixArt-α's pipeline lowercases and strips prompts before tokenizing
 
+    def latent_shape(self, res: Resolution) -> tuple[int, int, int]:
+        """One image's latents at `res`: channels, height, width."""
+        f = self.vae_scale_factor
+        return self.latent_channels, res.height // f, res.width // f
+
 
 @dataclass
 class CompiledComponent:

@@ -126,7 +126,9 @@ class FastDiffPipeline:
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)  # so step() never searches the timesteps
         unet_timesteps = self.scheduler.timesteps.to(self.device, torch.float32)  # the package takes float32 scalars
-        latents = randn_tensor(self._latent_shape(n, res), generator=generator, device=self.device, dtype=self.dtype)
+        latents = randn_tensor(
+            (n, *self.manifest.model.latent_shape(res)), generator=generator, device=self.device, dtype=self.dtype
+        )
         latents = latents * self.scheduler.init_noise_sigma
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
@@ -149,7 +151,7 @@ class FastDiffPipeline:
         being imported."""
         res = self._resolution(None, None)
         guidance = self.manifest.model.default_guidance_scale > 1.0
-        latents = torch.zeros(self._latent_shape(1, res), device=self.device, dtype=self.dtype)
+        latents = torch.zeros((1, *self.manifest.model.latent_shape(res)), device=self.device, dtype=self.dtype)
         timestep = torch.tensor(999.0, device=self.device)
         for chunk, cond in self._conditioning([""], None, guidance, res, 1):
             self.unets[res.key](torch.cat([latents[chunk]] * 2) if guidance else latents[chunk], timestep, *cond)
@@ -162,7 +164,7 @@ class FastDiffPipeline:
         conditioning, and the micro-conditioning of SDXL or PixArt-α's 1024² models), split into the chunks of at
         most `batch_size` images the UNet was compiled for; with guidance each chunk is [negative rows, rows]."""
         text, neg_text = self.conditioner(prompts, negatives, guidance)
-        micro = _micro_conditioning(res, len(prompts), text["encoder_hidden_states"].dtype)
+        micro = micro_conditioning(res, len(prompts), text["encoder_hidden_states"].dtype)
         names = self.manifest.unet.inputs[2:]
 
         def rows(conditioning: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -179,11 +181,6 @@ class FastDiffPipeline:
             else:
                 chunks.append((chunk, tuple(c[chunk] for c in cond)))
         return chunks
-
-    def _latent_shape(self, n: int, res: Resolution) -> tuple[int, int, int, int]:
-        facts = self.manifest.model
-        f = facts.vae_scale_factor
-        return n, facts.latent_channels, res.height // f, res.width // f
 
     def _denoise(
         self,
@@ -279,7 +276,7 @@ def _check_call(prompts: list[str], steps: int, guidance_scale: float, per_promp
         raise FastDiffError(f"output_type {output_type!r} is not supported", f"use one of {', '.join(OUTPUT_TYPES)}")
 
 
-def _micro_conditioning(res: Resolution, rows: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def micro_conditioning(res: Resolution, rows: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The size conditioning, as diffusers computes it; each model takes the ones its denoiser was exported with.
     SDXL: original size = target size, no crop. PixArt-α: (height, width) and height / width."""
     return {
