@@ -119,14 +119,19 @@ def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
     return paths
 
 
-def _save_atomically(image, path: Path) -> None:
+def _save_atomically(image, path: Path, overwrite: bool) -> None:
+    """Write the image beside `path`, then put it there whole; without `overwrite`, only if the name is still free
+    (another run may have taken it while this one generated)."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent.absolute())
         os.close(fd)
         image.save(tmp)
         set_default_mode(Path(tmp))
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(Path(tmp), path)
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -134,6 +139,26 @@ def _save_atomically(image, path: Path) -> None:
             problem = f"cannot write {path}: {e.strerror or e}"
             raise FastDiffError(problem, "free space there, or choose another --out") from None
         raise
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path` unless `path` exists. A hard link fails on a taken name where a rename would replace it;
+    where the file system has no hard links, the name is checked just before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here (FAT, some network file systems)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+    else:
+        tmp.unlink()
+        return
+    raise FastDiffError(
+        f"{path} was created while this run generated (by another run?); it is not replaced",
+        "pass --overwrite, or choose another --out",
+    )
 
 
 @click.command(context_settings=CONTEXT)
@@ -205,7 +230,7 @@ def run_main(
     ).images
     done = time.perf_counter()
     for image, path in zip(images, paths, strict=True):
-        _save_atomically(image, path)
+        _save_atomically(image, path, overwrite)
         click.echo(f"wrote {path}", err=True)
     click.echo(f"seed {seed}, load {loaded - start:.2f} s, generate {done - loaded:.2f} s", err=True)
 

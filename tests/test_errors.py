@@ -464,16 +464,46 @@ def test_image_write_failure_is_reported_and_cleaned_up(tmp_path: Path, monkeypa
 
     image = PIL.Image.new("RGB", (8, 8))
     with pytest.raises(FastDiffError, match="cannot write .*gone"):
-        _save_atomically(image, tmp_path / "gone" / "img.png")
+        _save_atomically(image, tmp_path / "gone" / "img.png", overwrite=False)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(image, "save", disk_full)
     with pytest.raises(FastDiffError, match="No space left on device") as info:
-        _save_atomically(image, tmp_path / "img.png")
+        _save_atomically(image, tmp_path / "img.png", overwrite=False)
     assert "free space there" in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_an_image_made_meanwhile_is_not_replaced(
+    hard_links: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs writing the same --out at once both pass the check made before generating: without --overwrite the
+    second does not replace the first's image (with it, it does), on file systems with hard links or without."""
+    import errno
+
+    import PIL.Image
+
+    from fastdiff.runtime.cli import _save_atomically
+
+    if not hard_links:
+
+        def no_link(*args) -> None:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+        monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / "img.png"
+    path.write_bytes(b"the other run's image")
+    with pytest.raises(FastDiffError, match="was created while this run generated"):
+        _save_atomically(PIL.Image.new("RGB", (8, 8)), path, overwrite=False)
+    assert path.read_bytes() == b"the other run's image"
+    assert list(tmp_path.iterdir()) == [path]
+    _save_atomically(PIL.Image.new("RGB", (8, 8)), tmp_path / "new.png", overwrite=False)
+    _save_atomically(PIL.Image.new("RGB", (8, 8)), path, overwrite=True)
+    assert PIL.Image.open(path).size == PIL.Image.open(tmp_path / "new.png").size == (8, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "new.png"]
 
 
 def test_out_in_missing_folder(tiny_artifact: Path, tmp_path: Path) -> None:
