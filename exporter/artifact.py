@@ -1,11 +1,17 @@
 """Writing an artifact: built in a hidden temporary folder beside the target and renamed into place when complete.
 
 A failed or interrupted export leaves nothing behind, and an existing artifact is only replaced (with
-`overwrite`) once its replacement is complete.
+`overwrite`) once its replacement is complete. An export killed outright (SIGKILL, the OOM killer, a power cut) cannot
+clean up: its hidden folder keeps an exclusive lock file beside it while the export runs, and the next export to the
+same target removes the folders whose lock no process holds.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -20,6 +26,8 @@ from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.files import set_default_mode
 from fastdiff.runtime.manifest import MANIFEST_NAME, Manifest, describe_files, is_artifact
 from fastdiff.runtime.weights import to_storage_layout
+
+from .progress import log
 
 
 def check_target(out: Path, overwrite: bool) -> None:
@@ -58,12 +66,14 @@ class ArtifactWriter:
     def __init__(self, out: Path, overwrite: bool = False) -> None:
         self.out = Path(out).absolute()
         self.overwrite = overwrite
+        _remove_killed_exports(self.out)  # first: one may have moved the artifact at `out` aside
         check_target(self.out, self.overwrite)
         missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             # Not mkdtemp, which makes the folder private: the artifact keeps the umask's permissions.
             self.root = self.out.with_name(f".{self.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            self._lock = _create_locked(_lock_path(self.root))  # before the folder: no folder without a held lock
             self.root.mkdir()
         except OSError as e:
             _remove_empty(missing)
@@ -76,7 +86,8 @@ class ArtifactWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)  # after commit() it no longer exists
+        _discard(self.root, self.out)  # after commit() it no longer exists, or holds the old artifact
+        _unlock(self._lock, _lock_path(self.root))
         if exc_type is not None:
             _remove_empty(self._created)
 
@@ -102,14 +113,100 @@ class ArtifactWriter:
         manifest.files = describe_files(self.root)
         manifest.write(self.root)
         check_target(self.out, self.overwrite)
-        if self.out.exists():  # --overwrite: swap, then drop the old one
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(old)
+        if not self.out.exists():
             self.root.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        elif not _exchange(self.root, self.out):  # --overwrite: the old artifact is now at self.root, removed on exit
+            # Where the filesystem cannot swap two folders in one step: two renames, the old artifact moved aside
+            # under this export's lock, so an export killed between them leaves it to be put back (_discard).
+            self.out.rename(_old_path(self.root))
             self.root.rename(self.out)
+            shutil.rmtree(_old_path(self.root), ignore_errors=True)
         return self.out
+
+
+def _lock_path(root: Path) -> Path:
+    return root.with_name(root.name + ".lock")
+
+
+def _old_path(root: Path) -> Path:
+    return root.with_name(root.name + ".old")
+
+
+def _create_locked(path: Path) -> int | None:
+    """Create the file `path` with an exclusive lock on it, held until _unlock: made under another name and renamed,
+    so that no other export can take the lock first. None where the filesystem has no locks (nothing is cleaned)."""
+    new = path.with_name(path.name + ".new")
+    fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        new.unlink()
+        return None
+    new.rename(path)
+    return fd
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive lock on the existing file `path`; None if another process holds it, it is gone or not ours."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int | None, path: Path) -> None:
+    path.unlink(missing_ok=True)  # while still locked: no other export takes a lock on a file about to go
+    if fd is not None:
+        os.close(fd)
+
+
+def _discard(root: Path, out: Path) -> bool:
+    """Remove an export's partial folder `root`; if it had moved the artifact it replaces aside and did not put its own
+    in place (killed, or failed, between the two renames), put the old one back. True if anything was there."""
+    old = _old_path(root)
+    if old.is_dir() and not out.exists():
+        old.rename(out)
+        log(f"put back {out.name}, which an export had moved aside to replace it")
+    found = False
+    for folder in (root, old):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            found = True
+    return found
+
+
+def _remove_killed_exports(out: Path) -> None:
+    """Remove what exports to `out` killed outright left beside it (the folders whose lock no process holds)."""
+    for lock_path in out.parent.glob(glob.escape(f".{out.name}.partial-") + "*.lock"):
+        fd = _lock(lock_path)
+        if fd is None:  # an export still running
+            continue
+        root = lock_path.with_name(lock_path.name.removesuffix(".lock"))
+        if _discard(root, out):
+            log(f"removed {root.name}, left beside {out.name} by an export that was killed")
+        _unlock(fd, lock_path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 RENAME_EXCHANGE); False where the C library or the filesystem
+    cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -79,7 +79,10 @@ def export_artifact(options: ExportOptions) -> Path:
             unet = _step_wrapper(source)(
                 apply_passes(source.denoiser.to(options.device), options.passes, options.quantize_linears)
             ).eval()
-            vae = VAEDecode(apply_passes(pipe.vae.to(options.device, vae_dtype), vae_passes)).eval()
+            vae = pipe.vae.to(options.device)
+            if vae.dtype != vae_dtype:  # diffusers' VAE warns at any .to(dtype), even one that changes nothing
+                vae = vae.to(vae_dtype)
+            vae = VAEDecode(apply_passes(vae, vae_passes)).eval()
 
         n, dev, dtype = options.batch_size, options.device, torch_dtype(options.dtype)
         unet_cases = {res.key: _unet_inputs(source, facts, res, options) for res in options.resolutions}

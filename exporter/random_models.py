@@ -418,7 +418,9 @@ def build_random_checkpoint(
     try:
         with torch.device(device):  # random init of a 2.6B-parameter UNet is much faster on a GPU
             pipe = _build_pipeline(arch, seed)
-        pipe.to(dtype=dtype).save_pretrained(tmp, safe_serialization=True)
+        if dtype != torch.float32:  # built in fp32; diffusers warns at any .to(dtype), even one that changes nothing
+            pipe.to(dtype=dtype)
+        pipe.save_pretrained(tmp, safe_serialization=True)
         for folder in ("tokenizer", "tokenizer_2") if arch.get("family") != "pixart" else ():
             if (tmp / folder).is_dir():
                 _write_vocab_files(tmp / folder)

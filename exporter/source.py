@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import diffusers
@@ -103,7 +104,11 @@ def _load(load, location: str, **kwargs):
     level = diffusers.logging.get_verbosity()
     diffusers.logging.set_verbosity(logging.ERROR)
     try:
-        return load(location, **kwargs)
+        with warnings.catch_warnings():
+            # diffusers 0.42 renamed torch_dtype to dtype; older versions, which the requirement allows, know only
+            # torch_dtype (and would ignore dtype), so the export passes it and hides the rename's FutureWarning.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            return load(location, **kwargs)
     except Exception as e:
         if _not_cached_offline(e):
             raise FastDiffError(

@@ -124,6 +124,7 @@ def tiny_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
     res_args = [a for r in EXPORT_RESOLUTIONS for a in ("--res", r)]
     proc = run_cli("fastdiff-export", "tiny-sdxl", *res_args, "--batch-size", "2", "--device", "cpu", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
+    (out.parent / "export-console.txt").write_text(proc.stderr)  # for the tests of what the export prints
     return out
 
 

@@ -126,6 +126,13 @@ def test_run_jpeg(tiny_artifact: Path, tmp_path: Path) -> None:
         assert (image.format, image.size) == ("JPEG", (96, 64))
 
 
+def test_export_console_has_no_warnings_of_the_exporters_own_calls(tiny_artifact: Path) -> None:
+    console = (tiny_artifact.parent / "export-console.txt").read_text()
+    assert "[fastdiff-export] hashing files and writing the manifest: done" in console
+    assert "torch_dtype" not in console  # diffusers 0.42's rename of the argument the export passes
+    assert "should be kept in float32" not in console  # diffusers' warning at any .to(dtype) of a model
+
+
 def test_inspect(tiny_artifact: Path) -> None:
     proc = run_cli("fastdiff-inspect", str(tiny_artifact))
     assert proc.returncode == 0, proc.stderr

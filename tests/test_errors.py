@@ -681,6 +681,14 @@ def test_export_fp8_on_cpu(exports: Path) -> None:
     assert list(exports.iterdir()) == []
 
 
+def wait_for_partial_folder(proc: subprocess.Popen, folder: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not any(".partial-" in p.name and p.is_dir() for p in folder.iterdir()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.2)
+    time.sleep(1)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_export_stopped_midway_leaves_nothing(exports: Path, signum: int) -> None:
     """Stopped while it writes (Ctrl-C, or a service manager's SIGTERM): the partial folder goes, the exit code says
@@ -691,11 +699,7 @@ def test_export_stopped_midway_leaves_nothing(exports: Path, signum: int) -> Non
     code = "import sys; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()"
     args = ["tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not any(".partial-" in p.name for p in exports.iterdir()) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the export never started writing"
-        time.sleep(0.2)
-    time.sleep(1)
+    wait_for_partial_folder(proc, exports)
     proc.send_signal(signum)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signum, stderr
@@ -862,6 +866,107 @@ def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: P
                 writer.commit(read_manifest(tiny_artifact))
         assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in exports.iterdir()) == ["out-False", "out-True"]  # no partial folder left
+
+
+def test_the_next_export_removes_what_an_export_killed_outright_left(
+    exports: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL (the OOM killer, a power cut) leaves no chance to clean up: the partial folder stays, beside its lock
+    file, until the next export to the same --out finds that no process holds the lock."""
+    import sys
+
+    from fastdiff.exporter.artifact import ArtifactWriter
+
+    code = "import sys; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()"
+    args = ["tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(exports / "a")]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.DEVNULL)
+    wait_for_partial_folder(proc, exports)
+    proc.kill()
+    proc.wait()
+    left = sorted(p.name for p in exports.iterdir())
+    assert len(left) == 2 and left[1] == left[0] + ".lock", left
+    with ArtifactWriter(exports / "b"):  # another target's export leaves it
+        pass
+    assert sorted(p.name for p in exports.iterdir()) == left
+    with ArtifactWriter(exports / "a"):
+        pass
+    assert list(exports.iterdir()) == []
+    assert f"removed {left[0]}, left beside a by an export that was killed" in capsys.readouterr().err
+
+
+def test_partial_folders_of_running_exports_are_kept(exports: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastdiff.exporter.artifact import ArtifactWriter
+
+    unlocked = exports / ".a.partial-1-0123abcd"  # no lock file: another tool's, or an older fastdiff's
+    unlocked.mkdir()
+    with ArtifactWriter(exports / "a") as running:
+        (running.root / "unet").mkdir()
+        with ArtifactWriter(exports / "a"):
+            assert (running.root / "unet").is_dir()
+    assert [p.name for p in exports.iterdir()] == [unlocked.name]
+    assert "removed" not in capsys.readouterr().err
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from fastdiff.exporter import artifact
+from fastdiff.runtime import read_manifest
+
+out, manifest = Path(sys.argv[1]), read_manifest(sys.argv[2])
+artifact._exchange = lambda a, b: False  # a filesystem that cannot swap two folders in one step
+rename = Path.rename
+
+
+def killed_before_the_second(self, target):
+    if Path(target) == out:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(self, target)
+
+
+Path.rename = killed_before_the_second
+with artifact.ArtifactWriter(out, overwrite=True) as writer:
+    writer.path("unet/weights.safetensors").write_bytes(b"new")
+    writer.commit(manifest)
+"""
+
+
+def test_an_artifact_moved_aside_by_a_killed_overwrite_is_put_back(
+    tiny_artifact: Path, exports: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where --overwrite needs two renames, an export killed between them has moved the old artifact aside: the next
+    export to that --out puts it back before it checks the target."""
+    import sys
+
+    from fastdiff.exporter.artifact import ArtifactWriter
+
+    art = copy_artifact(tiny_artifact, exports)
+    before = tree(art)
+    proc = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(art), str(tiny_artifact)])
+    assert proc.returncode == -signal.SIGKILL
+    assert not art.exists() and len(list(exports.glob(".art.partial-*.old"))) == 1
+    with pytest.raises(FastDiffError, match="already exists"):
+        ArtifactWriter(art)
+    assert tree(art) == before and list(exports.iterdir()) == [art]
+    assert "put back art, which an export had moved aside to replace it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("one_step", [True, False], ids=["exchange", "two-renames"])
+def test_overwrite_replaces_the_artifact_and_leaves_nothing_beside_it(
+    tiny_artifact: Path, exports: Path, monkeypatch: pytest.MonkeyPatch, one_step: bool
+) -> None:
+    from fastdiff.exporter import artifact
+
+    exchanges = []
+    exchange = artifact._exchange if one_step else lambda a, b: False
+    monkeypatch.setattr(artifact, "_exchange", lambda a, b: exchanges.append(exchange(a, b)) or exchanges[-1])
+    art = copy_artifact(tiny_artifact, exports)
+    with artifact.ArtifactWriter(art, overwrite=True) as writer:
+        writer.path("unet/weights.safetensors").write_bytes(b"new")
+        writer.commit(read_manifest(tiny_artifact))
+    assert exchanges == [one_step]  # this filesystem swaps folders in one step (Linux's renameat2)
+    assert tree(art) == {"unet/weights.safetensors": b"new", MANIFEST_NAME: (art / MANIFEST_NAME).read_bytes()}
+    assert list(exports.iterdir()) == [art]
 
 
 def test_session_artifact_untouched(tiny_artifact: Path) -> None:
