@@ -11,6 +11,8 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
+import shutil
 import sys
 import weakref
 from collections.abc import Mapping
@@ -72,6 +74,7 @@ class CompiledModule:
         try:
             self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index)
         except Exception as e:  # the loader reports damaged archives and foreign binaries as RuntimeError
+            _remove_extraction(str(e))
             raise FastDiffError(
                 f"cannot load compiled package {path}: {str(e).splitlines()[0]}",
                 "the artifact is damaged or was built elsewhere: run fastdiff-inspect --verify, or export again",
@@ -90,6 +93,13 @@ class CompiledModule:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         outputs = self._loader.run(list(inputs))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _remove_extraction(error: str) -> None:
+    """A loader that failed leaves the folder it extracted the package into (only a loader that was made deletes its
+    own); its error names it when the package's library cannot be opened (a damaged or foreign binary)."""
+    if match := re.search(r"(/\S*/aotinductor_\w{6})/", error):
+        shutil.rmtree(match.group(1), ignore_errors=True)
 
 
 class CUDAGraphModule:

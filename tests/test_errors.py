@@ -281,6 +281,26 @@ def test_damaged_package(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_clean_error(run(art, tmp_path, "--res", "64"), "cannot load compiled package")
 
 
+def test_package_with_a_damaged_library_leaves_no_extraction(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package whose compiled library cannot be opened: refused, and the folder torch extracted it into is gone."""
+    import zipfile
+
+    from fastdiff.runtime.packages import CompiledModule
+
+    package = tmp_path / "64x64.pt2"
+    with zipfile.ZipFile(tiny_artifact / "vae_decoder" / "64x64.pt2") as src, zipfile.ZipFile(package, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, b"not a library" if info.filename.endswith(".so") else src.read(info))
+    extractions = tmp_path / "tmp"
+    extractions.mkdir()
+    monkeypatch.setenv("TMPDIR", str(extractions))  # where torch extracts packages
+    with pytest.raises(FastDiffError, match="cannot load compiled package .*64x64.pt2: Error in dlopen"):
+        CompiledModule(package, {}, torch.device("cpu"))
+    assert list(extractions.iterdir()) == []
+
+
 def test_tokenizer_without_padding(tiny_artifact: Path, tmp_path: Path) -> None:
     """A tokenizer.json that does not pad to the compiled text length (an older artifact, or an edited one) would feed
     the compiled encoders the wrong shape: refused at load."""
