@@ -73,6 +73,11 @@
 # Session M (STEPS="gpu-tests sdxl-fp8 sdxl-coldstart pixart-fp8 pixart-seed sd15-fp8 sd15-seed", deadlines 840 s):
 # six exports 7-8.3 min, the GPU tests 13.7 min, PixArt-α's recipe compile 12 min from an empty cache (SD 1.5's then
 # stopped by the deadline), pixart-seed 2.2 min, cold starts 3.9 min, sdxl-fp8 and sd15-fp8 1.5 min; 22 min in all.
+# Session N (STEPS="gpu-tests sd15-seed ssd-1b-seed attention-probe sdxl-coldstart", deadlines 840 s): three exports
+# 6.3-7.8 min, the GPU tests 12.5 min, SD 1.5's recipe compile (from session M's pack) stopped by the deadline after
+# 32 more autotunings, then 8 min alone by hand: its UNet compiled, its coordinate descent (run at each kernel's first
+# launch, in the CUDA graph's warm-up) still running; SSD-1B's never started. Cold starts 3.5 min, attention probes
+# 1.8 min; 20 min in all. Next: the seed steps alone (no gpu-tests, no other exports beside their compiles).
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
