@@ -23,6 +23,8 @@ from common import summary, write_results
 CHILD_FASTDIFF = """
 import json, sys, time
 t0 = time.time()
+from fastdiff.runtime import prefetch
+prefetch(sys.argv[2])  # as fastdiff-run does, and the README asks of a server: the disk reads beside torch's import
 import torch
 from fastdiff.runtime import load_pipeline
 t1 = time.time()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the same names for type checkers and editors (re-exported: 
     from .manifest import read_manifest as read_manifest
     from .pipeline import FastDiffPipeline as FastDiffPipeline
     from .pipeline import FastDiffPipelineOutput as FastDiffPipelineOutput
+    from .readahead import prefetch as prefetch
     from .resolution import Resolution as Resolution
     from .resolution import parse_resolution as parse_resolution
 
@@ -33,6 +34,7 @@ _SOURCES = {
     "Resolution": ".resolution",
     "load_pipeline": ".loader",
     "parse_resolution": ".resolution",
+    "prefetch": ".readahead",
     "read_manifest": ".manifest",
 }
 __all__ = sorted(_SOURCES)

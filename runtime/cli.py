@@ -1,4 +1,8 @@
-"""`fastdiff-run` (generate images from an artifact) and `fastdiff-inspect` (summarise and verify one)."""
+"""`fastdiff-run` (generate images from an artifact) and `fastdiff-inspect` (summarise and verify one).
+
+Both import torch (seconds) when they run, inside clean_errors, so that a Ctrl-C during the import ends them as one
+later does; fastdiff-run starts reading the artifact from disk first (readahead.prefetch).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,17 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from .errors import FastDiffError
 from .files import set_default_mode
+from .readahead import prefetch
 from .resolution import parse_resolution
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 
 def exit_interrupted(message: str, code: int = 130) -> NoReturn:
@@ -24,11 +32,6 @@ def exit_interrupted(message: str, code: int = 130) -> NoReturn:
     click.echo(message, err=True)
     sys.exit(code)
 
-
-try:  # imports torch (seconds, before any command runs): a Ctrl-C there ends the command as one later does
-    from .manifest import Manifest, check_files, read_manifest
-except KeyboardInterrupt:
-    exit_interrupted("interrupted")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -206,12 +209,14 @@ def run_main(
     """Generate images from an ARTIFACT folder written by fastdiff-export. Nothing is compiled."""
     import time
 
+    paths = _output_paths(out, num_images, overwrite)
+    size = parse_resolution(res) if res else None
+    prefetch(artifact, size)
+
     import torch
 
     from .loader import load_pipeline
 
-    paths = _output_paths(out, num_images, overwrite)
-    size = parse_resolution(res) if res else None
     start = time.perf_counter()
     pipe = load_pipeline(artifact, device=device, resolutions=[size] if size else None)
     loaded = time.perf_counter()
@@ -242,6 +247,8 @@ def run_main(
 def inspect_main(artifact: Path, verify: bool) -> None:
     """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here (exit code 1 if
     not, or if --verify finds a file that does not match)."""
+    from .manifest import check_files, read_manifest
+
     manifest = read_manifest(artifact)
     total = sum(f["size"] for f in manifest.files.values())
     lines = [

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from .errors import FastDiffError
+from .files import MANIFEST_NAME
 from .resolution import Resolution, parse_resolution
 
 FORMAT = "fastdiff-artifact"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -213,36 +213,63 @@ def test_export_command_imports_no_model_code_before_it_runs() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize(
-    ("entry_point", "interrupted_import", "message"),
-    [
-        ("fastdiff.runtime.cli:run_main", "torch", "interrupted"),
-        ("fastdiff.runtime.cli:inspect_main", "torch", "interrupted"),
-        ("fastdiff.exporter.cli:main", "torch", "interrupted"),  # the runtime's, which comes first
-        ("fastdiff.exporter.cli:main", "fastdiff.exporter.passes", "interrupted: nothing was written"),
-    ],
-)
-def test_ctrl_c_while_a_command_imports(entry_point: str, interrupted_import: str, message: str) -> None:
-    """Ctrl-C in the seconds a command spends importing torch and the rest ends it like a Ctrl-C later: a line, exit
-    130, no traceback. The console script's own first line (`from MODULE import FUNCTION`) is what gets interrupted,
-    so the package and the command's module must import torch inside their own handling; the interrupt is raised
-    where a module's import starts (an import finder), as a real Ctrl-C would raise it anywhere in there."""
+def run_interrupted_at_import(entry_point: str, module_name: str, *args: str, record: str = "") -> str:
+    """Run a console script's function in a fresh interpreter, with Ctrl-C raised where `module_name`'s import starts
+    (an import finder), as a real Ctrl-C would raise it anywhere in there, after running the code `record` there;
+    asserts the command ended as on a Ctrl-C later (a line, exit 130, no traceback) and returns that line."""
     import subprocess
     import sys
+    import textwrap
 
     module, function = entry_point.split(":")
     code = (
         "import sys\n"
         "class CtrlC:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name == {interrupted_import!r}:\n"
+        f"        if name == {module_name!r}:\n"
+        f"{textwrap.indent(record, ' ' * 12)}\n"
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, CtrlC())\n"
         f"from {module} import {function}\n"
         f"sys.exit({function}())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
-    assert (proc.returncode, proc.stderr) == (130, f"{message}\n"), proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("entry_point", "interrupted_import", "message"),
+    [
+        ("fastdiff.exporter.cli:main", "torch", "interrupted: nothing was written"),
+        ("fastdiff.exporter.cli:main", "fastdiff.exporter.passes", "interrupted: nothing was written"),
+    ],
+)
+def test_ctrl_c_while_the_export_command_imports(entry_point: str, interrupted_import: str, message: str) -> None:
+    """Ctrl-C in the seconds fastdiff-export spends importing torch and the rest, before it runs: the console
+    script's own first line (`from MODULE import FUNCTION`) is what gets interrupted, so the command's module must
+    import torch inside its own handling."""
+    assert run_interrupted_at_import(entry_point, interrupted_import, "--help") == f"{message}\n"
+
+
+@pytest.mark.parametrize(
+    ("entry_point", "args"),
+    [("fastdiff.runtime.cli:run_main", ["-p", PROMPT, "--out", "x.png"]), ("fastdiff.runtime.cli:inspect_main", [])],
+)
+def test_ctrl_c_while_a_runtime_command_imports_torch(entry_point: str, args: list[str], tmp_path: Path) -> None:
+    """fastdiff-run and fastdiff-inspect import torch when they run (fastdiff-run starts reading the artifact from
+    disk first): a Ctrl-C there ends them as one later does."""
+    args = [str(tmp_path / "artifact"), *(str(tmp_path / a) if a.endswith(".png") else a for a in args)]
+    assert run_interrupted_at_import(entry_point, "torch", *args) == "interrupted\n"
+
+
+def test_run_reads_the_artifact_from_disk_while_it_imports_torch(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Where the page cache does not hold the artifact, its files come in while fastdiff-run imports torch."""
+    record = "import threading; print([t.name for t in threading.enumerate()], file=sys.stderr)"
+    args = [str(tiny_artifact), "-p", PROMPT, "--res", "64", "--out", str(tmp_path / "x.png")]
+    stderr = run_interrupted_at_import("fastdiff.runtime.cli:run_main", "torch", *args, record=record)
+    assert "'fastdiff-prefetch'" in stderr.splitlines()[0], stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize(

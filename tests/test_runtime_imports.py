@@ -470,3 +470,28 @@ def test_other_threads_import_dynamo_during_a_load(tiny_artifact: Path) -> None:
 
 def test_extracted_packages_are_removed_at_exit(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_no_packages_left_at_exit(tiny_artifact, "cpu", tmp_path)
+
+
+def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifact: Path) -> None:
+    """fastdiff.runtime.prefetch, which a server calls before it imports torch, imports only the standard library and
+    reads the weights, then the packages of the resolutions to load, then the rest."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from fastdiff.runtime import prefetch
+        from fastdiff.runtime.readahead import files_to_prefetch
+
+        order = [p.relative_to(sys.argv[1]).as_posix() for p in files_to_prefetch(sys.argv[1], "64")]
+        prefetch(sys.argv[1], ["64"]).join()
+        print(json.dumps({"order": order, "torch": "torch" in sys.modules, "none": prefetch(sys.argv[1] + "-x")}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_artifact)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert not result["torch"] and result["none"] is None  # no manifest: nothing to read, the load says why
+    weights = ["unet", "vae_decoder", "text_encoder", "text_encoder_2"]
+    packages = ["unet/64x64.pt2", "vae_decoder/64x64.pt2", "text_encoder/77.pt2", "text_encoder_2/77.pt2"]
+    assert result["order"][:8] == [f"{w}/weights.safetensors" for w in weights] + packages
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert sorted(result["order"]) == sorted(rel for rel in manifest["files"] if not rel.endswith("96x64.pt2"))

@@ -1,0 +1,69 @@
+"""Reading an artifact's files from disk while the process still imports torch.
+
+Where the page cache does not hold the artifact (a fresh node, a new replica), its load reads gigabytes from disk
+after seconds of `import torch`; read from the program's first lines, they come in during the import. Imports only
+the standard library, so that it can run first (`fastdiff-run` does; a server calls `prefetch` before it imports
+torch). Measured on the 2-core CPU machine, a 3.2 GB file and `import torch` from a cold page cache: 6.6 s for the
+import, then the read; 4.2 s with the read started first on a thread (3.4 s with the file in the page cache).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import FastDiffError
+from .files import MANIFEST_NAME
+from .resolution import Resolution, parse_resolution
+
+CHUNK = 64 << 20  # bytes per read: few enough reads that the thread rarely waits for the GIL
+
+
+def files_to_prefetch(
+    artifact_dir: str | Path, resolutions: Iterable[str | int | Resolution] | None = None
+) -> list[Path]:
+    """The files a load of `artifact_dir` at `resolutions` (default: all) reads, in the order it reads them: the
+    weights, the UNet's and VAE decoder's packages for those resolutions, the text encoders' packages, then the small
+    files (tokenizers, scheduler). Empty if the folder has no readable manifest (the load reports why)."""
+    root = Path(artifact_dir)
+    if isinstance(resolutions, (str, int, Resolution)):  # one resolution, not an iterable of them
+        resolutions = [resolutions]
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+        listed, unet, vae = manifest["files"], manifest["unet"], manifest["vae_decoder"]
+        encoders = manifest["text_encoders"]
+        keys = None if resolutions is None else {parse_resolution(r).key for r in resolutions}
+        weights = [c["weights"] for c in (unet, vae, *encoders)]
+        packages = [rel for c in (unet, vae) for key, rel in c["packages"].items() if keys is None or key in keys]
+        packages += [rel for c in encoders for rel in c["packages"].values()]
+        every_package = {rel for c in (unet, vae, *encoders) for rel in c["packages"].values()}
+        rest = [rel for rel in listed if rel not in every_package and rel not in weights]
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, FastDiffError):
+        return []
+    return [root / rel for rel in dict.fromkeys(weights + packages + rest) if rel in listed]
+
+
+def prefetch(
+    artifact_dir: str | Path, resolutions: Iterable[str | int | Resolution] | None = None
+) -> threading.Thread | None:
+    """Start reading the files a load of `artifact_dir` at `resolutions` will read into the page cache, on a daemon
+    thread (returned; None if there is nothing to read). Errors are left to the load."""
+    paths = files_to_prefetch(artifact_dir, resolutions)
+    if not paths:
+        return None
+    thread = threading.Thread(target=_read, args=(paths,), name="fastdiff-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _read(paths: list[Path]) -> None:
+    buffer = bytearray(CHUNK)
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):  # releases the GIL while the disk reads
+                    pass
+        except OSError:
+            pass
