@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 EXPORT_RESOLUTIONS = ["64", "96x64"]  # width x height; the tiny VAE scales by 8
+EXPORT_CONSOLE = "tiny-export-console.txt"  # what the tiny artifact's export printed, in the session's temp folder
 
 
 ENTRY_POINTS = {
@@ -124,7 +125,7 @@ def tiny_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
     res_args = [a for r in EXPORT_RESOLUTIONS for a in ("--res", r)]
     proc = run_cli("fastdiff-export", "tiny-sdxl", *res_args, "--batch-size", "2", "--device", "cpu", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    (out.parent / "export-console.txt").write_text(proc.stderr)  # for the tests of what the export prints
+    (tmp_path_factory.getbasetemp() / EXPORT_CONSOLE).write_text(proc.stderr)  # for tests of what the export prints
     return out
 
 

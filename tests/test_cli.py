@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import run_cli
+from conftest import EXPORT_CONSOLE, run_cli
 
 from fastdiff.runtime import read_manifest
 from fastdiff.runtime.manifest import MANIFEST_NAME
@@ -126,8 +126,10 @@ def test_run_jpeg(tiny_artifact: Path, tmp_path: Path) -> None:
         assert (image.format, image.size) == ("JPEG", (96, 64))
 
 
-def test_export_console_has_no_warnings_of_the_exporters_own_calls(tiny_artifact: Path) -> None:
-    console = (tiny_artifact.parent / "export-console.txt").read_text()
+def test_export_console_has_no_warnings_of_the_exporters_own_calls(
+    tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    console = (tmp_path_factory.getbasetemp() / EXPORT_CONSOLE).read_text()
     assert "[fastdiff-export] hashing files and writing the manifest: done" in console
     assert "torch_dtype" not in console  # diffusers 0.42's rename of the argument the export passes
     assert "should be kept in float32" not in console  # diffusers' warning at any .to(dtype) of a model
