@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,10 @@ def compile_package(
     skipped = _SkippedAutotuneChoices()
     autotune_log.addFilter(skipped)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+        with warnings.catch_warnings():
+            # torch 2.11-2.13 warn of their own pytree deprecation when they pickle a graph's specs, once per compile
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     finally:
         autotune_log.removeFilter(skipped)
     return path
