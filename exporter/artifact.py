@@ -14,7 +14,9 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,13 +71,16 @@ class ArtifactWriter:
         _remove_killed_exports(self.out)  # first: one may have moved the artifact at `out` aside
         check_target(self.out, self.overwrite)
         missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
+        self._lock = None
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             # Not mkdtemp, which makes the folder private: the artifact keeps the umask's permissions.
-            self.root = self.out.with_name(f".{self.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            self.root = self.out.with_name(f"{_partial_prefix(self.out)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self._lock = _create_locked(_lock_path(self.root))  # before the folder: no folder without a held lock
             self.root.mkdir()
         except OSError as e:
+            if self._lock is not None:
+                _unlock(self._lock, _lock_path(self.root))
             _remove_empty(missing)
             raise FastDiffError(
                 f"cannot write to {self.out.parent}: {e.strerror}", "choose an --out in a writable folder"
@@ -86,8 +91,10 @@ class ArtifactWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        _discard(self.root, self.out)  # after commit() it no longer exists, or holds the old artifact
-        _unlock(self._lock, _lock_path(self.root))
+        try:
+            _discard(self.root, self.out)  # after commit() it no longer exists, or holds the old artifact
+        finally:
+            _unlock(self._lock, _lock_path(self.root))
         if exc_type is not None:
             _remove_empty(self._created)
 
@@ -113,15 +120,22 @@ class ArtifactWriter:
         manifest.files = describe_files(self.root)
         manifest.write(self.root)
         check_target(self.out, self.overwrite)
-        if not self.out.exists():
-            self.root.rename(self.out)
-        elif not _exchange(self.root, self.out):  # --overwrite: the old artifact is now at self.root, removed on exit
+        if not self.overwrite or not self.out.exists():
+            if not _rename2(self.root, self.out, RENAME_NOREPLACE):  # a plain rename where the filesystem cannot
+                self.root.rename(self.out)
+        elif not _rename2(self.root, self.out, RENAME_EXCHANGE):  # --overwrite: the old artifact is now at self.root
             # Where the filesystem cannot swap two folders in one step: two renames, the old artifact moved aside
             # under this export's lock, so an export killed between them leaves it to be put back (_discard).
             self.out.rename(_old_path(self.root))
             self.root.rename(self.out)
-            shutil.rmtree(_old_path(self.root), ignore_errors=True)
+            _remove(_old_path(self.root))
         return self.out
+
+
+def _partial_prefix(out: Path) -> str:
+    # The host's name in it: an export cleans up only after its own host's exports, whose locks it can test even where
+    # a network filesystem keeps locks local to each host (NFS mounted with local_lock, say).
+    return f".{out.name}.partial-{socket.gethostname()}-"
 
 
 def _lock_path(root: Path) -> Path:
@@ -167,46 +181,65 @@ def _unlock(fd: int | None, path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> bool:
+    """Remove a folder, or the link that stands for one (an --out that was a symlink to an artifact); True if there was
+    one."""
+    if path.is_symlink():
+        path.unlink()
+        return True
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    return False
+
+
 def _discard(root: Path, out: Path) -> bool:
-    """Remove an export's partial folder `root`; if it had moved the artifact it replaces aside and did not put its own
-    in place (killed, or failed, between the two renames), put the old one back. True if anything was there."""
+    """Remove an export's partial folder `root`, and the artifact it replaced if it had moved that aside (killed, or
+    failed, between the two renames): put back if nothing is at `out`, kept if something other than an artifact is
+    there now. True if anything was there."""
     old = _old_path(root)
     if old.is_dir() and not out.exists():
         old.rename(out)
         log(f"put back {out.name}, which an export had moved aside to replace it")
-    found = False
-    for folder in (root, old):
-        if folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
-            found = True
-    return found
+    elif old.is_dir() and not is_artifact(out):
+        log(f"{out} is not the artifact an export replaced; that one is kept at {old}")
+        old = None
+    return any([_remove(root), old is not None and _remove(old)])
 
 
 def _remove_killed_exports(out: Path) -> None:
-    """Remove what exports to `out` killed outright left beside it (the folders whose lock no process holds)."""
-    for lock_path in out.parent.glob(glob.escape(f".{out.name}.partial-") + "*.lock"):
-        fd = _lock(lock_path)
-        if fd is None:  # an export still running
+    """Remove what exports from this host to `out` killed outright left beside it (the folders whose lock no process
+    holds)."""
+    name = re.compile(re.escape(_partial_prefix(out)) + r"\d+-[0-9a-f]{8}\.lock")
+    for lock_path in out.parent.glob(glob.escape(_partial_prefix(out)) + "*.lock"):
+        if not name.fullmatch(lock_path.name) or (fd := _lock(lock_path)) is None:  # another host's, or running
             continue
         root = lock_path.with_name(lock_path.name.removesuffix(".lock"))
-        if _discard(root, out):
-            log(f"removed {root.name}, left beside {out.name} by an export that was killed")
-        _unlock(fd, lock_path)
+        try:
+            if _discard(root, out):
+                log(f"removed {root.name}, left beside {out.name} by an export that was killed")
+        finally:
+            _unlock(fd, lock_path)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux's renameat2 RENAME_EXCHANGE); False where the C library or the filesystem
-    cannot."""
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _rename2(source: Path, target: Path, flag: int) -> bool:
+    """Linux's renameat2: RENAME_NOREPLACE fails if `target` exists (FastDiffError), RENAME_EXCHANGE swaps the two in
+    one step. False where the C library or the filesystem cannot (the caller renames as it can)."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), flag) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
-    raise OSError(code, os.strerror(code), str(b))
+    if code == errno.EEXIST:
+        check_target(target, overwrite=False)  # raises: it appeared since the check
+    raise OSError(code, os.strerror(code), str(target))
 
 
 def _remove_empty(folders: list[Path]) -> None:

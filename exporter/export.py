@@ -80,7 +80,7 @@ def export_artifact(options: ExportOptions) -> Path:
                 apply_passes(source.denoiser.to(options.device), options.passes, options.quantize_linears)
             ).eval()
             vae = pipe.vae.to(options.device)
-            if vae.dtype != vae_dtype:  # diffusers' VAE warns at any .to(dtype), even one that changes nothing
+            if {p.dtype for p in vae.parameters()} != {vae_dtype}:  # diffusers warns at any .to(dtype), even a no-op
                 vae = vae.to(vae_dtype)
             vae = VAEDecode(apply_passes(vae, vae_passes)).eval()
 

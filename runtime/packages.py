@@ -98,8 +98,11 @@ class CompiledModule:
 def _remove_extraction(error: str) -> None:
     """A loader that failed leaves the folder it extracted the package into (only a loader that was made deletes its
     own); its error names it when the package's library cannot be opened (a damaged or foreign binary)."""
-    if match := re.search(r"(/\S*/aotinductor_\w{6})/", error):
-        shutil.rmtree(match.group(1), ignore_errors=True)
+    match = re.search(r"(/\S*/aotinductor_\w{6})/", error)
+    folder = match and Path(match.group(1))
+    temp_dirs = {Path(os.environ.get("TMPDIR") or "/tmp"), Path("/tmp")}  # torch 2.11 extracts to /tmp regardless
+    if folder and folder.parent in temp_dirs and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class CUDAGraphModule:

@@ -40,9 +40,15 @@ def files_to_prefetch(
         packages += [rel for c in encoders for rel in c["packages"].values()]
         every_package = {rel for c in (unet, vae, *encoders) for rel in c["packages"].values()}
         rest = [rel for rel in listed if rel not in every_package and rel not in weights]
+        ordered = [rel for rel in dict.fromkeys(weights + packages + rest) if _inside(rel) and rel in listed]
     except (OSError, ValueError, LookupError, TypeError, AttributeError, FastDiffError):
         return []
-    return [root / rel for rel in dict.fromkeys(weights + packages + rest) if rel in listed]
+    return [path for path in (root / rel for rel in ordered) if path.is_file()]
+
+
+def _inside(rel: object) -> bool:
+    """A path in the artifact folder: a damaged manifest must not send the reads elsewhere (/dev/zero, a FIFO)."""
+    return isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
 def prefetch(

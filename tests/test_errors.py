@@ -193,8 +193,9 @@ def test_manifest_missing_or_bad_key(tiny_artifact: Path, tmp_path: Path, edit, 
         (lambda d: d.pop("unet"), "'unet' is missing"),
         (lambda d: d["device"].pop("type"), "device.type is missing"),
         (lambda d: d["files"][UNET_WEIGHTS].pop("sha256"), f"files entry {UNET_WEIGHTS}"),
+        (lambda d: d["unet"].update(weights=[UNET_WEIGHTS]), "unet.weights is not a string"),  # read ahead first
     ],
-    ids=["no-unet", "no-device-type", "no-file-sha256"],
+    ids=["no-unet", "no-device-type", "no-file-sha256", "weights-not-a-string"],
 )
 def test_manifest_missing_key_cli(tiny_artifact: Path, tmp_path: Path, edit, phrase: str) -> None:
     art = copy_artifact(tiny_artifact, tmp_path)
@@ -296,8 +297,9 @@ def test_package_with_a_damaged_library_leaves_no_extraction(
     extractions = tmp_path / "tmp"
     extractions.mkdir()
     monkeypatch.setenv("TMPDIR", str(extractions))  # where torch extracts packages
-    with pytest.raises(FastDiffError, match="cannot load compiled package .*64x64.pt2: Error in dlopen"):
+    with pytest.raises(FastDiffError, match="cannot load compiled package .*64x64.pt2: Error in dlopen") as error:
         CompiledModule(package, {}, torch.device("cpu"))
+    assert f"{extractions}/aotinductor_" in str(error.value)  # torch extracted it there
     assert list(extractions.iterdir()) == []
 
 
@@ -919,11 +921,15 @@ def test_partial_folders_of_running_exports_are_kept(exports: Path, capsys: pyte
 
     unlocked = exports / ".a.partial-1-0123abcd"  # no lock file: another tool's, or an older fastdiff's
     unlocked.mkdir()
+    other_host = exports / ".a.partial-elsewhere-1-0123abcd"  # its lock may be one this host cannot see (NFS)
+    other_host.mkdir()
+    other_host.with_name(other_host.name + ".lock").touch()
     with ArtifactWriter(exports / "a") as running:
         (running.root / "unet").mkdir()
         with ArtifactWriter(exports / "a"):
             assert (running.root / "unet").is_dir()
-    assert [p.name for p in exports.iterdir()] == [unlocked.name]
+    left = sorted(p.name for p in exports.iterdir())
+    assert left == sorted([unlocked.name, other_host.name, other_host.name + ".lock"])
     assert "removed" not in capsys.readouterr().err
 
 
@@ -934,7 +940,7 @@ from fastdiff.exporter import artifact
 from fastdiff.runtime import read_manifest
 
 out, manifest = Path(sys.argv[1]), read_manifest(sys.argv[2])
-artifact._exchange = lambda a, b: False  # a filesystem that cannot swap two folders in one step
+artifact._rename2 = lambda source, target, flag: False  # a filesystem without renameat2's flags
 rename = Path.rename
 
 
@@ -977,16 +983,55 @@ def test_overwrite_replaces_the_artifact_and_leaves_nothing_beside_it(
 ) -> None:
     from fastdiff.exporter import artifact
 
-    exchanges = []
-    exchange = artifact._exchange if one_step else lambda a, b: False
-    monkeypatch.setattr(artifact, "_exchange", lambda a, b: exchanges.append(exchange(a, b)) or exchanges[-1])
+    if one_step and not _swaps_in_one_step(exports):
+        pytest.skip("this filesystem cannot swap two folders in one step (renameat2 RENAME_EXCHANGE)")
+    calls = []
+    rename2 = artifact._rename2 if one_step else lambda source, target, flag: False
+    monkeypatch.setattr(artifact, "_rename2", lambda *a: calls.append((a[2], rename2(*a))) or calls[-1][1])
     art = copy_artifact(tiny_artifact, exports)
     with artifact.ArtifactWriter(art, overwrite=True) as writer:
         writer.path("unet/weights.safetensors").write_bytes(b"new")
         writer.commit(read_manifest(tiny_artifact))
-    assert exchanges == [one_step]  # this filesystem swaps folders in one step (Linux's renameat2)
+    assert calls == [(artifact.RENAME_EXCHANGE, one_step)]
     assert tree(art) == {"unet/weights.safetensors": b"new", MANIFEST_NAME: (art / MANIFEST_NAME).read_bytes()}
     assert list(exports.iterdir()) == [art]
+
+
+def _swaps_in_one_step(folder: Path) -> bool:
+    from fastdiff.exporter.artifact import RENAME_EXCHANGE, _rename2
+
+    a, b = folder / "a", folder / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return _rename2(a, b, RENAME_EXCHANGE)
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
+def test_a_target_made_just_before_the_rename_is_kept(
+    tiny_artifact: Path, exports: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --overwrite, a folder made at --out after the last check, just before the artifact is put in place, is
+    not replaced (renameat2 RENAME_NOREPLACE where the filesystem has it)."""
+    from fastdiff.exporter import artifact
+
+    out = exports / "out"
+    check_target = artifact.check_target
+
+    def then_made(target: Path, overwrite: bool) -> None:
+        check_target(target, overwrite)
+        if target == out and not target.exists() and any(exports.glob(".out.partial-*/manifest.json")):
+            target.mkdir()
+            (target / "mine.txt").write_text("made meanwhile")
+
+    monkeypatch.setattr(artifact, "check_target", then_made)
+    with pytest.raises(FastDiffError, match="already exists"):
+        with artifact.ArtifactWriter(out) as writer:
+            writer.path("unet/weights.safetensors").write_bytes(b"new")
+            writer.commit(read_manifest(tiny_artifact))
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and list(exports.iterdir()) == [out]
 
 
 def test_session_artifact_untouched(tiny_artifact: Path) -> None:

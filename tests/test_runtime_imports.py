@@ -495,3 +495,21 @@ def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifa
     assert result["order"][:8] == [f"{w}/weights.safetensors" for w in weights] + packages
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
     assert sorted(result["order"]) == sorted(rel for rel in manifest["files"] if not rel.endswith("96x64.pt2"))
+
+
+def test_prefetch_reads_nothing_outside_the_artifact(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A damaged manifest (paths out of the folder, a device, values of the wrong type) reads nothing it names outside
+    the artifact, and raises nothing: the load reports the damage."""
+    from fastdiff.runtime.readahead import files_to_prefetch
+
+    art = Path(shutil.copytree(tiny_artifact, tmp_path / "art"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    (tmp_path / "outside").write_bytes(b"x")
+    entry = {"size": 1, "sha256": "0" * 64}
+    manifest["files"].update({"/dev/zero": entry, "../outside": entry, str(tmp_path / "outside"): entry})
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    listed = files_to_prefetch(art)
+    assert listed and all(path.resolve().is_relative_to(art.resolve()) for path in listed)
+    manifest["unet"]["weights"] = ["unet/weights.safetensors"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert files_to_prefetch(art) == []
