@@ -2,8 +2,8 @@
 
 A failed or interrupted export leaves nothing behind, and an existing artifact is only replaced (with
 `overwrite`) once its replacement is complete. An export killed outright (SIGKILL, the OOM killer, a power cut) cannot
-clean up: its hidden folder keeps an exclusive lock file beside it while the export runs, and the next export to the
-same target removes the folders whose lock no process holds.
+clean up: its hidden folder keeps an exclusive lock file beside it while the export runs, and the next export from
+the same host to the same target removes the folders whose lock no process holds.
 """
 
 from __future__ import annotations
