@@ -14,17 +14,15 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import click
 
 from .errors import FastDiffError
 from .files import set_default_mode
+from .manifest import Manifest, check_files, read_manifest
 from .readahead import prefetch
 from .resolution import parse_resolution
-
-if TYPE_CHECKING:
-    from .manifest import Manifest
 
 
 def exit_interrupted(message: str, code: int = 130) -> NoReturn:
@@ -247,8 +245,6 @@ def run_main(
 def inspect_main(artifact: Path, verify: bool) -> None:
     """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here (exit code 1 if
     not, or if --verify finds a file that does not match)."""
-    from .manifest import check_files, read_manifest
-
     manifest = read_manifest(artifact)
     total = sum(f["size"] for f in manifest.files.values())
     lines = [

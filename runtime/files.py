@@ -1,12 +1,9 @@
-"""An artifact's files, without torch: the manifest's name, and the mode of what fastdiff writes (the one a plain
-open() or mkdir() would give it: the umask's)."""
+"""File permissions: what fastdiff writes gets the mode a plain open() or mkdir() would give it (the umask's)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-MANIFEST_NAME = "manifest.json"
 
 
 def _umask() -> int:

@@ -13,27 +13,31 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import FastDiffError
-from .files import MANIFEST_NAME
 from .resolution import Resolution, parse_resolution
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "fastdiff-artifact"
 FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The artifact's dtype names. The module imports no torch (readahead reads manifests before torch is imported).
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for an artifact dtype name (fp32, fp16, bf16)."""
-    return DTYPES[name]
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
+    return next(name for name in DTYPES if torch_dtype(name) == dtype)
 
 
 # Each family's text parts: (tokenizer folder, text encoder name), in the order their hidden states are concatenated.

@@ -473,7 +473,7 @@ def test_extracted_packages_are_removed_at_exit(tiny_artifact: Path, tmp_path: P
 
 
 def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifact: Path) -> None:
-    """fastdiff.runtime.prefetch, which a server calls before it imports torch, imports only the standard library and
+    """fastdiff.runtime.prefetch, which a server calls before it imports torch, imports no torch and
     reads the weights, then the packages of the resolutions to load, then the rest."""
     code = textwrap.dedent(
         """
