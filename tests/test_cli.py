@@ -259,10 +259,12 @@ def test_ctrl_c_while_the_export_command_imports(entry_point: str, interrupted_i
     ("entry_point", "args"),
     [("fastdiff.runtime.cli:run_main", ["-p", PROMPT, "--out", "x.png"]), ("fastdiff.runtime.cli:inspect_main", [])],
 )
-def test_ctrl_c_while_a_runtime_command_imports_torch(entry_point: str, args: list[str], tmp_path: Path) -> None:
-    """fastdiff-run and fastdiff-inspect import torch when they run (fastdiff-run starts reading the artifact from
-    disk first): a Ctrl-C there ends them as one later does."""
-    args = [str(tmp_path / "artifact"), *(str(tmp_path / a) if a.endswith(".png") else a for a in args)]
+def test_ctrl_c_while_a_runtime_command_imports_torch(
+    entry_point: str, args: list[str], tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """fastdiff-run and fastdiff-inspect import torch when they run, once they have read the manifest (fastdiff-run
+    also starts reading the artifact from disk first): a Ctrl-C there ends them as one later does."""
+    args = [str(tiny_artifact), *(str(tmp_path / a) if a.endswith(".png") else a for a in args)]
     assert run_interrupted_at_import(entry_point, "torch", *args) == "interrupted\n"
 
 
