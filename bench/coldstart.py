@@ -3,8 +3,10 @@
     python bench/coldstart.py --model CHECKPOINT_DIR --artifact NAME=ARTIFACT_DIR [...] --out bench/results/NAME
 
 Each variant runs once untimed (to warm the page cache), then --runs times (with --page-cache-cold, --runs more
-times with its model files evicted from the page cache first). Phases: interpreter start, imports, load (weights and
-compiled code on the device), first image (text encoding, all steps, decode, PIL).
+times with its model files evicted from the page cache first). With --compare-prefetch each fastdiff run has a twin
+without fastdiff.runtime.prefetch, run right after it (the machine's import times drift by seconds). Phases:
+interpreter start, imports, load (weights and compiled code on the device), first image (text encoding, all steps,
+decode, PIL).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from common import summary, write_results
 CHILD_FASTDIFF = """
 import json, sys, time
 t0 = time.time()
-from fastdiff.runtime import prefetch
-prefetch(sys.argv[2])  # as fastdiff-run does, and the README asks of a server: the disk reads beside torch's import
+if sys.argv[5] != "no-prefetch":  # as fastdiff-run does, and the README asks of a server: reads beside the import
+    from fastdiff.runtime import prefetch
+    prefetch(sys.argv[2])
 import torch
 from fastdiff.runtime import load_pipeline
 t1 = time.time()
@@ -121,6 +124,11 @@ def main() -> None:
         action="store_true",
         help="also run each fastdiff and eager variant with its model files evicted from the page cache first",
     )
+    parser.add_argument(
+        "--compare-prefetch",
+        action="store_true",
+        help="also run each fastdiff variant without fastdiff.runtime.prefetch, each run beside its twin",
+    )
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
 
@@ -145,9 +153,19 @@ def main() -> None:
 
     for name, code, target in variants:
         warm = run_child(code, target, args)  # warms the page cache
-        add(name, [warm] if warm.get("failed") else [run_child(code, target, args) for _ in range(args.runs)])
-        if args.page_cache_cold and not warm.get("failed"):
-            add(f"{name}, page cache cold", [run_child(code, evicted(target), args) for _ in range(args.runs)])
+        if warm.get("failed"):
+            add(name, [warm])
+            continue
+        modes = {"": ""}  # the child's mode: the name's suffix
+        if args.compare_prefetch and code is CHILD_FASTDIFF:
+            modes["no-prefetch"] = ", no prefetch"
+        for cold in (False, True) if args.page_cache_cold else (False,):
+            runs = {mode: [] for mode in modes}
+            for _ in range(args.runs):
+                for mode in modes:  # twins one after the other
+                    runs[mode].append(run_child(code, evicted(target) if cold else target, args, mode))
+            for mode, suffix in modes.items():
+                add(f"{name}{', page cache cold' if cold else ''}{suffix}", runs[mode])
     if "compile" in baselines:
         # The first run fills an empty cache folder (cold) and saves the compile-cache artifacts; the second reuses
         # the folder (warm); the third starts from another empty folder with the saved artifacts loaded.

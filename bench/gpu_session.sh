@@ -8,9 +8,9 @@
 #                      profile-diff.md: the bf16 artifact against torch.compile kernel by kernel, with the Triton
 #                      code of the kernels that differ most
 #   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
-#                      cache warm, then cold unless COLDSTART_OPTS says otherwise), then load_pipeline's phases
-#                      for the last artifact (twice, then twice with the scheduler imported before it), and its
-#                      warm-up's host time by op (probe-warmup.txt)
+#                      cache warm, then cold, each fastdiff run beside one without the prefetch, unless
+#                      COLDSTART_OPTS says otherwise), then load_pipeline's phases for the last artifact (twice),
+#                      and its warm-up's host time by op (probe-warmup.txt)
 #   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
 #   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
 #                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
@@ -77,7 +77,10 @@
 # 6.3-7.8 min, the GPU tests 12.5 min, SD 1.5's recipe compile (from session M's pack) stopped by the deadline after
 # 32 more autotunings, then 8 min alone by hand: its UNet compiled, its coordinate descent (run at each kernel's first
 # launch, in the CUDA graph's warm-up) still running; SSD-1B's never started. Cold starts 3.5 min, attention probes
-# 1.8 min; 20 min in all. Next: the seed steps alone (no gpu-tests, no other exports beside their compiles).
+# 1.8 min; 20 min in all.
+# Session O (STEPS="ssd-1b-seed sd15-seed sdxl-coldstart", deadlines 960 s): three exports 5.9-7.4 min; SSD-1B's
+# recipe compiled in 514 s from SDXL's tuning, SD 1.5's still in coordinate descent at the deadline (6 min); ssd-1b-seed
+# 1.6 min, cold starts (warm and cold page cache) 5.8 min; 24 min in all. Next: sd15-seed alone, with the rest after.
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
@@ -86,7 +89,7 @@ STACK_EVERY=${STACK_EVERY:-60}
 EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
 SDXL_BASELINES=${SDXL_BASELINES-eager,compile}  # speed.py --baselines for the sdxl step
 FAMILY_BASELINES=${FAMILY_BASELINES-eager,compile}  # and for the ssd-1b, sd15 and pixart steps
-COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold}  # set it empty for page cache warm only
+COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold --compare-prefetch}  # empty: page cache warm, prefetch only
 COLDSTART_RUNS=${COLDSTART_RUNS:-3}  # fresh processes per variant (session K: 2 were too few for the machine's noise)
 INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}  # where profile-diff.md reads kernels' code
 SEED_GPU=${SEED_GPU:-} MAIN_GPU=${MAIN_GPU:-0} SEED_CPUS=${SEED_CPUS:-16-31} MAIN_CPUS=${MAIN_CPUS:-0-15}
@@ -231,9 +234,6 @@ if want sdxl-coldstart && exported sdxl-bf16; then
     --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
   probed=${sdxl_artifacts[-1]#*=}
   for _ in 1 2; do python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1; done
-  for _ in 1 2; do  # the scheduler's import alone, then the load without it beside the warm-up
-    python3 bench/probe_load.py "$probed" --scheduler-first >> "$R/probe-load-scheduler-first.txt" 2>&1
-  done
   cat "$R/probe-load.txt"
   python3 bench/probe_load.py "$probed" --profile-warmup 40 > "$R/probe-warmup.txt" 2>&1  # what the warm-up pays for
 fi
