@@ -209,10 +209,16 @@ def _discard(root: Path, out: Path) -> bool:
 
 def _remove_killed_exports(out: Path) -> None:
     """Remove what exports from this host to `out` killed outright left beside it (the folders whose lock no process
-    holds)."""
-    name = re.compile(re.escape(_partial_prefix(out)) + r"\d+-[0-9a-f]{8}\.lock")
-    for lock_path in out.parent.glob(glob.escape(_partial_prefix(out)) + "*.lock"):
-        if not name.fullmatch(lock_path.name) or (fd := _lock(lock_path)) is None:  # another host's, or running
+    holds, and the lock files of exports killed before they renamed them into place)."""
+    name = re.compile(re.escape(_partial_prefix(out)) + r"(\d+)-[0-9a-f]{8}\.lock(\.new)?")
+    for lock_path in out.parent.glob(glob.escape(_partial_prefix(out)) + "*.lock*"):
+        if not (match := name.fullmatch(lock_path.name)):  # another host's
+            continue
+        if match[2]:  # not yet locked by its export (no folder yet): its process tells whether it still runs
+            if not _running(int(match[1])):
+                lock_path.unlink(missing_ok=True)
+            continue
+        if (fd := _lock(lock_path)) is None:  # running
             continue
         root = lock_path.with_name(lock_path.name.removesuffix(".lock"))
         try:
@@ -220,6 +226,16 @@ def _remove_killed_exports(out: Path) -> None:
                 log(f"removed {root.name}, left beside {out.name} by an export that was killed")
         finally:
             _unlock(fd, lock_path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

@@ -933,6 +933,25 @@ def test_partial_folders_of_running_exports_are_kept(exports: Path, capsys: pyte
     assert "removed" not in capsys.readouterr().err
 
 
+def test_lock_file_of_an_export_killed_before_it_took_its_lock_goes(exports: Path) -> None:
+    """An export makes its lock file under a `.new` name, locks it, then renames it: killed in between, it leaves the
+    `.new` file (and no folder yet), which the next export removes once the process named in it is gone."""
+    import socket
+
+    from fastdiff.exporter.artifact import ArtifactWriter
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    prefix = f".a.partial-{socket.gethostname()}-"
+    killed = exports / f"{prefix}{gone.pid}-0123abcd.lock.new"
+    starting = exports / f"{prefix}{os.getpid()}-4567cdef.lock.new"  # a running export, about to lock it
+    for path in (killed, starting):
+        path.touch()
+    with ArtifactWriter(exports / "a"):
+        pass
+    assert sorted(p.name for p in exports.iterdir()) == [starting.name]
+
+
 KILLED_BETWEEN_RENAMES = """
 import os, signal, sys
 from pathlib import Path
