@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
-from fastdiff.runtime.cli import clean_errors, exit_interrupted
+from fastdiff.runtime.cli import clean_errors, exit_interrupted, import_torch
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.resolution import parse_resolution
 
 INTERRUPTED = "interrupted: nothing was written"
 
 try:  # torch and its friends take seconds to import, before any command runs: a Ctrl-C there ends it as one later does
+    import_torch()
     import torch
 
     from fastdiff.runtime.compat import resolve_device

@@ -25,6 +25,15 @@ from .readahead import prefetch
 from .resolution import parse_resolution
 
 
+def import_torch() -> None:
+    """Import torch so that a Ctrl-C or a termination signal during the import (seconds) stops the command: torch's C
+    extension imports numpy itself and drops any exception raised in there, so a signal landing in numpy's import was
+    lost (the command went on) or left numpy half-imported (a confusing error later). numpy is imported first here,
+    from Python, where the exception propagates."""
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+
 def exit_interrupted(message: str, code: int = 130) -> NoReturn:
     """How a command ends on Ctrl-C (130) or a termination signal: a line on stderr, no traceback."""
     click.echo(message, err=True)
@@ -210,7 +219,7 @@ def run_main(
     paths = _output_paths(out, num_images, overwrite)
     size = parse_resolution(res) if res else None
     prefetch(artifact, size)
-
+    import_torch()
     import torch
 
     from .loader import load_pipeline
@@ -289,7 +298,8 @@ def inspect_main(artifact: Path, verify: bool) -> None:
 
 def _incompatibility(manifest: Manifest) -> FastDiffError | None:
     """Why the artifact cannot run in this process on its own device kind, or None if it can."""
-    from .compat import check_compatible, resolve_device  # imports torch
+    import_torch()
+    from .compat import check_compatible, resolve_device
 
     try:
         check_compatible(manifest, resolve_device(None, manifest))
