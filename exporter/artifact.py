@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from fastdiff.runtime.errors import FastDiffError
@@ -111,7 +112,13 @@ class ArtifactWriter:
             if is_nhwc:
                 nhwc.append(name)
         path = self.path(rel)
-        save_file(stored, path, metadata={"format": "pt"})
+        try:
+            save_file(stored, path, metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors are not OSErrors: made one, for the CLI's one-line message
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
         set_default_mode(path)
         return sorted(nhwc)
 

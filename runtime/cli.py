@@ -268,32 +268,36 @@ def inspect_main(artifact: Path, verify: bool) -> None:
         f"passes        {_passes(manifest.options)}",
         f"inductor      {manifest.options.get('inductor') or '(defaults)'}",
         *(f"  {c:<12}{configs}" for c, configs in (manifest.options.get("inductor_by_component") or {}).items()),
-        f"device        {manifest.device['type']} {manifest.device.get('name') or ''}"
-        + (f" (compute capability {manifest.device['capability']})" if manifest.device.get("capability") else ""),
+        f"device        {_device(manifest.device)}",
         "versions      " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items() if v),
         f"files         {len(manifest.files)}, {total / 1e6:.1f} MB",
     ]
     for rel, entry in manifest.files.items():
         if rel.endswith((".pt2", ".safetensors")):
             lines.append(f"  {rel:<40} {entry['size'] / 1e6:10.1f} MB")
+    problems = check_files(artifact, manifest, full_hash=verify)  # presence and sizes as a load checks them, at least
+    damaged = f"{len(problems)} of {len(manifest.files)} files do not match the manifest" if problems else None
     incompatible = _incompatibility(manifest)
-    lines.append(f"loads here    {'no: ' + incompatible.problem if incompatible else 'yes'}")
+    lines.append(f"loads here    {'no: ' + (damaged or incompatible.problem) if damaged or incompatible else 'yes'}")
     click.echo("\n".join(lines))
-    failed = False
-    if verify:
-        problems = check_files(artifact, manifest, full_hash=True)
-        for problem in problems:
-            click.echo(f"FAILED {problem}", err=True)
-        if problems:
-            click.echo(f"error: {len(problems)} of {len(manifest.files)} files do not match the manifest", err=True)
-            failed = True
-        else:
-            click.echo(f"verified      all {len(manifest.files)} files match their sha256")
+    for problem in problems:
+        click.echo(f"FAILED {problem}", err=True)
+    if damaged:
+        click.echo(f"error: {damaged}", err=True)
+    elif verify:
+        click.echo(f"verified      all {len(manifest.files)} files match their sha256")
     if incompatible:
         click.echo(f"error: it cannot load here: {incompatible}", err=True)
-        failed = True
-    if failed:
+    if damaged or incompatible:
         sys.exit(1)
+
+
+def _device(recorded: dict) -> str:
+    """The device an artifact was compiled for, as the manifest records it."""
+    if recorded["type"] == "cpu":
+        return f"cpu ({recorded.get('cpu_isa') or 'instruction set not recorded'})"
+    capability = f" (compute capability {recorded['capability']})" if recorded.get("capability") else ""
+    return f"{recorded['type']} {recorded.get('name') or ''}{capability}"
 
 
 def _incompatibility(manifest: Manifest) -> FastDiffError | None:

@@ -146,7 +146,7 @@ def test_inspect(tiny_artifact: Path) -> None:
     assert re.search(r"^resolutions\s+64x64, 96x64$", out, re.M), out
     assert re.search(r"^family\s+sdxl, default 128x128, guidance 5.0$", out, re.M), out
     assert re.search(r"^text encoders\s+compiled$", out, re.M), out
-    assert re.search(r"^device\s+cpu\b", out, re.M), out
+    assert re.search(rf"^device\s+cpu \({manifest.device['cpu_isa']}\)$", out, re.M), out
     assert re.search(rf"^files\s+{len(manifest.files)}, ", out, re.M), out
     for rel in manifest.files:
         if rel.endswith((".pt2", ".safetensors")):
@@ -383,3 +383,31 @@ def test_unreadable_or_unwritable_files_are_clear_errors(
     missing_tool = FileNotFoundError(errno.ENOENT, "No such file or directory", "g++")
     with pytest.raises(RuntimeError):  # a wrapped error of another kind keeps its traceback
         clean_errors()(_fails_with)(RuntimeError("compile failed"), missing_tool)
+
+
+FULL_DISK_EXPORT = """
+import resource, signal, sys, torch
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail (EFBIG), as on a full disk (ENOSPC)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from fastdiff.exporter.artifact import ArtifactWriter
+from fastdiff.runtime.cli import clean_errors
+
+@clean_errors()
+def export():
+    with ArtifactWriter(Path(sys.argv[1])) as writer:
+        writer.save_weights("unet/weights.safetensors", {"w": torch.zeros(100_000)})
+
+export()
+"""
+
+
+def test_weights_that_do_not_fit_on_the_disk_are_a_clear_error(tmp_path: Path) -> None:
+    """safetensors reports a failed write as its own error, not an OSError: the export still ends in one line."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, str(tmp_path / "a")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: File too large: "), proc.stderr
+    assert "unet/weights.safetensors" in proc.stderr.splitlines()[0] and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing left beside the target

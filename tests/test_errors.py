@@ -214,8 +214,10 @@ def test_truncated_weights(tiny_artifact: Path, tmp_path: Path) -> None:
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     assert_clean_error(run(art, tmp_path), UNET_WEIGHTS, "truncated")
-    proc = invoke_cli("fastdiff-inspect", str(art), "--verify")
-    assert_clean_error(proc, UNET_WEIGHTS, "do not match the manifest")
+    for verify in ((), ("--verify",)):  # sizes are checked without --verify too, as a load checks them
+        proc = invoke_cli("fastdiff-inspect", str(art), *verify)
+        assert_clean_error(proc, UNET_WEIGHTS, "do not match the manifest")
+        assert re.search(r"^loads here\s+no: 1 of \d+ files do not match the manifest$", proc.stdout, re.M)
     with pytest.raises(FastDiffError, match="truncated"):
         load_pipeline(art, device="cpu")  # the size check, without verify
     assert images_in(tmp_path) == []
@@ -269,7 +271,6 @@ def test_missing_package(tiny_artifact: Path, tmp_path: Path) -> None:
         "unet/96x64.pt2: missing",
         "export the model again",
         run_args=("--res", "64"),
-        inspect_args=("--verify",),
     )
 
 
