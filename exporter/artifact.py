@@ -34,18 +34,19 @@ from .progress import log
 
 
 def check_target(out: Path, overwrite: bool) -> None:
-    """An export may write `out` if it does not exist, or replace it with --overwrite if it is an artifact and holds
-    nothing its manifest does not list. Checked
-    before the export starts and again before the artifact is put in place: the target may have appeared, or
-    changed, in the minutes between."""
+    """An export may write `out` if it does not exist, or replace it with --overwrite if it is an empty folder or an
+    artifact that holds nothing its manifest does not list. Checked before the export starts and again before the
+    artifact is put in place: the target may have appeared, or changed, in the minutes between."""
     if not out.exists():
         return
-    if not overwrite:
-        raise FastDiffError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
-    if not out.is_dir() or not is_artifact(out):
+    empty = out.is_dir() and not any(out.iterdir())
+    if not empty and (not out.is_dir() or not is_artifact(out)):
         raise FastDiffError(
             f"{out} exists and is not a fastdiff artifact; refusing to replace it", "choose another --out"
         )
+    if not overwrite:
+        what = "an empty folder" if empty else "an artifact"
+        raise FastDiffError(f"{out} already exists ({what})", "pass --overwrite to replace it, or choose another --out")
     if foreign := _files_not_in_manifest(out):
         raise FastDiffError(
             f"{out} holds {len(foreign)} file{'s' if len(foreign) > 1 else ''} that its artifact does not list (e.g. "
@@ -83,8 +84,10 @@ class ArtifactWriter:
             if self._lock is not None:
                 _unlock(self._lock, _lock_path(self.root))
             _remove_empty(missing)
+            file = next((p for p in self.out.parents if p.exists() and not p.is_dir()), None)
+            reason = f"{file} is a file, not a folder" if file else e.strerror
             raise FastDiffError(
-                f"cannot write to {self.out.parent}: {e.strerror}", "choose an --out in a writable folder"
+                f"cannot write to {self.out.parent}: {reason}", "choose an --out in a writable folder"
             ) from None
         self._created = missing  # folders made for --out, removed again if the export fails
 

@@ -113,15 +113,16 @@ def _environment_error(error: Exception) -> FastDiffError | None:
 
 
 def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+    for path in (out, *paths):
+        if path.is_dir():
+            raise FastDiffError(f"cannot write {path}: it is a folder", "choose an image file name for --out")
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise FastDiffError(
             f"cannot write {out}: unknown image type", f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}"
         )
-    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
     for path in paths:
-        if path.is_dir():
-            raise FastDiffError(f"cannot write {path}: it is a folder", "choose an image file name for --out")
-        if path.exists() and not overwrite:
+        if os.path.lexists(path) and not overwrite:  # a link to nothing too: the image could not take its name
             raise FastDiffError(f"{path} already exists", "pass --overwrite, or choose another --out")
         parent = path.parent.absolute()
         if not parent.is_dir() or not os.access(parent, os.W_OK):

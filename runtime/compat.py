@@ -31,7 +31,9 @@ def resolve_device(device: str | torch.device | None, manifest: Manifest | None 
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             if asked and (manifest is None or manifest.device["type"] != "cuda"):
-                raise FastDiffError("--device cuda was asked for, but no CUDA GPU is visible", "use --device cpu")
+                raise FastDiffError(
+                    f"device {device} was asked for, but no CUDA GPU is visible", "run on the cpu (--device cpu)"
+                )
             raise FastDiffError(
                 "this artifact was compiled for cuda, but no CUDA GPU is visible",
                 "run it on a machine with a GPU of its kind, or export the model again with --device cpu",

@@ -190,4 +190,12 @@ def _load_packages(
     root: Path, component: CompiledComponent, keys: list[str], device: torch.device, weights: dict[str, Weights]
 ) -> dict[str, CompiledModule]:
     """The component's packages for `keys`, bound to its loaded weights (`weights`: by weight file)."""
-    return {key: CompiledModule(root / component.packages[key], weights[component.weights], device) for key in keys}
+    modules = {key: CompiledModule(root / component.packages[key], weights[component.weights], device) for key in keys}
+    for key, module in modules.items():
+        if module.num_inputs != len(component.inputs):
+            raise FastDiffError(
+                f"{component.packages[key]} takes {module.num_inputs} inputs; the manifest lists "
+                f"{len(component.inputs)} ({', '.join(component.inputs)})",
+                "the artifact's files do not belong together: export the model again",
+            )
+    return modules

@@ -160,7 +160,7 @@ def read_manifest(root: str | Path) -> Manifest:
         )
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FastDiffError(f"{path} is not valid JSON ({e})", "the artifact is damaged: export it again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FastDiffError(f"{path} is not a fastdiff manifest", "export the model again with fastdiff-export")
@@ -282,7 +282,10 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
         if rel not in manifest.files:
             problems.append(f"{rel} is not listed under files")
     for key in manifest.unet.packages:
-        parse_resolution(key)
+        try:
+            parse_resolution(key)
+        except FastDiffError as e:
+            problems.append(f"package {key!r}: {e.problem}")
     if problems:
         raise FastDiffError(f"{path} is inconsistent: {'; '.join(problems)}", "export the model again")
 

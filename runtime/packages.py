@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import treespec_loads
 
 from .errors import FastDiffError
 
@@ -88,6 +89,7 @@ class CompiledModule:
             )
         self._loader.load_constants({n: weights[n] for n in names}, False, False, True)
         self.weights = weights  # user-managed: the package uses these tensors in place
+        self.num_inputs = treespec_loads(self._loader.get_call_spec()[0]).num_leaves  # the flat tensor inputs
         _loaded.add(self)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:

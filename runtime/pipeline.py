@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,9 @@ class FastDiffPipeline:
         facts = self.manifest.model
         if guidance_scale is None:
             guidance_scale = facts.default_guidance_scale  # diffusers' default for this family
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompt_list(prompt, "prompt")
         negatives = _negative_prompts(negative_prompt, len(prompts))
-        _check_call(prompts, num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+        _check_call(num_inference_steps, guidance_scale, num_images_per_prompt, generator, output_type)
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
 
@@ -224,6 +225,8 @@ class FastDiffPipeline:
             return default if default in exported else exported[0]
         if height is None or width is None:
             raise FastDiffError("give both height and width, or neither", "e.g. height=1024, width=1024")
+        if not (_is_count(height) and _is_count(width)):
+            raise FastDiffError(f"height and width must be positive integers, got {height!r} and {width!r}")
         res = Resolution(int(width), int(height))
         if res not in exported:
             raise FastDiffError(
@@ -254,7 +257,8 @@ def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
 def _negative_prompts(negative_prompt: str | list[str] | None, batch: int) -> list[str] | None:
     if negative_prompt is None:
         return None
-    negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+    negatives = _prompt_list(negative_prompt, "negative_prompt")
+    negatives = negatives * batch if isinstance(negative_prompt, str) else negatives
     if len(negatives) != batch:
         raise FastDiffError(
             f"{len(negatives)} negative prompts for {batch} prompts",
@@ -263,15 +267,30 @@ def _negative_prompts(negative_prompt: str | list[str] | None, batch: int) -> li
     return negatives
 
 
-def _check_call(prompts: list[str], steps: int, guidance_scale: float, per_prompt: int, output_type: str) -> None:
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise FastDiffError("prompt must be a string or a non-empty list of strings")
-    if not isinstance(steps, int) or steps < 1:
+def _prompt_list(value: Any, name: str) -> list[str]:
+    """A prompt argument as a list: one string, or a non-empty list (or tuple) of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise FastDiffError(f"{name} must be a string or a non-empty list of strings, got {value!r:.80}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_call(steps: Any, guidance_scale: Any, per_prompt: Any, generator: Any, output_type: str) -> None:
+    if not _is_count(steps):
         raise FastDiffError(f"num_inference_steps must be a positive integer, got {steps!r}", "use e.g. 30 steps")
-    if not math.isfinite(guidance_scale):
+    real = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool)
+    if not real or not math.isfinite(guidance_scale):
         raise FastDiffError(f"guidance_scale must be a finite number, got {guidance_scale!r}", "use e.g. 5.0")
-    if not isinstance(per_prompt, int) or per_prompt < 1:
+    if not _is_count(per_prompt):
         raise FastDiffError(f"num_images_per_prompt must be a positive integer, got {per_prompt!r}")
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise FastDiffError(f"generator must be a torch.Generator or a list of them, got {generator!r:.80}")
     if output_type not in OUTPUT_TYPES:
         raise FastDiffError(f"output_type {output_type!r} is not supported", f"use one of {', '.join(OUTPUT_TYPES)}")
 

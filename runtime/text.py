@@ -10,6 +10,7 @@ in); the encoders are compiled packages, or, for artifacts exported with stock e
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from tokenizers import Tokenizer
 
 from .errors import FastDiffError
+
+log = logging.getLogger(__name__)
 
 # (ids, attention mask) -> (hidden states, pooled embedding or None)
 TextEncoder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -108,9 +111,12 @@ class TextConditioner:
     def _encode(self, prompts: list[str]) -> Conditioning:
         if self.lowercase:
             prompts = [p.lower().strip() for p in prompts]
-        hidden, cond = [], {}
+        hidden, cond, truncated = [], {}, {}
         for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
             encodings = tokenizer.encode_batch(prompts)
+            for prompt, encoding in zip(prompts, encodings, strict=True):
+                if encoding.overflowing:
+                    truncated[prompt] = tokenizer.truncation["max_length"]
             ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
             mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
             outs = [
@@ -122,6 +128,8 @@ class TextConditioner:
                 cond["text_embeds"] = torch.cat([p for _, p in outs])
             if self.masked:
                 cond["encoder_attention_mask"] = mask.to(self.device)
+        for prompt, max_length in truncated.items():  # diffusers warns too
+            log.warning("prompt cut to its first %d tokens (the text encoder takes no more): %.60r", max_length, prompt)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), **cond}
 
     @torch.no_grad()

@@ -116,6 +116,11 @@ def load_weights(path: Path, device: torch.device, channels_last: Iterable[str] 
             f"cannot read weights {path}: {e}", "the file is truncated or corrupted: export the model again"
         ) from None
     for name in channels_last:
+        if name not in tensors or tensors[name].dim() != 4:
+            raise FastDiffError(
+                f"the manifest names {name} as a channels_last weight; {path} has no such 4-d tensor",
+                "the artifact's files do not belong together: export the model again",
+            )
         tensors[name] = tensors[name].permute(0, 3, 1, 2)
     return tensors
 

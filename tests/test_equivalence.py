@@ -10,6 +10,7 @@ or noise draw) moves latents by 1e-1 or more, which test_tolerance_discriminates
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def test_tolerance_discriminates(tiny_pipeline) -> None:
     }
     for name, other in variants.items():
         assert not torch.allclose(base, other, **LATENT_TOL), name
+
     # and the same call twice is reproducible
     torch.testing.assert_close(base, _call(tiny_pipeline, 0, "latent"), rtol=0, atol=0)
 
@@ -152,6 +154,16 @@ def test_gpu_pixels_round_as_diffusers(dtype: torch.dtype) -> None:
     images = torch.cat([edges, noise]).reshape(2, 3, 32, 32).to(dtype)
     expected = [np.asarray(p) for p in VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))]
     assert np.array_equal(uint8_pixels(images).numpy(), np.stack(expected))
+
+
+def test_a_cut_prompt_is_reported(tiny_pipeline, caplog: pytest.LogCaptureFixture) -> None:
+    """As diffusers warns: what the text encoder could not take is said, once per prompt, for negatives too."""
+    with caplog.at_level(logging.WARNING, logger="fastdiff.runtime.text"):
+        _call(tiny_pipeline, 0, "latent", prompt="a very long prompt " * 40, negative_prompt="blurry " * 90)
+        _call(tiny_pipeline, 0, "latent", prompt="a short prompt", negative_prompt="blurry")
+    cut = [r.getMessage() for r in caplog.records if r.name == "fastdiff.runtime.text"]
+    assert len(cut) == 2 and all(m.startswith("prompt cut to its first 77 tokens") for m in cut), cut
+    assert "'a very long prompt" in cut[0] and "'blurry blurry" in cut[1]
 
 
 def test_default_resolution_is_first_exported(tiny_pipeline, reference_pipeline) -> None:

@@ -122,6 +122,37 @@ def test_manifest_invalid_json(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_refused_everywhere(art, tmp_path, "not valid JSON")
 
 
+def test_manifest_nested_too_deep(tiny_artifact: Path, tmp_path: Path) -> None:
+    art = copy_artifact(tiny_artifact, tmp_path)
+    (art / MANIFEST_NAME).write_text("[" * 100_000)
+    assert_refused_everywhere(art, tmp_path, "not valid JSON")
+
+
+def _rename_package(data: dict[str, Any], old: str, new: str) -> None:
+    for component in ("unet", "vae_decoder"):
+        data[component]["packages"][new] = data[component]["packages"].pop(old)
+
+
+@pytest.mark.parametrize(
+    ("edit", "phrase"),
+    [
+        (lambda d: d["unet"]["channels_last"].append("nope.weight"), "names nope.weight as a channels_last weight"),
+        (lambda d: d["unet"].update(inputs=d["unet"]["inputs"][:3]), "takes 5 inputs; the manifest lists 3"),
+        (lambda d: _rename_package(d, "64x64", "100x100"), "package '100x100': invalid resolution"),
+    ],
+    ids=["channels-last-name", "inputs", "package-key"],
+)
+def test_manifest_that_parses_but_does_not_match_its_files(
+    tiny_artifact: Path, tmp_path: Path, edit, phrase: str
+) -> None:
+    """A hand-edited manifest that is still well-formed: refused with the artifact's fault named, not a KeyError or
+    a tensor-shape error from deep inside the load."""
+    art = copy_artifact(tiny_artifact, tmp_path)
+    edit_manifest(art, edit)
+    assert_clean_error(run(art, tmp_path, "--res", "96x64"), phrase, "export the model again")
+    assert images_in(tmp_path) == []
+
+
 def test_manifest_not_utf8(tiny_artifact: Path, tmp_path: Path) -> None:
     art = copy_artifact(tiny_artifact, tmp_path)
     (art / MANIFEST_NAME).write_bytes(b"\xff\xfe\x00garbage")
@@ -441,7 +472,7 @@ def test_non_positive_steps_cli(tiny_artifact: Path, tmp_path: Path, steps: str)
     assert images_in(tmp_path) == []
 
 
-@pytest.mark.parametrize("steps", [0, -3, 1.5])
+@pytest.mark.parametrize("steps", [0, -3, 1.5, True])
 def test_non_positive_steps_api(tiny_pipeline, steps) -> None:
     with pytest.raises(FastDiffError, match="num_inference_steps must be a positive integer"):
         tiny_pipeline("a cat", num_inference_steps=steps, height=64, width=64)
@@ -464,14 +495,37 @@ def test_bad_call_arguments_api(tiny_pipeline) -> None:
             tiny_pipeline("a cat", num_inference_steps=1, generator=generators)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"prompt": None}, "prompt must be a string or a non-empty list of strings, got None"),
+        ({"prompt": 5}, "prompt must be a string"),
+        ({"prompt": []}, "prompt must be a string"),
+        ({"prompt": ["a", 5]}, "prompt must be a string"),
+        ({"negative_prompt": 5}, "negative_prompt must be a string"),
+        ({"guidance_scale": "5"}, "guidance_scale must be a finite number, got '5'"),
+        ({"width": "abc", "height": 64}, "height and width must be positive integers"),
+        ({"width": 64.9, "height": 64}, "height and width must be positive integers"),
+        ({"generator": "x"}, "generator must be a torch.Generator or a list of them"),
+        ({"generator": [torch.Generator(), 1]}, "generator must be a torch.Generator or a list of them"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
+)
+def test_call_arguments_of_the_wrong_type_api(tiny_pipeline, kwargs: dict, phrase: str) -> None:
+    """The API's errors are FastDiffErrors for wrongly typed arguments too, not a TypeError from deep inside."""
+    with pytest.raises(FastDiffError, match=re.escape(phrase)):
+        tiny_pipeline(**{"prompt": "a cat", "num_inference_steps": 1, **kwargs})
+
+
 def test_seed_out_of_range_cli(tiny_artifact: Path, tmp_path: Path) -> None:
     proc = run(tiny_artifact, tmp_path, "--seed", str(2**64))
     assert_clean_error(proc, "--seed", usage=True)
     assert images_in(tmp_path) == []
 
 
-def test_out_is_a_folder(tiny_artifact: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "img.png"
+@pytest.mark.parametrize("name", ["img.png", "images"])  # a folder's name need not look like an image's
+def test_out_is_a_folder(tiny_artifact: Path, tmp_path: Path, name: str) -> None:
+    folder = tmp_path / name
     (folder / "inside").mkdir(parents=True)
     assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(folder), "--overwrite"), "it is a folder")
     assert [p.name for p in folder.iterdir()] == ["inside"]
@@ -562,6 +616,13 @@ def test_existing_output_is_kept(tiny_artifact: Path, tmp_path: Path) -> None:
     assert out.read_bytes() == b"the user's picture"
     assert out.stat().st_mtime_ns == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]  # no temp file left either
+
+
+def test_output_name_taken_by_a_link_to_nothing(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Refused up front, as an existing file is, not after the whole generation."""
+    (tmp_path / "img.png").symlink_to(tmp_path / "gone" / "img.png")
+    assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(tmp_path / "img.png")), "already exists")
+    assert [p.name for p in tmp_path.iterdir()] == ["img.png"]
 
 
 def test_existing_output_among_several_writes_nothing(tiny_artifact: Path, tmp_path: Path) -> None:
@@ -771,7 +832,7 @@ def test_export_refuses_to_replace_other_things(exports: Path, overwrite: bool) 
     args = ["--overwrite"] if overwrite else []
     proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(folder), *args)
     assert_export_refused(proc, seconds, exports, str(folder))
-    assert ("not a fastdiff artifact" if overwrite else "already exists") in proc.stderr
+    assert "not a fastdiff artifact" in proc.stderr  # not "already exists": --overwrite would not help
     assert tree(folder) == before
     assert sorted(p.name for p in exports.iterdir()) == ["mine"]
 
@@ -792,7 +853,7 @@ def test_export_refuses_a_file_target(exports: Path) -> None:
     assert_export_refused(proc, seconds, exports, "not a fastdiff artifact")
     assert file.read_text() == "mine"
     proc, seconds = export("tiny-sdxl", "--res", "64", "--device", "cpu", "--out", str(file / "sub"))
-    assert_export_refused(proc, seconds, exports, "cannot write to")
+    assert_export_refused(proc, seconds, exports, "cannot write to", f"{file} is a file, not a folder")
     assert sorted(p.name for p in exports.iterdir()) == ["target"]
 
 
@@ -874,6 +935,21 @@ def test_overwrite_keeps_what_the_user_put_in_an_artifact(tiny_artifact: Path, e
     assert sorted(p.name for p in exports.iterdir()) == ["art", "other"]
 
 
+def test_an_empty_folder_is_replaced_with_overwrite(tiny_artifact: Path, exports: Path) -> None:
+    """An --out made beforehand and left empty: --overwrite, as the refusal says, replaces it (nothing is lost)."""
+    from fastdiff.exporter.artifact import ArtifactWriter
+
+    out = exports / "made-for-it"
+    out.mkdir()
+    with pytest.raises(FastDiffError, match=r"already exists \(an empty folder\)\n  fix: pass --overwrite"):
+        ArtifactWriter(out)
+    with ArtifactWriter(out, overwrite=True) as writer:
+        writer.path("unet/weights.safetensors").write_bytes(b"new")
+        writer.commit(read_manifest(tiny_artifact))
+    assert (out / "unet" / "weights.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in exports.iterdir()) == ["made-for-it"]
+
+
 def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: Path) -> None:
     """The target is checked again when the artifact is put in place: what appeared there meanwhile is not
     replaced (without --overwrite), nor is something that is not an artifact (with it)."""
@@ -881,7 +957,7 @@ def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: P
 
     for overwrite in (False, True):
         out = exports / f"out-{overwrite}"
-        with pytest.raises(FastDiffError, match="already exists" if not overwrite else "not a fastdiff artifact"):
+        with pytest.raises(FastDiffError, match="not a fastdiff artifact"):
             with ArtifactWriter(out, overwrite=overwrite) as writer:
                 writer.path("unet/weights.safetensors").write_bytes(b"new")
                 out.mkdir()
