@@ -1123,7 +1123,7 @@ def test_a_target_made_just_before_the_rename_is_kept(
             (target / "mine.txt").write_text("made meanwhile")
 
     monkeypatch.setattr(artifact, "check_target", then_made)
-    with pytest.raises(FastDiffError, match="already exists"):
+    with pytest.raises(FastDiffError, match="exists and is not a fastdiff artifact"):
         with artifact.ArtifactWriter(out) as writer:
             writer.path("unet/weights.safetensors").write_bytes(b"new")
             writer.commit(read_manifest(tiny_artifact))
