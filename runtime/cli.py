@@ -7,6 +7,7 @@ later does; fastdiff-run starts reading the artifact from disk first (readahead.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import sys
@@ -112,6 +113,12 @@ def _environment_error(error: Exception) -> FastDiffError | None:
     )
 
 
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
     paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
     for path in (out, *paths):
@@ -185,6 +192,7 @@ def _place_new(tmp: Path, path: Path) -> None:
 @click.option(
     "--guidance",
     type=float,
+    callback=lambda ctx, param, value: _finite(value),
     help="Classifier-free guidance; <=1 is off. Default: the family's (5.0 SDXL, 7.5 SD 1.x, 4.5 PixArt-α).",
 )
 @click.option(

@@ -517,6 +517,13 @@ def test_call_arguments_of_the_wrong_type_api(tiny_pipeline, kwargs: dict, phras
         tiny_pipeline(**{"prompt": "a cat", "num_inference_steps": 1, **kwargs})
 
 
+@pytest.mark.parametrize("guidance", ["nan", "inf"])
+def test_guidance_not_finite_cli(tiny_artifact: Path, tmp_path: Path, guidance: str) -> None:
+    proc = run(tiny_artifact, tmp_path, "--guidance", guidance)
+    assert_clean_error(proc, "--guidance", f"{guidance} is not a finite number", usage=True)
+    assert images_in(tmp_path) == []
+
+
 def test_seed_out_of_range_cli(tiny_artifact: Path, tmp_path: Path) -> None:
     proc = run(tiny_artifact, tmp_path, "--seed", str(2**64))
     assert_clean_error(proc, "--seed", usage=True)
