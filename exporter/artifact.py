@@ -40,6 +40,8 @@ def check_target(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     empty = out.is_dir() and not any(out.iterdir())
+    if empty and os.path.ismount(out):  # the artifact is built beside --out: it could not be renamed onto a mount
+        raise FastDiffError(f"{out} is a mount point", f"export into a folder inside it, e.g. --out {out / 'artifact'}")
     if not empty and (not out.is_dir() or not is_artifact(out)):
         raise FastDiffError(
             f"{out} exists and is not a fastdiff artifact; refusing to replace it", "choose another --out"

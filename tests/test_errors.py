@@ -957,6 +957,19 @@ def test_an_empty_folder_is_replaced_with_overwrite(tiny_artifact: Path, exports
     assert sorted(p.name for p in exports.iterdir()) == ["made-for-it"]
 
 
+def test_an_empty_mount_point_is_refused_before_the_export(exports: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume mounted at --out: the artifact, built beside it, could not be renamed onto it minutes later."""
+    from fastdiff.exporter import artifact
+
+    out = exports / "volume"
+    out.mkdir()
+    monkeypatch.setattr(artifact.os.path, "ismount", lambda path: Path(path) == out)
+    for overwrite in (False, True):
+        with pytest.raises(FastDiffError, match=r"volume is a mount point\n  fix: export into a folder inside it"):
+            artifact.ArtifactWriter(out, overwrite=overwrite)
+    assert list(exports.iterdir()) == [out]
+
+
 def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: Path) -> None:
     """The target is checked again when the artifact is put in place: what appeared there meanwhile is not
     replaced (without --overwrite), nor is something that is not an artifact (with it)."""
