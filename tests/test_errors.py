@@ -889,6 +889,7 @@ def test_export_api_errors(exports: Path, tmp_path: Path) -> None:
     with pytest.raises(FastDiffError, match="no model_index.json"):
         export_artifact(options(model=str(tmp_path / "ckpt")))
     (exports / "mine").mkdir()
+    (exports / "mine" / "notes.txt").write_text("mine")  # an empty folder would be replaced
     with pytest.raises(FastDiffError, match="not a fastdiff artifact"):
         export_artifact(options(out=exports / "mine", overwrite=True))
     # Other projects write a manifest.json too (browser extensions, web apps): not an artifact either.
