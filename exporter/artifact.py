@@ -37,11 +37,11 @@ def check_target(out: Path, overwrite: bool) -> None:
     """An export may write `out` if it does not exist, or replace it with --overwrite if it is an empty folder or an
     artifact that holds nothing its manifest does not list. Checked before the export starts and again before the
     artifact is put in place: the target may have appeared, or changed, in the minutes between."""
-    if not out.exists():
+    if not os.path.lexists(out):  # a link to nothing exists too: the artifact could not take its name
         return
-    empty = out.is_dir() and not any(out.iterdir())
-    if empty and os.path.ismount(out):  # the artifact is built beside --out: it could not be renamed onto a mount
+    if os.path.ismount(out):  # the artifact is built beside --out: it could not be renamed onto a mount
         raise FastDiffError(f"{out} is a mount point", f"export into a folder inside it, e.g. --out {out / 'artifact'}")
+    empty = out.is_dir() and not any(out.iterdir())
     if not empty and (not out.is_dir() or not is_artifact(out)):
         raise FastDiffError(
             f"{out} exists and is not a fastdiff artifact; refusing to replace it", "choose another --out"
@@ -61,7 +61,7 @@ def _files_not_in_manifest(root: Path) -> list[str]:
     """Files under an artifact folder that its manifest does not list (a user's images or notes put there)."""
     try:
         listed = json.loads((root / MANIFEST_NAME).read_text()).get("files")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         listed = None
     listed = set(listed) if isinstance(listed, dict) else set()
     present = (p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
@@ -120,10 +120,11 @@ class ArtifactWriter:
         try:
             save_file(stored, path, metadata={"format": "pt"})
         except SafetensorError as e:  # its I/O errors are not OSErrors: made one, for the CLI's one-line message
-            code = re.search(r"\(os error (\d+)\)", str(e))
-            if code is None:
+            found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(e))  # safetensors >= 0.5, and 0.4
+            if found is None:
                 raise
-            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+            code = int(found[1] or found[2])
+            raise OSError(code, os.strerror(code), str(path)) from None
         set_default_mode(path)
         return sorted(nhwc)
 
@@ -241,9 +242,11 @@ def _remove_killed_exports(out: Path) -> None:
 
 
 def _running(pid: int) -> bool:
+    if pid <= 0:  # not a process (0 and below name process groups)
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # another user's process
         pass

@@ -120,15 +120,17 @@ def _finite(value: float | None) -> float | None:
 
 
 def _output_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
-    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
-    for path in (out, *paths):
-        if path.is_dir():
-            raise FastDiffError(f"cannot write {path}: it is a folder", "choose an image file name for --out")
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
+    image = out.suffix.lower() in IMAGE_SUFFIXES
+    if out.is_dir() and (count == 1 or not image):  # several images go to out's siblings: NAME-0.png, ...
+        raise FastDiffError(f"cannot write {out}: it is a folder", "choose an image file name for --out")
+    if not image:
         raise FastDiffError(
             f"cannot write {out}: unknown image type", f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}"
         )
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
     for path in paths:
+        if path.is_dir():
+            raise FastDiffError(f"cannot write {path}: it is a folder", "choose an image file name for --out")
         if os.path.lexists(path) and not overwrite:  # a link to nothing too: the image could not take its name
             raise FastDiffError(f"{path} already exists", "pass --overwrite, or choose another --out")
         parent = path.parent.absolute()
@@ -262,7 +264,8 @@ def run_main(
 @clean_errors()
 def inspect_main(artifact: Path, verify: bool) -> None:
     """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here (exit code 1 if
-    not, or if --verify finds a file that does not match)."""
+    not: a file missing or of another size, or with --verify another hash, or a device, GPU or torch it cannot run
+    on)."""
     manifest = read_manifest(artifact)
     total = sum(f["size"] for f in manifest.files.values())
     lines = [

@@ -138,7 +138,7 @@ def is_artifact(root: Path) -> bool:
     replace. Other projects name files manifest.json too."""
     try:
         data = json.loads((Path(root) / MANIFEST_NAME).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT
 

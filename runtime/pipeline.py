@@ -105,6 +105,7 @@ class FastDiffPipeline:
         prompts = _prompt_list(prompt, "prompt")
         negatives = _negative_prompts(negative_prompt, len(prompts))
         _check_call(num_inference_steps, guidance_scale, num_images_per_prompt, generator, output_type)
+        guidance_scale = float(guidance_scale)  # a numpy number or a 0-d tensor too, as diffusers takes them
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
 
@@ -225,7 +226,7 @@ class FastDiffPipeline:
             return default if default in exported else exported[0]
         if height is None or width is None:
             raise FastDiffError("give both height and width, or neither", "e.g. height=1024, width=1024")
-        if not (_is_count(height) and _is_count(width)):
+        if not (_is_size(height) and _is_size(width)):
             raise FastDiffError(f"height and width must be positive integers, got {height!r} and {width!r}")
         res = Resolution(int(width), int(height))
         if res not in exported:
@@ -280,11 +281,19 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
+def _is_size(value: Any) -> bool:  # an integer, or a float without a fraction (diffusers takes 1024.0)
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return real and math.isfinite(value) and float(value).is_integer() and value >= 1
+
+
 def _check_call(steps: Any, guidance_scale: Any, per_prompt: Any, generator: Any, output_type: str) -> None:
     if not _is_count(steps):
         raise FastDiffError(f"num_inference_steps must be a positive integer, got {steps!r}", "use e.g. 30 steps")
-    real = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool)
-    if not real or not math.isfinite(guidance_scale):
+    try:
+        number = not isinstance(guidance_scale, bool | str) and math.isfinite(float(guidance_scale))
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        number = False
+    if not number:
         raise FastDiffError(f"guidance_scale must be a finite number, got {guidance_scale!r}", "use e.g. 5.0")
     if not _is_count(per_prompt):
         raise FastDiffError(f"num_images_per_prompt must be a positive integer, got {per_prompt!r}")

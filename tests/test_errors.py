@@ -7,6 +7,7 @@ session artifact, which is never modified.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -517,6 +518,24 @@ def test_call_arguments_of_the_wrong_type_api(tiny_pipeline, kwargs: dict, phras
         tiny_pipeline(**{"prompt": "a cat", "num_inference_steps": 1, **kwargs})
 
 
+def test_call_arguments_of_other_types_that_diffusers_takes_api(tiny_pipeline) -> None:
+    """A numpy number or a 0-d tensor as the guidance, sizes as floats without a fraction, prompts in a tuple."""
+    import numpy as np
+
+    def latents(**kwargs):
+        call = {"prompt": "a cat", "num_inference_steps": 1, "height": 64, "width": 64, "output_type": "latent"}
+        return tiny_pipeline(**{**call, **kwargs}, generator=torch.Generator().manual_seed(0)).images
+
+    expected = latents(guidance_scale=5.0)
+    for kwargs in (
+        {"guidance_scale": torch.tensor(5.0)},
+        {"guidance_scale": np.float32(5.0)},
+        {"guidance_scale": 5.0, "height": 64.0, "width": np.int64(64)},
+        {"guidance_scale": 5.0, "prompt": ("a cat",)},
+    ):
+        torch.testing.assert_close(latents(**kwargs), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("guidance", ["nan", "inf"])
 def test_guidance_not_finite_cli(tiny_artifact: Path, tmp_path: Path, guidance: str) -> None:
     proc = run(tiny_artifact, tmp_path, "--guidance", guidance)
@@ -530,12 +549,21 @@ def test_seed_out_of_range_cli(tiny_artifact: Path, tmp_path: Path) -> None:
     assert images_in(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["img.png", "images"])  # a folder's name need not look like an image's
-def test_out_is_a_folder(tiny_artifact: Path, tmp_path: Path, name: str) -> None:
-    folder = tmp_path / name
+@pytest.mark.parametrize(("name", "count"), [("img.png", 1), ("images", 1), ("images", 2), (".", 2)])
+def test_out_is_a_folder(tiny_artifact: Path, tmp_path: Path, name: str, count: int) -> None:
+    """A folder's name need not look like an image's; several images would go beside it, named after it."""
+    folder = tmp_path / "in" / name
     (folder / "inside").mkdir(parents=True)
-    assert_clean_error(run(tiny_artifact, tmp_path, "--out", str(folder), "--overwrite"), "it is a folder")
+    proc = run(tiny_artifact, tmp_path, "--out", str(folder), "--overwrite", "--num-images", str(count))
+    assert_clean_error(proc, "it is a folder")
     assert [p.name for p in folder.iterdir()] == ["inside"]
+
+
+def test_several_images_beside_a_folder_named_like_an_image(tiny_artifact: Path, tmp_path: Path) -> None:
+    (tmp_path / "img.png").mkdir()
+    proc = run(tiny_artifact, tmp_path, "--out", str(tmp_path / "img.png"), "--num-images", "2", "--res", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["img-0.png", "img-1.png"]
 
 
 def test_image_write_failure_is_reported_and_cleaned_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -968,7 +996,42 @@ def test_an_empty_mount_point_is_refused_before_the_export(exports: Path, monkey
     for overwrite in (False, True):
         with pytest.raises(FastDiffError, match=r"volume is a mount point\n  fix: export into a folder inside it"):
             artifact.ArtifactWriter(out, overwrite=overwrite)
+        (out / "lost+found").mkdir(exist_ok=True)  # and one that holds something, even an artifact
     assert list(exports.iterdir()) == [out]
+
+
+def test_targets_that_only_look_free_are_refused(exports: Path) -> None:
+    """A link to nothing (os.path.exists says no) and a folder whose manifest.json is too deeply nested to parse."""
+    from fastdiff.exporter.artifact import ArtifactWriter
+
+    (exports / "link").symlink_to(exports / "gone")
+    deep = exports / "deep"
+    deep.mkdir()
+    (deep / "manifest.json").write_text("[" * 100_000)
+    for target in ("link", "deep"):
+        with pytest.raises(FastDiffError, match="exists and is not a fastdiff artifact"):
+            ArtifactWriter(exports / target, overwrite=True)
+    assert sorted(p.name for p in exports.iterdir()) == ["deep", "link"]
+
+
+def test_safetensors_write_errors_are_os_errors(exports: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the wording of every safetensors the requirement allows, so the CLI's one-line message applies."""
+    from safetensors import SafetensorError
+
+    from fastdiff.exporter import artifact
+
+    for message in (
+        "Error while serializing: I/O error: No space left on device (os error 28)",  # safetensors >= 0.5
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })',
+    ):
+
+        def fail(*args, message: str = message, **kwargs) -> None:
+            raise SafetensorError(message)
+
+        monkeypatch.setattr(artifact, "save_file", fail)
+        with artifact.ArtifactWriter(exports / "a") as writer, pytest.raises(OSError) as info:
+            writer.save_weights("unet/weights.safetensors", {"w": torch.zeros(4)})
+        assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("unet/weights.safetensors")
 
 
 def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: Path) -> None:
@@ -1043,7 +1106,8 @@ def test_lock_file_of_an_export_killed_before_it_took_its_lock_goes(exports: Pat
     prefix = f".a.partial-{socket.gethostname()}-"
     killed = exports / f"{prefix}{gone.pid}-0123abcd.lock.new"
     starting = exports / f"{prefix}{os.getpid()}-4567cdef.lock.new"  # a running export, about to lock it
-    for path in (killed, starting):
+    not_processes = [exports / f"{prefix}{pid}-89abcdef.lock.new" for pid in (0, 10**30)]
+    for path in (killed, starting, *not_processes):
         path.touch()
     with ArtifactWriter(exports / "a"):
         pass
