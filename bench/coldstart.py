@@ -202,13 +202,19 @@ def table(record: dict) -> str:
             f"| {r['variant']} | {m['interpreter_s']:.2f} | {m['imports_s']:.2f} | {m['load_s']:.2f} | "
             f"{m['first_image_s']:.2f} | {m['total_s']:.2f} |"
         )
-    lines.append("")
-    lines.append(
-        f"Medians of {record['runs']} runs after one untimed run that warms the page cache; torch.compile: one run "
-        "with an empty compile cache (Inductor and Triton caches in a fresh folder), then one that reuses it, then one "
-        "with another empty folder and the first run's torch.compiler.save_cache_artifacts() loaded. Page cache "
-        "cold: the model's files evicted (posix_fadvise) before each run."
-    )
+    variants = " ".join(r["variant"] for r in record["results"])
+    notes = [f"Medians of {record['runs']} runs after one untimed run that warms the page cache."]
+    if "torch.compile" in variants:
+        notes.append(
+            "torch.compile: one run with an empty compile cache (Inductor and Triton caches in a fresh folder), then "
+            "one that reuses it, then one with another empty folder and the first run's "
+            "torch.compiler.save_cache_artifacts() loaded."
+        )
+    if "page cache cold" in variants:
+        notes.append("Page cache cold: the model's files evicted (posix_fadvise) before each run.")
+    if "no prefetch" in variants:
+        notes.append("No prefetch: the same start without fastdiff.runtime.prefetch, each run beside its twin's.")
+    lines += ["", " ".join(notes)]
     return "\n".join(lines) + "\n"
 
 

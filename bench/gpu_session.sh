@@ -80,7 +80,10 @@
 # 1.8 min; 20 min in all.
 # Session O (STEPS="ssd-1b-seed sd15-seed sdxl-coldstart", deadlines 960 s): three exports 5.9-7.4 min; SSD-1B's
 # recipe compiled in 514 s from SDXL's tuning, SD 1.5's still in coordinate descent at the deadline (6 min); ssd-1b-seed
-# 1.6 min, cold starts (warm and cold page cache) 5.8 min; 24 min in all. Next: sd15-seed alone, with the rest after.
+# 1.6 min, cold starts (warm and cold page cache) 5.8 min; 24 min in all.
+# Session P (STEPS="gpu-tests sd15-seed", deadlines 1320 s, then R=/tmp/r2 STEPS=sdxl-coldstart COLDSTART_RUNS=2):
+# SD 1.5's export 4.5 min, its recipe 11.5 min from session O's pack (81 picks, 12 convolutions autotuned again), the
+# GPU tests 11.7 min beside them, sd15-seed 1.4 min; then SDXL's export 7 min and its cold starts under 5 min.
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
