@@ -25,7 +25,7 @@ try:  # torch and its friends take seconds to import, before any command runs: a
         have_torchao,
         quantization_advice,
     )
-    from .presets import PRESETS, check_model
+    from .presets import PRESETS, check_model, check_vae
     from .progress import log
 except KeyboardInterrupt:
     exit_interrupted(INTERRUPTED)
@@ -135,6 +135,9 @@ def auto_quantization(model: str, revision: str | None, dtype: str, capability: 
 )
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")
+@click.option(
+    "--variant", help="Load MODEL's weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --out once the new one is complete.")
 @clean_errors(interrupted=INTERRUPTED)
 def main(
@@ -154,6 +157,7 @@ def main(
     attention: str,
     revision: str | None,
     vae: str | None,
+    variant: str | None,
     overwrite: bool,
 ) -> None:
     """Export MODEL (a preset, a hub id or a local diffusers folder: SDXL, SD 1.x or PixArt-α) to compiled denoiser
@@ -173,6 +177,8 @@ def main(
             f"--passes {quantizing[0]}: quantization is chosen with --quantize", f"use --quantize {quantizing[0]}"
         )
     check_model(model)
+    if vae is not None:
+        check_vae(vae)
     parsed = list(dict.fromkeys(map(parse_resolution, resolutions)))
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if quantize == "auto":
@@ -184,7 +190,7 @@ def main(
     if not parsed:
         from .source import default_resolution  # imports diffusers' pipelines (seconds)
 
-        parsed = [default_resolution(model, revision)]
+        parsed = [default_resolution(model, revision, vae)]
     inductor = parse_inductor_config(list(inductor_config))
     overrides = inductor.pop("", {})
     everywhere = {**overrides, **({} if max_autotune is None else {"max_autotune": max_autotune})}
@@ -207,6 +213,7 @@ def main(
         component_inductor_overrides=by_component,
         revision=revision,
         vae=vae,
+        variant=variant,
         out=out,
         overwrite=overwrite,
         compile_text_encoders=text_encoders == "compiled",

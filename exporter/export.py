@@ -60,7 +60,9 @@ def export_artifact(options: ExportOptions) -> Path:
     out = options.out or options.default_out()
     with ArtifactWriter(out, options.overwrite) as writer:  # checks the target before the slow work
         with phase(f"loading {options.model}"):
-            source = load_source(options.model, torch_dtype(options.dtype), options.revision, options.vae)
+            source = load_source(
+                options.model, torch_dtype(options.dtype), options.revision, options.vae, options.variant
+            )
         pipe = source.pipe
         facts = _model_facts(source)
         compiled = {"unet", "vae_decoder", *(e for _, e in TEXT_PARTS[source.family] if options.compile_text_encoders)}

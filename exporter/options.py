@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .artifact import check_target
 from .attention import check_backend_device
 from .compile import SEED_INDUCTOR_FLAGS
 from .passes import DEFAULT_PASSES, FP8_CAPABILITY, PASSES, QUANTIZATION_PASSES, check_quantization, have_torchao
+from .presets import PRESETS
 
 # What an artifact compiles, by the manifest's names: the denoiser (named unet for every family), the VAE decoder
 # and the text encoders of any family (TEXT_PARTS).
@@ -46,7 +48,7 @@ def default_component_configs(
 
 @dataclass
 class ExportOptions:
-    model: str
+    model: str  # a preset, a hub id or a checkpoint folder (a Path too)
     resolutions: list[Resolution]
     device: torch.device
     dtype: str = "fp32"
@@ -61,10 +63,16 @@ class ExportOptions:
     component_inductor_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     revision: str | None = None
     vae: str | None = None
+    variant: str | None = None  # weight files to load, e.g. fp16 for *.fp16.safetensors (diffusers' variant)
     out: Path | None = None
     overwrite: bool = False
     compile_text_encoders: bool = True  # False: ship the stock transformers encoders instead
     attention: str = "default"  # SDPA backend compiled in: torch's choice, auto (fastest on the export GPU), or a name
+
+    def __post_init__(self) -> None:  # paths may be given as Path objects (the CLI passes strings)
+        self.model = os.fspath(self.model)
+        self.vae = None if self.vae is None else os.fspath(self.vae)
+        self.out = None if self.out is None else Path(self.out)
 
     def inductor_configs(self, component: str | None = None) -> dict:
         """The Inductor settings every package of the export compiles with (recorded in the manifest), or those of
@@ -84,7 +92,8 @@ class ExportOptions:
         return {**configs, **self.inductor_overrides, **own}
 
     def default_out(self) -> Path:
-        name = self.model.rstrip("/").split("/")[-1] if "/" in self.model else self.model
+        local = self.model not in PRESETS and Path(self.model).is_dir()
+        name = Path(self.model).resolve().name if local else self.model.rstrip("/").split("/")[-1]
         res = "_".join(r.key for r in self.resolutions)
         return Path("artifacts") / f"{name}-{res}-{self.dtype}-{self.device.type}"
 

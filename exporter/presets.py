@@ -146,3 +146,26 @@ def check_model(model: str) -> None:
             f"unknown model {model!r}: not a preset, a local folder or a hub id",
             f"use a preset ({', '.join(PRESETS)}), a hub id like org/name, or a checkpoint folder",
         )
+
+
+def check_vae(vae: str) -> None:
+    """--vae must name a diffusers VAE folder (one that holds config.json) or, by its form, a hub id."""
+    path = Path(vae)
+    if path.is_file():
+        raise FastDiffError(
+            f"--vae {vae} is a file, not a diffusers VAE folder",
+            "save it as one first: AutoencoderKL.from_single_file(file).save_pretrained(folder), then pass the folder",
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            inside = (path / "vae" / "config.json").is_file()
+            raise FastDiffError(
+                f"--vae {vae} is not a diffusers VAE folder (no config.json)",
+                f"pass {path / 'vae'}" if inside else "pass the folder that holds the VAE's config.json",
+            )
+        return
+    if vae.count("/") != 1 or vae.startswith(("/", ".")):
+        raise FastDiffError(
+            f"--vae {vae}: there is no such folder, and it is not a hub id (org/name)",
+            "pass a VAE folder or a hub id, e.g. madebyollin/sdxl-vae-fp16-fix",
+        )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import diffusers
 import torch
@@ -21,10 +23,16 @@ from diffusers import (
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.resolution import Resolution, parse_resolution
 
-from .presets import PRESETS, Preset, check_model
+from .presets import PRESETS, Preset, check_model, check_vae
 
 # The pipeline classes fastdiff exports, by family name (the manifest's model.family).
 FAMILIES = {"sdxl": StableDiffusionXLPipeline, "sd": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline}
+# Components a checkpoint may list that no artifact uses (SD 1.x's safety checker and its image processor, IP-Adapter
+# image encoders): not loaded, so that a checkpoint folder without them (often deleted: 1.2 GB) exports too.
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+# diffusers' names for weights saved with a variant: diffusion_pytorch_model.fp16.safetensors, or sharded,
+# diffusion_pytorch_model.fp16-00001-of-00002.safetensors (model.fp16.safetensors for transformers' models).
+VARIANT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)\.(\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
 
 
 @dataclass
@@ -40,13 +48,22 @@ class Source:
         return self.pipe.transformer if self.family == "pixart" else self.pipe.unet
 
 
-def load_source(model: str, dtype: torch.dtype, revision: str | None = None, vae: str | None = None) -> Source:
-    """Load the diffusers pipeline to export, in `dtype`, on the CPU."""
+def load_source(
+    model: str, dtype: torch.dtype, revision: str | None = None, vae: str | None = None, variant: str | None = None
+) -> Source:
+    """Load the diffusers pipeline to export, in `dtype`, on the CPU; `variant` names the weight files to load (e.g.
+    fp16 for diffusion_pytorch_model.fp16.safetensors), as in diffusers' from_pretrained."""
     preset = PRESETS.get(model)
     location = _location(model)
-    if preset is not None:
-        vae = vae or preset.vae
-    pipe_kwargs = {"torch_dtype": dtype, "revision": revision}
+    if vae is not None:
+        check_vae(vae)
+    elif preset is not None:
+        vae = preset.vae
+    index = _load(DiffusionPipeline.load_config, location, revision=revision)
+    if Path(location).is_dir():
+        _check_folder(Path(location), index, variant, vae)
+    pipe_kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
+    pipe_kwargs.update({name: None for name in UNUSED_COMPONENTS if (index.get(name) or [None])[0] is not None})
     if vae is not None:
         pipe_kwargs["vae"] = _load(AutoencoderKL.from_pretrained, vae, torch_dtype=dtype)
     pipe = _load(DiffusionPipeline.from_pretrained, location, **pipe_kwargs)
@@ -58,16 +75,23 @@ def load_source(model: str, dtype: torch.dtype, revision: str | None = None, vae
             + " models",
             "export an SDXL, Stable Diffusion 1.x or PixArt-α architecture checkpoint",
         )
-    _check_supported(pipe, family, model)
-    record = {"model": preset.model or preset.name if preset else model, "revision": revision, "vae": vae}
+    _check_supported(pipe, family, model, vae)
+    local = preset is None and Path(model).is_dir()
+    record = {
+        "model": preset.model or preset.name if preset else str(Path(model).resolve()) if local else model,
+        "revision": revision,
+        "vae": str(Path(vae).resolve()) if vae and Path(vae).is_dir() else vae,
+    }
+    if variant:
+        record["variant"] = variant
     if preset:
         record["preset"] = preset.name
     return Source(pipe=pipe, family=family, record=record, preset=preset)
 
 
-def default_resolution(model: str, revision: str | None = None) -> Resolution:
+def default_resolution(model: str, revision: str | None = None, vae: str | None = None) -> Resolution:
     """What the model was trained for: the preset's resolution, else the denoiser's sample size times the VAE's
-    scale factor (read from the configs alone, without loading weights)."""
+    (`vae`'s, if given) scale factor, read from the configs alone, without loading weights."""
     preset = PRESETS.get(model)
     if preset is not None:
         return parse_resolution(preset.resolution)
@@ -77,8 +101,12 @@ def default_resolution(model: str, revision: str | None = None) -> Resolution:
         (PixArtTransformer2DModel, "transformer") if "transformer" in index else (UNet2DConditionModel, "unet")
     )
     denoiser = _load(model_class.load_config, location, subfolder=folder, revision=revision)
-    vae = _load(AutoencoderKL.load_config, location, subfolder="vae", revision=revision)
-    return parse_resolution(denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
+    vae_config = (
+        _load(AutoencoderKL.load_config, vae)
+        if vae
+        else _load(AutoencoderKL.load_config, location, subfolder="vae", revision=revision)
+    )
+    return parse_resolution(denoiser["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1))
 
 
 def model_family(model: str, revision: str | None = None) -> str | None:
@@ -110,15 +138,22 @@ def _load(load, location: str, **kwargs):
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
             return load(location, **kwargs)
     except Exception as e:
-        if _not_cached_offline(e):
+        local = Path(location).exists()
+        if _not_cached_offline(e) and not local:
+            # "models/my-sdxl" mistyped reads as a hub id: say that no such folder exists either.
+            folder = Path(location).parent.is_dir() and Path(location).parent != Path()
             raise FastDiffError(
-                f"cannot load {location}: it is not in the Hugging Face cache, and the hub cannot be reached",
-                "connect to the network (with HF_HUB_OFFLINE unset) once to download it, or pass a local folder",
+                f"cannot load {location}: "
+                + (f"there is no folder {location}, and as a hub id it is" if folder else "it is")
+                + " not in the Hugging Face cache, and the hub cannot be reached",
+                "check the path, or connect to the network (with HF_HUB_OFFLINE unset) once to download it",
             ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FastDiffError(
             f"cannot load {location}: {first}",
-            "check the id or path; without network the model must already be in the Hugging Face cache",
+            "check that the folder is a diffusers checkpoint as save_pretrained writes it"
+            if local
+            else "check the id; without network the model must already be in the Hugging Face cache",
         ) from None
     finally:
         diffusers.logging.set_verbosity(level)
@@ -137,11 +172,53 @@ def _not_cached_offline(error: BaseException) -> bool:
     return False
 
 
-def _check_supported(pipe, family: str, model: str) -> None:
+def _check_folder(folder: Path, index: dict, variant: str | None, vae: str | None) -> None:
+    """A local checkpoint folder holds what its model_index.json lists, and its denoiser weights that are not of a
+    variant unless one is asked for (diffusers' own errors name the folder, not what is missing in it)."""
+    for name, entry in index.items():
+        listed = isinstance(entry, list | tuple) and entry and entry[0] is not None
+        if listed and name not in UNUSED_COMPONENTS and not (vae and name == "vae") and not (folder / name).is_dir():
+            raise FastDiffError(
+                f"{folder / name} is missing: model_index.json lists {name}",
+                "copy the whole checkpoint folder, as diffusers' save_pretrained writes it",
+            )
+    denoiser = folder / ("transformer" if "transformer" in index else "unet")
+    names = [p.name for p in denoiser.iterdir()] if denoiser.is_dir() else []
+    variants = sorted({m[1] for n in names if (m := VARIANT_FILE.match(n))})
+    plain = any(re.match(r"^diffusion_pytorch_model(?:-\d+-of-\d+)?\.(?:safetensors|bin)$", n) for n in names)
+    if variant is None and variants and not plain:
+        raise FastDiffError(
+            f"{denoiser} holds only {' and '.join(variants)} weights (diffusion_pytorch_model.{variants[0]}.*)",
+            f"pass --variant {variants[0]}",
+        )
+
+
+def _check_supported(pipe, family: str, model: str, vae: str | None = None) -> None:
     if pipe.text_encoder is None or pipe.tokenizer is None:
         raise FastDiffError(f"{model} has no text encoder or tokenizer", "export a checkpoint that includes them")
+    denoiser = pipe.transformer if family == "pixart" else pipe.unet
+    latent, taken = pipe.vae.config.latent_channels, denoiser.config.in_channels
+    if latent != taken:
+        raise FastDiffError(
+            f"the VAE {vae or 'of ' + model} makes latents of {latent} channels; {model}'s denoiser takes {taken}",
+            "use a VAE made for this model's architecture" if vae else "export a checkpoint whose parts match",
+        )
     if family == "pixart":
         return
+    pairs = [
+        (pipe.tokenizer, pipe.text_encoder),
+        (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)),
+    ]
+    for tokenizer, encoder in pairs:
+        if tokenizer is not None and encoder is not None:
+            positions = encoder.config.max_position_embeddings
+            if (length := tokenizer.model_max_length) > positions:
+                # transformers takes a tokenizer_config.json without model_max_length as a length of 1e30
+                shown = "of any length" if length >= 1e9 else f"of up to {length} tokens"
+                raise FastDiffError(
+                    f"{model}'s tokenizer takes prompts {shown}, its text encoder {positions} tokens",
+                    f'set "model_max_length": {positions} in the tokenizer\'s tokenizer_config.json',
+                )
     unet = pipe.unet.config
     if family == "sdxl" and (pipe.text_encoder is None or pipe.text_encoder_2 is None):
         raise FastDiffError(f"{model} lacks one of SDXL's two text encoders (a refiner?)", "export a base model")
