@@ -30,6 +30,8 @@ from .resolution import Resolution, parse_resolution
 from .text import TextConditioner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+# What callback_on_step_end can be given and return (diffusers' pipelines offer their conditioning tensors too).
+CALLBACK_TENSOR_INPUTS = ("latents",)
 # What a call does, in order, each under torch.profiler.record_function("fastdiff::" + phase): a profile of a call
 # then says how long each took on the host and which GPU work it launched (bench/common.py timeline).
 PHASES = ("encode_prompt", "denoise", "decode", "to_image")
@@ -73,6 +75,12 @@ class FastDiffPipeline:
         self.unets = unets
         self.vae_decoders = vae_decoders
         self._progress: dict[str, Any] = {}
+        self._interrupt = False
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (in a callback_on_step_end, as with diffusers) to skip the remaining steps."""
+        return self._interrupt
 
     @property
     def resolutions(self) -> list[Resolution]:
@@ -95,7 +103,14 @@ class FastDiffPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> FastDiffPipelineOutput:
+        """As diffusers' pipelines: `latents` are the initial noise (one row per image, before the scheduler's
+        scaling), `callback_on_step_end(pipe, step, timestep, {name: tensor})` is called after each step with the
+        tensors named in `callback_on_step_end_tensor_inputs` (default and only: latents) and may return replacements;
+        setting `pipe._interrupt = True` skips the remaining steps."""
         # Deferred so that load_pipeline can overlap diffusers' slow import with loading; loaded by now.
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -108,6 +123,7 @@ class FastDiffPipeline:
         guidance_scale = float(guidance_scale)  # a numpy number or a 0-d tensor too, as diffusers takes them
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
+        tensor_inputs = _callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         n = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != n:
@@ -115,6 +131,9 @@ class FastDiffPipeline:
                 f"{len(generator)} generators for {n} image{'s' * (n != 1)}",
                 "give one generator, or one per image (prompt-major)",
             )
+        shape = (n, *self.manifest.model.latent_shape(res))
+        if latents is not None:
+            latents = _as_latents(latents, shape, self.device, self.dtype, "latents")
         # The scheduler's tables and timesteps stay on the CPU: indexing them with a device timestep would wait for
         # the GPU at every step (PNDM's alphas_cumprod[t]). The denoiser gets the timesteps in one copy per call.
         try:
@@ -128,15 +147,17 @@ class FastDiffPipeline:
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)  # so step() never searches the timesteps
         unet_timesteps = self.scheduler.timesteps.to(self.device, torch.float32)  # the package takes float32 scalars
-        latents = randn_tensor(
-            (n, *self.manifest.model.latent_shape(res)), generator=generator, device=self.device, dtype=self.dtype
-        )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents = latents * self.scheduler.init_noise_sigma
+        self._interrupt = False
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
         with record_function("fastdiff::denoise"):
-            latents = self._denoise(unet, latents, unet_timesteps, chunks, guidance_scale, step_kwargs)
+            latents = self._denoise(
+                unet, latents, unet_timesteps, chunks, guidance_scale, step_kwargs, callback_on_step_end, tensor_inputs
+            )
         if output_type == "latent":
             return FastDiffPipelineOutput(images=latents)
         with record_function("fastdiff::decode"):
@@ -192,11 +213,15 @@ class FastDiffPipeline:
         chunks: list[tuple[slice, tuple[torch.Tensor, ...]]],
         guidance_scale: float,
         step_kwargs: dict[str, Any],
+        callback: Callable[..., Any] | None = None,
+        tensor_inputs: list[str] | None = None,
     ) -> torch.Tensor:
         """All steps over the scheduler's timesteps (set by the caller; `unet_timesteps` are the same on the device):
-        nothing here waits for the device."""
+        nothing here waits for the device (unless the caller's callback does)."""
         guidance = guidance_scale > 1.0
         for i, t in enumerate(tqdm(self.scheduler.timesteps, **self._progress)):
+            if self._interrupt:
+                break
             scaled = self.scheduler.scale_model_input(latents, t)  # elementwise: the same as on the CFG batch
             noise = []
             for chunk, cond in chunks:
@@ -208,6 +233,11 @@ class FastDiffPipeline:
                 noise.append(out)
             noise = noise[0] if len(noise) == 1 else torch.cat(noise)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                returned = callback(self, i, t, {"latents": latents} if "latents" in tensor_inputs else {})
+                if isinstance(returned, dict) and "latents" in returned:
+                    what = "the latents callback_on_step_end returned"
+                    latents = _as_latents(returned["latents"], latents.shape, latents.device, latents.dtype, what)
         return latents
 
     def _step_kwargs(self, generator: Any) -> dict[str, Any]:
@@ -302,6 +332,31 @@ def _check_call(steps: Any, guidance_scale: Any, per_prompt: Any, generator: Any
         raise FastDiffError(f"generator must be a torch.Generator or a list of them, got {generator!r:.80}")
     if output_type not in OUTPUT_TYPES:
         raise FastDiffError(f"output_type {output_type!r} is not supported", f"use one of {', '.join(OUTPUT_TYPES)}")
+
+
+def _callback_inputs(callback: Any, names: list[str] | None) -> list[str]:
+    """The tensors callback_on_step_end is given: those named, or a diffusers PipelineCallback's own."""
+    if callback is None:
+        return []
+    if not callable(callback):
+        raise FastDiffError(f"callback_on_step_end must be callable, got {callback!r:.80}")
+    names = getattr(callback, "tensor_inputs", None) or (["latents"] if names is None else names)
+    if unknown := [name for name in names if name not in CALLBACK_TENSOR_INPUTS]:
+        raise FastDiffError(
+            f"callback_on_step_end_tensor_inputs: {unknown[0]!r} is not offered",
+            f"ask for {', '.join(CALLBACK_TENSOR_INPUTS)}",
+        )
+    return list(names)
+
+
+def _as_latents(
+    given: Any, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, what: str
+) -> torch.Tensor:
+    """`given` on the pipeline's device and in its dtype, if it is a tensor of the call's latent shape."""
+    if not isinstance(given, torch.Tensor) or tuple(given.shape) != tuple(shape):
+        got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+        raise FastDiffError(f"{what} must be a tensor of shape {tuple(shape)} for this call, got {got}")
+    return given.to(device, dtype)
 
 
 def micro_conditioning(res: Resolution, rows: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -77,6 +77,35 @@ LATENT_CASES = [
 ]
 
 
+def test_given_latents_and_step_callbacks_match(tiny_pipeline, reference_pipeline) -> None:
+    """The initial latents given, a callback_on_step_end that sees every step's latents and replaces them once, and
+    an interrupt from it, as in diffusers."""
+    shape = (2, *tiny_pipeline.manifest.model.latent_shape(Resolution(96, 64)))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    seen: dict[str, list] = {"mine": [], "theirs": []}
+
+    def callback(key: str):
+        def on_step_end(pipe, i: int, t: torch.Tensor, tensors: dict) -> dict:
+            seen[key].append((i, float(t), tensors["latents"].clone()))
+            if i == 2:
+                pipe._interrupt = True  # the steps after this one are skipped
+            return {"latents": tensors["latents"] * 0.5} if i == 1 else {}
+
+        return on_step_end
+
+    kwargs = {"height": 64, "width": 96, "num_images_per_prompt": 2, "num_inference_steps": 5, "latents": noise}
+    mine = _call(tiny_pipeline, 0, "latent", callback_on_step_end=callback("mine"), **kwargs)
+    theirs = _call(reference_pipeline, 0, "latent", callback_on_step_end=callback("theirs"), **kwargs)
+    torch.testing.assert_close(mine, theirs, **LATENT_TOL)
+    assert [s[:2] for s in seen["mine"]] == [s[:2] for s in seen["theirs"]] and len(seen["mine"]) == 3
+    for (_, _, a), (_, _, b) in zip(seen["mine"], seen["theirs"], strict=True):
+        torch.testing.assert_close(a, b, **LATENT_TOL)
+    # The latents given are the noise: another seed for the generator changes nothing.
+    again = _call(tiny_pipeline, 99, "latent", **{**kwargs, "num_inference_steps": 2})
+    torch.testing.assert_close(again, _call(tiny_pipeline, 0, "latent", **{**kwargs, "num_inference_steps": 2}))
+    assert not tiny_pipeline.interrupt  # a new call starts uninterrupted
+
+
 @pytest.mark.parametrize(("kwargs", "seed"), LATENT_CASES)
 def test_latents_match(tiny_pipeline, reference_pipeline, kwargs: dict, seed: int) -> None:
     mine, theirs = _both(tiny_pipeline, reference_pipeline, seed, **kwargs)

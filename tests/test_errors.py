@@ -509,6 +509,14 @@ def test_bad_call_arguments_api(tiny_pipeline) -> None:
         ({"width": 64.9, "height": 64}, "height and width must be positive integers"),
         ({"generator": "x"}, "generator must be a torch.Generator or a list of them"),
         ({"generator": [torch.Generator(), 1]}, "generator must be a torch.Generator or a list of them"),
+        ({"latents": torch.zeros(1, 4, 8, 9)}, "latents must be a tensor of shape (1, 4, 8, 8) for this call, got"),
+        ({"latents": [0.0]}, "latents must be a tensor of shape (1, 4, 8, 8) for this call, got list"),
+        ({"callback_on_step_end": "x"}, "callback_on_step_end must be callable"),
+        (
+            {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]},
+            "callback_on_step_end_tensor_inputs: 'prompt_embeds' is not offered",
+        ),
+        ({"callback_on_step_end": lambda *a: {"latents": None}}, "the latents callback_on_step_end returned must be"),
     ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
 )
