@@ -190,7 +190,7 @@ def main(
     if not parsed:
         from .source import default_resolution  # imports diffusers' pipelines (seconds)
 
-        parsed = [default_resolution(model, revision, vae)]
+        parsed = [default_resolution(model, revision, vae, variant)]
     inductor = parse_inductor_config(list(inductor_config))
     overrides = inductor.pop("", {})
     everywhere = {**overrides, **({} if max_autotune is None else {"max_autotune": max_autotune})}

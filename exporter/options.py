@@ -93,7 +93,7 @@ class ExportOptions:
 
     def default_out(self) -> Path:
         local = self.model not in PRESETS and Path(self.model).is_dir()
-        name = Path(self.model).resolve().name if local else self.model.rstrip("/").split("/")[-1]
+        name = os.path.basename(os.path.abspath(self.model)) if local else self.model.rstrip("/").split("/")[-1]
         res = "_".join(r.key for r in self.resolutions)
         return Path("artifacts") / f"{name}-{res}-{self.dtype}-{self.device.type}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,10 +158,16 @@ def check_vae(vae: str) -> None:
             "save it as one first: AutoencoderKL.from_single_file(file).save_pretrained(folder), then pass the folder",
         )
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        try:
+            vae_class = json.loads((path / "config.json").read_text()).get("_class_name", "")
+        except (OSError, ValueError, AttributeError):
+            vae_class = None
+        if vae_class is None or not vae_class.startswith("AutoencoderKL"):
             inside = (path / "vae" / "config.json").is_file()
             raise FastDiffError(
-                f"--vae {vae} is not a diffusers VAE folder (no config.json)",
+                f"--vae {vae} is not a diffusers VAE folder ("
+                + ("no config.json" if vae_class is None else f"its config.json is a {vae_class or 'model'}'s")
+                + ")",
                 f"pass {path / 'vae'}" if inside else "pass the folder that holds the VAE's config.json",
             )
         return

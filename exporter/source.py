@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ FAMILIES = {"sdxl": StableDiffusionXLPipeline, "sd": StableDiffusionPipeline, "p
 # Components a checkpoint may list that no artifact uses (SD 1.x's safety checker and its image processor, IP-Adapter
 # image encoders): not loaded, so that a checkpoint folder without them (often deleted: 1.2 GB) exports too.
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-# diffusers' names for weights saved with a variant: diffusion_pytorch_model.fp16.safetensors, or sharded,
-# diffusion_pytorch_model.fp16-00001-of-00002.safetensors (model.fp16.safetensors for transformers' models).
-VARIANT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)\.(\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+# A denoiser's weight files: diffusion_pytorch_model.safetensors (or .bin); of a variant,
+# diffusion_pytorch_model.fp16.safetensors; sharded, diffusion_pytorch_model.fp16-00001-of-00002.safetensors (older
+# diffusers: diffusion_pytorch_model-00001-of-00002.fp16.safetensors).
+WEIGHT_FILE = re.compile(r"^diffusion_pytorch_model(\.\w+?)?(?:-\d+-of-\d+)?(\.\w+?)?\.(?:safetensors|bin)$")
 
 
 @dataclass
@@ -60,8 +62,7 @@ def load_source(
     elif preset is not None:
         vae = preset.vae
     index = _load(DiffusionPipeline.load_config, location, revision=revision)
-    if Path(location).is_dir():
-        _check_folder(Path(location), index, variant, vae)
+    _check_folder(location, index, variant, vae)
     pipe_kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
     pipe_kwargs.update({name: None for name in UNUSED_COMPONENTS if (index.get(name) or [None])[0] is not None})
     if vae is not None:
@@ -78,9 +79,9 @@ def load_source(
     _check_supported(pipe, family, model, vae)
     local = preset is None and Path(model).is_dir()
     record = {
-        "model": preset.model or preset.name if preset else str(Path(model).resolve()) if local else model,
+        "model": preset.model or preset.name if preset else os.path.abspath(model) if local else model,
         "revision": revision,
-        "vae": str(Path(vae).resolve()) if vae and Path(vae).is_dir() else vae,
+        "vae": os.path.abspath(vae) if vae and Path(vae).is_dir() else vae,
     }
     if variant:
         record["variant"] = variant
@@ -89,7 +90,9 @@ def load_source(
     return Source(pipe=pipe, family=family, record=record, preset=preset)
 
 
-def default_resolution(model: str, revision: str | None = None, vae: str | None = None) -> Resolution:
+def default_resolution(
+    model: str, revision: str | None = None, vae: str | None = None, variant: str | None = None
+) -> Resolution:
     """What the model was trained for: the preset's resolution, else the denoiser's sample size times the VAE's
     (`vae`'s, if given) scale factor, read from the configs alone, without loading weights."""
     preset = PRESETS.get(model)
@@ -97,6 +100,7 @@ def default_resolution(model: str, revision: str | None = None, vae: str | None 
         return parse_resolution(preset.resolution)
     location = _location(model)
     index = _load(DiffusionPipeline.load_config, location, revision=revision)
+    _check_folder(location, index, variant, vae)
     model_class, folder = (
         (PixArtTransformer2DModel, "transformer") if "transformer" in index else (UNet2DConditionModel, "unet")
     )
@@ -172,23 +176,27 @@ def _not_cached_offline(error: BaseException) -> bool:
     return False
 
 
-def _check_folder(folder: Path, index: dict, variant: str | None, vae: str | None) -> None:
-    """A local checkpoint folder holds what its model_index.json lists, and its denoiser weights that are not of a
-    variant unless one is asked for (diffusers' own errors name the folder, not what is missing in it)."""
+def _check_folder(location: str, index: dict, variant: str | None, vae: str | None) -> None:
+    """A local checkpoint folder holds what its model_index.json lists, and denoiser weights of the variant asked for
+    or plain ones (diffusers' own errors name the folder, not what is missing in it)."""
+    folder = Path(location)
+    if not folder.is_dir():
+        return  # a hub id: its files are the hub's
     for name, entry in index.items():
-        listed = isinstance(entry, list | tuple) and entry and entry[0] is not None
+        listed = not name.startswith("_") and isinstance(entry, list | tuple) and entry and entry[0] is not None
         if listed and name not in UNUSED_COMPONENTS and not (vae and name == "vae") and not (folder / name).is_dir():
             raise FastDiffError(
                 f"{folder / name} is missing: model_index.json lists {name}",
                 "copy the whole checkpoint folder, as diffusers' save_pretrained writes it",
             )
     denoiser = folder / ("transformer" if "transformer" in index else "unet")
-    names = [p.name for p in denoiser.iterdir()] if denoiser.is_dir() else []
-    variants = sorted({m[1] for n in names if (m := VARIANT_FILE.match(n))})
-    plain = any(re.match(r"^diffusion_pytorch_model(?:-\d+-of-\d+)?\.(?:safetensors|bin)$", n) for n in names)
-    if variant is None and variants and not plain:
+    found = [m for p in (denoiser.iterdir() if denoiser.is_dir() else []) if (m := WEIGHT_FILE.match(p.name))]
+    variants = sorted({(m[1] or m[2])[1:] for m in found if m[1] or m[2]})
+    plain = any(not (m[1] or m[2]) for m in found)
+    if variants and not plain and variant not in variants:
         raise FastDiffError(
-            f"{denoiser} holds only {' and '.join(variants)} weights (diffusion_pytorch_model.{variants[0]}.*)",
+            f"{denoiser} holds only {' and '.join(variants)} weights (diffusion_pytorch_model.{variants[0]}.*)"
+            + (f", no {variant} ones" if variant else ""),
             f"pass --variant {variants[0]}",
         )
 

@@ -76,11 +76,17 @@ class FastDiffPipeline:
         self.vae_decoders = vae_decoders
         self._progress: dict[str, Any] = {}
         self._interrupt = False
+        self._num_timesteps = 0
 
     @property
     def interrupt(self) -> bool:
         """Set `pipe._interrupt = True` (in a callback_on_step_end, as with diffusers) to skip the remaining steps."""
         return self._interrupt
+
+    @property
+    def num_timesteps(self) -> int:
+        """The steps of the current (or last) call, as diffusers' pipelines have it for callbacks."""
+        return self._num_timesteps
 
     @property
     def resolutions(self) -> list[Resolution]:
@@ -124,6 +130,7 @@ class FastDiffPipeline:
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
         tensor_inputs = _callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._interrupt = False  # as diffusers, before the prompt's encoding: an interrupt set during it counts
 
         n = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != n:
@@ -150,7 +157,7 @@ class FastDiffPipeline:
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents = latents * self.scheduler.init_noise_sigma
-        self._interrupt = False
+        self._num_timesteps = len(self.scheduler.timesteps)
 
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
@@ -214,7 +221,7 @@ class FastDiffPipeline:
         guidance_scale: float,
         step_kwargs: dict[str, Any],
         callback: Callable[..., Any] | None = None,
-        tensor_inputs: list[str] | None = None,
+        tensor_inputs: list[str] | tuple[str, ...] = (),
     ) -> torch.Tensor:
         """All steps over the scheduler's timesteps (set by the caller; `unet_timesteps` are the same on the device):
         nothing here waits for the device (unless the caller's callback does)."""
@@ -340,11 +347,13 @@ def _callback_inputs(callback: Any, names: list[str] | None) -> list[str]:
         return []
     if not callable(callback):
         raise FastDiffError(f"callback_on_step_end must be callable, got {callback!r:.80}")
-    names = getattr(callback, "tensor_inputs", None) or (["latents"] if names is None else names)
+    own = getattr(callback, "tensor_inputs", None)  # a diffusers PipelineCallback names its own
+    names = own if own is not None else ["latents"] if names is None else names
     if unknown := [name for name in names if name not in CALLBACK_TENSOR_INPUTS]:
+        asked = "callback_on_step_end (its tensor_inputs)" if own is not None else "callback_on_step_end_tensor_inputs"
         raise FastDiffError(
-            f"callback_on_step_end_tensor_inputs: {unknown[0]!r} is not offered",
-            f"ask for {', '.join(CALLBACK_TENSOR_INPUTS)}",
+            f"{asked} asks for {unknown[0]!r}; this pipeline offers only {', '.join(CALLBACK_TENSOR_INPUTS)}",
+            "use a callback that needs only those",
         )
     return list(names)
 

@@ -42,9 +42,9 @@ def vae_with_latent_channels(folder: Path, channels: int, out: Path) -> Path:
     return out
 
 
-def refused(*args: str) -> str:
+def refused(*args: str, res: tuple[str, ...] = ("--res", "64")) -> str:
     """fastdiff-export refusing ARGS with one clean error before compiling; its stderr."""
-    proc = invoke_cli("fastdiff-export", *args, "--res", "64", "--device", "cpu")
+    proc = invoke_cli("fastdiff-export", *args, *res, "--device", "cpu")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "torch.export" not in proc.stderr, proc.stderr
     return proc.stderr
@@ -62,8 +62,10 @@ def test_variant_weights_load_as_diffusers_loads_them(checkpoint: Path, tmp_path
         torch.testing.assert_close(mine.pipe.unet.state_dict()[name], tensor, rtol=0, atol=0)
     assert mine.record["variant"] == "fp16" and mine.record["model"] == str(checkpoint.resolve())
     # Without --variant such a folder is refused with the option to pass (diffusers: "no file named ....bin").
-    stderr = refused(str(checkpoint), "--out", str(tmp_path / "a"))
-    assert "holds only fp16 weights" in stderr and "pass --variant fp16" in stderr, stderr
+    for args in ((), ("--variant", "bf16")):  # with the default resolution's reading of the folder too
+        stderr = refused(str(checkpoint), *args, "--out", str(tmp_path / "a"), res=())
+        assert "holds only fp16 weights" in stderr and "pass --variant fp16" in stderr, stderr
+    assert "no bf16 ones" in stderr, stderr
     # With it, the load gets as far as the parts' own checks (here a VAE of another latent size, as --vae).
     vae = vae_with_latent_channels(checkpoint, 8, tmp_path / "vae8")
     stderr = refused(str(checkpoint), "--variant", "fp16", "--vae", str(vae), "--out", str(tmp_path / "a"))
@@ -110,8 +112,9 @@ def test_another_vae_where_the_checkpoint_has_none(checkpoint: Path, tmp_path: P
     vae = Path(shutil.copytree(checkpoint / "vae", tmp_path / "vae"))
     shutil.rmtree(checkpoint / "vae")
     assert default_resolution(str(checkpoint), vae=str(vae)) == own
-    stderr = refused(str(checkpoint), "--out", str(tmp_path / "a"))  # and without one, the missing VAE is named
-    assert f"{checkpoint / 'vae'} is missing" in stderr, stderr
+    for res in (("--res", "64"), ()):  # and without one, the missing VAE is named, with --res or without it
+        stderr = refused(str(checkpoint), "--out", str(tmp_path / "a"), res=res)
+        assert f"{checkpoint / 'vae'} is missing" in stderr, stderr
 
 
 @pytest.mark.parametrize(
@@ -122,9 +125,10 @@ def test_another_vae_where_the_checkpoint_has_none(checkpoint: Path, tmp_path: P
             ["is a file, not a diffusers VAE folder", "from_single_file"],
         ),
         (lambda ckpt, tmp: ckpt, ["is not a diffusers VAE folder (no config.json)", "pass {ckpt}/vae"]),
-        (lambda ckpt, tmp: Path("./no-such-vae"), ["there is no such folder, and it is not a hub id"]),
+        (lambda ckpt, tmp: "./vaes/x", ["there is no such folder, and it is not a hub id"]),
+        (lambda ckpt, tmp: ckpt / "unet", ["its config.json is a UNet2DConditionModel's"]),
     ],
-    ids=["file", "pipeline-folder", "missing"],
+    ids=["file", "pipeline-folder", "missing", "unet"],
 )
 def test_export_refuses_a_vae_that_is_no_vae(checkpoint: Path, tmp_path: Path, make, phrases: list[str]) -> None:
     vae = make(checkpoint, tmp_path)
@@ -136,8 +140,6 @@ def test_export_refuses_a_vae_that_is_no_vae(checkpoint: Path, tmp_path: Path, m
 def test_a_mistyped_folder_is_not_only_a_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`models/my-sdxl` reads as a hub id too; offline, the error says that no such folder exists either."""
     (tmp_path / "models").mkdir()
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     monkeypatch.chdir(tmp_path)
     stderr = refused("models/my-sdxl", "--out", "a")
     assert "there is no folder models/my-sdxl, and as a hub id it is not in the Hugging Face cache" in stderr, stderr

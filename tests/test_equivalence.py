@@ -86,7 +86,7 @@ def test_given_latents_and_step_callbacks_match(tiny_pipeline, reference_pipelin
 
     def callback(key: str):
         def on_step_end(pipe, i: int, t: torch.Tensor, tensors: dict) -> dict:
-            seen[key].append((i, float(t), tensors["latents"].clone()))
+            seen[key].append((i, float(t), pipe.num_timesteps, tensors["latents"].clone()))
             if i == 2:
                 pipe._interrupt = True  # the steps after this one are skipped
             return {"latents": tensors["latents"] * 0.5} if i == 1 else {}
@@ -97,8 +97,8 @@ def test_given_latents_and_step_callbacks_match(tiny_pipeline, reference_pipelin
     mine = _call(tiny_pipeline, 0, "latent", callback_on_step_end=callback("mine"), **kwargs)
     theirs = _call(reference_pipeline, 0, "latent", callback_on_step_end=callback("theirs"), **kwargs)
     torch.testing.assert_close(mine, theirs, **LATENT_TOL)
-    assert [s[:2] for s in seen["mine"]] == [s[:2] for s in seen["theirs"]] and len(seen["mine"]) == 3
-    for (_, _, a), (_, _, b) in zip(seen["mine"], seen["theirs"], strict=True):
+    assert [s[:3] for s in seen["mine"]] == [s[:3] for s in seen["theirs"]] and len(seen["mine"]) == 3
+    for (*_, a), (*_, b) in zip(seen["mine"], seen["theirs"], strict=True):
         torch.testing.assert_close(a, b, **LATENT_TOL)
     # The latents given are the noise: another seed for the generator changes nothing.
     again = _call(tiny_pipeline, 99, "latent", **{**kwargs, "num_inference_steps": 2})

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import invoke_cli, run_cli
+from diffusers.callbacks import SDCFGCutoffCallback
 
 from fastdiff.runtime import FastDiffError, load_pipeline, parse_resolution, read_manifest
 from fastdiff.runtime import compat as compat_module
@@ -514,7 +515,11 @@ def test_bad_call_arguments_api(tiny_pipeline) -> None:
         ({"callback_on_step_end": "x"}, "callback_on_step_end must be callable"),
         (
             {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]},
-            "callback_on_step_end_tensor_inputs: 'prompt_embeds' is not offered",
+            "callback_on_step_end_tensor_inputs asks for 'prompt_embeds'; this pipeline offers only latents",
+        ),
+        (
+            {"callback_on_step_end": SDCFGCutoffCallback(cutoff_step_ratio=0.5)},  # a diffusers PipelineCallback
+            "callback_on_step_end (its tensor_inputs) asks for 'prompt_embeds'",
         ),
         ({"callback_on_step_end": lambda *a: {"latents": None}}, "the latents callback_on_step_end returned must be"),
     ],
