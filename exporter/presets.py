@@ -159,15 +159,17 @@ def check_vae(vae: str) -> None:
         )
     if path.is_dir():
         try:
-            vae_class = json.loads((path / "config.json").read_text()).get("_class_name", "")
-        except (OSError, ValueError, AttributeError):
+            config = json.loads((path / "config.json").read_text())
+            vae_class = str(config.get("_class_name", "")) if isinstance(config, dict) else ""
+        except FileNotFoundError:
             vae_class = None
+        except (OSError, ValueError):  # unreadable: diffusers could not load it either
+            vae_class = ""
         if vae_class is None or not vae_class.startswith("AutoencoderKL"):
             inside = (path / "vae" / "config.json").is_file()
+            found = f"its config.json is a {vae_class}'s" if vae_class else "its config.json names no model class"
             raise FastDiffError(
-                f"--vae {vae} is not a diffusers VAE folder ("
-                + ("no config.json" if vae_class is None else f"its config.json is a {vae_class or 'model'}'s")
-                + ")",
+                f"--vae {vae} is not a diffusers VAE folder ({'no config.json' if vae_class is None else found})",
                 f"pass {path / 'vae'}" if inside else "pass the folder that holds the VAE's config.json",
             )
         return

@@ -42,6 +42,13 @@ def vae_with_latent_channels(folder: Path, channels: int, out: Path) -> Path:
     return out
 
 
+def written(path: Path, text: str) -> Path:
+    """A folder holding `path`, written with `text`."""
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    return path.parent
+
+
 def refused(*args: str, res: tuple[str, ...] = ("--res", "64")) -> str:
     """fastdiff-export refusing ARGS with one clean error before compiling; its stderr."""
     proc = invoke_cli("fastdiff-export", *args, *res, "--device", "cpu")
@@ -127,8 +134,9 @@ def test_another_vae_where_the_checkpoint_has_none(checkpoint: Path, tmp_path: P
         (lambda ckpt, tmp: ckpt, ["is not a diffusers VAE folder (no config.json)", "pass {ckpt}/vae"]),
         (lambda ckpt, tmp: "./vaes/x", ["there is no such folder, and it is not a hub id"]),
         (lambda ckpt, tmp: ckpt / "unet", ["its config.json is a UNet2DConditionModel's"]),
+        (lambda ckpt, tmp: written(tmp / "odd" / "config.json", "[1]"), ["its config.json names no model class"]),
     ],
-    ids=["file", "pipeline-folder", "missing", "unet"],
+    ids=["file", "pipeline-folder", "missing", "unet", "odd-config"],
 )
 def test_export_refuses_a_vae_that_is_no_vae(checkpoint: Path, tmp_path: Path, make, phrases: list[str]) -> None:
     vae = make(checkpoint, tmp_path)
