@@ -149,6 +149,9 @@ def test_a_mistyped_folder_is_not_only_a_hub_id(tmp_path: Path, monkeypatch: pyt
     """`models/my-sdxl` reads as a hub id too; offline, the error says that no such folder exists either."""
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
+    # In-process, huggingface_hub read HF_HUB_OFFLINE at its import (at collection, before conftest set it): without
+    # this the lookup waits for the network's timeouts.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     stderr = refused("models/my-sdxl", "--out", "a")
     assert "there is no folder models/my-sdxl, and as a hub id it is not in the Hugging Face cache" in stderr, stderr
 
