@@ -15,7 +15,7 @@ from torch._functorch._aot_autograd.subclass_parametrization import UnwrapTensor
 from torch.utils._sympy.value_ranges import bound_sympy
 
 from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.packages import make_libstdcxx_global
+from fastdiff.runtime.packages import PackageLibrary
 
 # The seed's Inductor flags ("Diffusion, Fast"; it used them with max-autotune), as one switchable set.
 SEED_INDUCTOR_FLAGS = {
@@ -158,10 +158,12 @@ def compile_package(
 
 
 def package_constant_names(path: Path, device: torch.device) -> list[str]:
-    make_libstdcxx_global()
-    device_index = -1 if device.type == "cpu" else (device.index or 0)
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
-    return list(loader.get_constant_fqns())
+    """The names (in the exported model) of the constants the package binds at load time."""
+    library = PackageLibrary(path, device)
+    try:
+        return list(library.constant_names().values())
+    finally:
+        library.close()
 
 
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original(\d+)$")

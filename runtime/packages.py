@@ -1,26 +1,32 @@
-"""Compiled AOTInductor packages, bound to weights the runtime owns.
+"""Compiled AOTInductor packages, bound to weights the runtime owns, run through their library's C interface.
 
-`torch._inductor.aoti_load_package` test-compiles a C++ program on every call (to query the device); the loader it
-wraps needs none of that, so the runtime calls the loader directly. Weights are bound with `user_managed=True`:
-the package uses the runtime's tensors in place, so packages for several resolutions share one copy.
+A package is a zip archive holding one compiled model library (and, for a GPU, its kernels' binaries). The runtime
+extracts it into a temp folder and calls the library's C functions (AOTInductorModelContainer*, the interface that
+torch's own package loader calls) through ctypes, which lets go of the GIL for the call: torch's loader holds it for
+a whole run (pytorch/pytorch#197516), so a load's Python work (the scheduler's import) stood still while a package
+warmed up, and threads serving requests could not overlap one's compiled call with another's Python. Weights are
+bound user-managed: the package uses the runtime's tensors in place, so packages for several resolutions share one
+copy. `torch._inductor.aoti_load_package`, besides, test-compiles a C++ program on every call to query the device.
 """
 
 from __future__ import annotations
 
+import _ctypes
 import atexit
 import contextlib
 import ctypes
 import os
-import re
 import shutil
 import sys
+import tempfile
+import threading
 import weakref
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._pytree import treespec_loads
 
 from .errors import FastDiffError
 
@@ -46,9 +52,144 @@ def make_libstdcxx_global() -> None:
     _libstdcxx_global = True
 
 
-# Every package's loader extracts the package into a folder of the temp dir and deletes it when destroyed. Python does
-# not promise to destroy every object at exit (one reachable from builtins, say, through an import hook's globals,
-# outlives the teardown), and such a pipeline left its packages' folders behind: released here before the teardown.
+class _ConstantEntry(ctypes.Structure):  # AOTInductorConstantMapEntry
+    _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
+
+
+_handle = ctypes.c_void_p
+_size = ctypes.c_size_t
+_out_str = ctypes.POINTER(ctypes.c_char_p)
+_SIGNATURES = {  # the library's C functions used here (torch/csrc/inductor/aoti_runtime/interface.h)
+    "AOTInductorModelContainerCreateWithDevice": [ctypes.POINTER(_handle), _size, ctypes.c_char_p, ctypes.c_char_p],
+    "AOTInductorModelContainerDelete": [_handle],
+    "AOTInductorModelContainerGetNumInputs": [_handle, ctypes.POINTER(_size)],
+    "AOTInductorModelContainerGetNumOutputs": [_handle, ctypes.POINTER(_size)],
+    "AOTInductorModelContainerGetNumConstants": [_handle, ctypes.POINTER(_size)],
+    "AOTInductorModelContainerGetConstantName": [_handle, _size, _out_str],
+    "AOTInductorModelContainerGetConstantOriginalFQN": [_handle, _size, _out_str],
+    "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs": [
+        _handle,
+        ctypes.POINTER(_ConstantEntry),
+        _size,
+        ctypes.c_bool,
+        ctypes.c_bool,
+    ],
+    # (container, inputs, number of inputs, outputs, number of outputs, stream, proxy executor); single-threaded: no
+    # stream synchronisation of its own, so that the call can be captured in a CUDA graph
+    "AOTInductorModelContainerRunSingleThreaded": [
+        _handle,
+        ctypes.POINTER(_handle),
+        _size,
+        ctypes.POINTER(_handle),
+        _size,
+        _handle,
+        _handle,
+    ],
+}
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_new_capsule = ctypes.pythonapi.PyCapsule_New
+_new_capsule.restype, _new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _new_handles(tensors: list[torch.Tensor]) -> list[int]:
+    """New AtenTensorHandles (owning references to `tensors`), as a run takes its inputs."""
+    return [_capsule_pointer(c, None) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)]
+
+
+def _steal_handles(handles: list[int]) -> list[torch.Tensor]:
+    """The tensors behind `handles`, which are released."""
+    return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_new_capsule(h, None, None) for h in handles])
+
+
+class PackageLibrary:
+    """A package's model library, extracted into a temp folder and opened, with one model container on `device`."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        make_libstdcxx_global()
+        self.folder = tempfile.mkdtemp(prefix="fastdiff-package-")
+        self.container = _handle()
+        self._library = None
+        library_path = None
+        try:
+            library_path = _extract_library(path, self.folder)
+            self._library = ctypes.CDLL(library_path)
+            self._functions = {name: self._function(name, args) for name, args in _SIGNATURES.items()}
+            device_name = "cpu" if device.type == "cpu" else f"cuda:{device.index}"
+            self.call(
+                "CreateWithDevice",
+                ctypes.byref(self.container),
+                1,
+                device_name.encode(),
+                os.path.dirname(library_path).encode(),  # where a GPU package's kernel binaries are
+            )
+        except Exception as e:
+            self.close()
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if library_path:
+                detail = detail.replace(library_path, "its library")
+            raise FastDiffError(
+                f"cannot load compiled package {path}: {detail}",
+                "the artifact is damaged or was built elsewhere: run fastdiff-inspect --verify, or export again",
+            ) from None
+
+    def _function(self, name: str, argtypes: list) -> Any:
+        try:
+            function = getattr(self._library, name)
+        except AttributeError:
+            raise OSError(f"its library has no {name}: not an AOTInductor model library of this torch") from None
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+        return function
+
+    def call(self, name: str, *args: Any) -> None:
+        """AOTInductorModelContainer<name>(*args); the library prints its own error to stderr when one fails."""
+        if self._functions[f"AOTInductorModelContainer{name}"](*args) != 0:
+            raise RuntimeError(f"AOTInductorModelContainer{name} failed (the package's error is printed above)")
+
+    def count(self, what: str) -> int:
+        n = _size()
+        self.call(f"GetNum{what}", self.container, ctypes.byref(n))
+        return n.value
+
+    def constant_names(self) -> dict[str, str]:
+        """Each constant's name in the library -> its name in the exported model (a weight file's key)."""
+        names = {}
+        for i in range(self.count("Constants")):
+            name, fqn = ctypes.c_char_p(), ctypes.c_char_p()
+            self.call("GetConstantName", self.container, i, ctypes.byref(name))
+            self.call("GetConstantOriginalFQN", self.container, i, ctypes.byref(fqn))
+            names[name.value.decode()] = fqn.value.decode()
+        return names
+
+    def close(self) -> None:
+        if self.container:
+            self.call("Delete", self.container)
+            self.container = _handle()
+        if self._library is not None:
+            _ctypes.dlclose(self._library._handle)
+            self._library = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _extract_library(path: Path, folder: str) -> str:
+    """Extract the package's model ("model": its library and kernel binaries) into `folder`; the library's path."""
+    with zipfile.ZipFile(path) as archive:
+        members = [n for n in archive.namelist() if n.split("/")[1:4] == ["data", "aotinductor", "model"]]
+        libraries = [n for n in members if n.endswith(".so")]
+        if len(libraries) != 1:
+            raise OSError(f"expected one model library in the archive, found {len(libraries)}")
+        if libraries[0].removesuffix(".so") + ".json" in members:
+            # its extern kernels run through torch's proxy executor, which only torch's own loader provides
+            raise OSError("it calls operators outside AOTInductor's C shim, which this runtime cannot run")
+        for name in members:
+            archive.extract(name, folder)
+    return os.path.join(folder, libraries[0])
+
+
+# Every package is extracted into a folder of the temp dir, deleted when its module is closed. Python does not
+# promise to destroy every object at exit (one reachable from builtins, say, through an import hook's globals,
+# outlives the teardown), and such a pipeline left its packages' folders behind: closed here before the teardown.
 _loaded: weakref.WeakSet[CompiledModule] = weakref.WeakSet()
 
 
@@ -59,52 +200,83 @@ def _release_loaded() -> None:
         with contextlib.suppress(RuntimeError):  # a GPU in an error state: nothing runs on it any more
             torch.cuda.synchronize(index)  # no kernel of theirs may still be running when their code is unloaded
     for module in modules:
-        module._loader = None
+        module.close()
 
 
 class CompiledModule:
-    """One AOTInductor package: call it with the flat tensor inputs it was exported with."""
+    """One AOTInductor package: call it with the flat tensor inputs it was exported with. A call runs without the
+    GIL; calls to one module from several threads run one at a time."""
 
     def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
-        make_libstdcxx_global()
         self.path = path
         device_index = -1 if device.type == "cpu" else device.index
         if device_index is None:  # plain "cuda"
             device_index = torch.cuda.current_device()
         self.device_index = device_index
+        self._lock = threading.Lock()
+        self._weight_handles: list[int] = []
+        self._library = PackageLibrary(path, torch.device(device.type, None if device_index < 0 else device_index))
         try:
-            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index)
-        except Exception as e:  # the loader reports damaged archives and foreign binaries as RuntimeError
-            _remove_extraction(str(e))
-            raise FastDiffError(
-                f"cannot load compiled package {path}: {str(e).splitlines()[0]}",
-                "the artifact is damaged or was built elsewhere: run fastdiff-inspect --verify, or export again",
-            ) from None
-        names = self._loader.get_constant_fqns()
-        missing = [n for n in names if n not in weights]
-        if missing:
-            raise FastDiffError(
-                f"{path} needs {len(missing)} weights that the weight file lacks (e.g. {missing[0]})",
-                "the artifact's files do not belong together: export the model again",
+            names = self._library.constant_names()
+            missing = [fqn for fqn in names.values() if fqn not in weights]
+            if missing:
+                raise FastDiffError(
+                    f"{path} needs {len(missing)} weights that the weight file lacks (e.g. {missing[0]})",
+                    "the artifact's files do not belong together: export the model again",
+                )
+            # The container keeps its own references to the tensors; these handles are released on close.
+            self._weight_handles = _new_handles([weights[fqn] for fqn in names.values()])
+            entries = [_ConstantEntry(n.encode(), h) for n, h in zip(names, self._weight_handles, strict=True)]
+            self._library.call(
+                "UpdateUserManagedConstantBufferPairs",
+                self._library.container,
+                (_ConstantEntry * len(entries))(*entries),
+                len(entries),
+                False,  # the active buffer
+                False,  # a partial update is not an error (every name was checked above)
             )
-        self._loader.load_constants({n: weights[n] for n in names}, False, False, True)
+            self.num_inputs = self._library.count("Inputs")  # the flat tensor inputs
+            self._num_outputs = self._library.count("Outputs")
+        except BaseException:
+            self.close()
+            raise
         self.weights = weights  # user-managed: the package uses these tensors in place
-        self.num_inputs = treespec_loads(self._loader.get_call_spec()[0]).num_leaves  # the flat tensor inputs
         _loaded.add(self)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outputs = self._loader.run(list(inputs))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        stream = torch.cuda.current_stream(self.device_index).cuda_stream if self.device_index >= 0 else None
+        outputs = (_handle * self._num_outputs)()
+        with self._lock:
+            if not self._library.container:
+                raise RuntimeError(f"{self.path} was closed")
+            # the run takes the input handles over
+            inputs_array = (_handle * len(inputs))(*_new_handles(list(inputs)))
+            self._library.call(
+                "RunSingleThreaded",
+                self._library.container,
+                inputs_array,
+                len(inputs),
+                outputs,
+                self._num_outputs,
+                stream,
+                None,
+            )
+        tensors = _steal_handles(list(outputs))
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
+    def close(self) -> None:
+        """Unload the package's code and delete its extracted files (after the GPU has finished its work)."""
+        with self._lock:
+            library = getattr(self, "_library", None)
+            if library is not None:
+                library.close()
+            if self._weight_handles:
+                _steal_handles(self._weight_handles)
+                self._weight_handles = []
 
-def _remove_extraction(error: str) -> None:
-    """A loader that failed leaves the folder it extracted the package into (only a loader that was made deletes its
-    own); its error names it when the package's library cannot be opened (a damaged or foreign binary)."""
-    match = re.search(r"(/\S*/aotinductor_\w{6})/", error)
-    folder = match and Path(match.group(1))
-    temp_dirs = {Path(os.environ.get("TMPDIR") or "/tmp"), Path("/tmp")}  # torch 2.11 extracts to /tmp regardless
-    if folder and folder.parent in temp_dirs and not folder.is_symlink():
-        shutil.rmtree(folder, ignore_errors=True)
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 class CUDAGraphModule:
