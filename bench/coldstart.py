@@ -85,7 +85,20 @@ def evicted(folder: str) -> str:
     return folder
 
 
+def bytecode(cache: str | None) -> str:
+    """Where the children find Python's compiled bytecode, in words (for the results)."""
+    import torch
+
+    if cache:
+        return f"cached in {cache} (PYTHONPYCACHEPREFIX), written by each variant's untimed run"
+    torch_cached = any((Path(torch.__file__).parent / "__pycache__").glob("__init__.*.pyc"))
+    writes = "not written" if sys.flags.dont_write_bytecode else "written"
+    return f"as this interpreter has it: torch's {'is' if torch_cached else 'is not'} cached, new bytecode {writes}"
+
+
 def run_child(code: str, target: str, args: argparse.Namespace, mode: str = "", env: dict | None = None) -> dict:
+    if args.bytecode_cache:
+        env = {**(env or {}), "PYTHONPYCACHEPREFIX": args.bytecode_cache, "PYTHONDONTWRITEBYTECODE": ""}
     spawn = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", code, "x", target, PROMPT, str(args.steps), mode, args.device],
@@ -129,6 +142,13 @@ def main() -> None:
         action="store_true",
         help="also run each fastdiff variant without fastdiff.runtime.prefetch, each run beside its twin",
     )
+    parser.add_argument(
+        "--bytecode-cache",
+        metavar="DIR",
+        help="children read and write Python's compiled bytecode in DIR (PYTHONPYCACHEPREFIX), whatever "
+        "PYTHONDONTWRITEBYTECODE says: each variant's untimed run writes what the timed ones read, as an install "
+        "that compiled its bytecode (pip's default) would have it",
+    )
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
 
@@ -141,6 +161,7 @@ def main() -> None:
     if "eager" in baselines:
         variants.append((f"diffusers eager {dtype}", CHILD_DIFFUSERS, args.model))
     env = environment(torch.device(args.device))
+    env["bytecode"] = bytecode(args.bytecode_cache)
     record = {"steps": args.steps, "runs": args.runs, "environment": env, "results": []}
 
     def add(name: str, runs: list[dict]) -> None:
@@ -203,7 +224,10 @@ def table(record: dict) -> str:
             f"{m['first_image_s']:.2f} | {m['total_s']:.2f} |"
         )
     variants = " ".join(r["variant"] for r in record["results"])
-    notes = [f"Medians of {record['runs']} runs after one untimed run that warms the page cache."]
+    notes = [
+        f"Medians of {record['runs']} runs after one untimed run that warms the page cache. Python bytecode: "
+        f"{env.get('bytecode', 'as the interpreter has it')}."
+    ]
     if "torch.compile" in variants:
         notes.append(
             "torch.compile: one run with an empty compile cache (Inductor and Triton caches in a fresh folder), then "

@@ -94,6 +94,11 @@ SDXL_BASELINES=${SDXL_BASELINES-eager,compile}  # speed.py --baselines for the s
 FAMILY_BASELINES=${FAMILY_BASELINES-eager,compile}  # and for the ssd-1b, sd15 and pixart steps
 COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold --compare-prefetch}  # empty: page cache warm, prefetch only
 COLDSTART_RUNS=${COLDSTART_RUNS:-3}  # fresh processes per variant (session K: 2 were too few for the machine's noise)
+# COLDSTART_BYTECODE=DIR: the cold starts (and the load probes) read Python's bytecode from DIR, which their untimed
+# runs write. This image sets PYTHONDONTWRITEBYTECODE and ships no bytecode (session Q): every process compiled
+# torch's modules from source, as no pip install leaves them. The sdxl-coldstart step then also times fastdiff
+# as the image has it (coldstart-image-bytecode.md), for the difference.
+COLDSTART_BYTECODE=${COLDSTART_BYTECODE:-}
 INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}  # where profile-diff.md reads kernels' code
 SEED_GPU=${SEED_GPU:-} MAIN_GPU=${MAIN_GPU:-0} SEED_CPUS=${SEED_CPUS:-16-31} MAIN_CPUS=${MAIN_CPUS:-0-15}
 SEED_DEADLINE=${SEED_DEADLINE:-$EXPORT_DEADLINE}
@@ -231,12 +236,21 @@ want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--
 if [[ -z $SEED_GPU ]]; then  # first: the measurements no session has made yet
   for family in "${SEED_FAMILIES[@]}"; do seed_time "$family"; done
 fi
+bytecode=(${COLDSTART_BYTECODE:+--bytecode-cache "$COLDSTART_BYTECODE"})
+bytecode_env=(${COLDSTART_BYTECODE:+PYTHONPYCACHEPREFIX="$COLDSTART_BYTECODE" PYTHONDONTWRITEBYTECODE=})
 if want sdxl-coldstart && exported sdxl-bf16; then
   stamp "sdxl: cold start (fastdiff, eager), then the runtime's load phases"
+  # shellcheck disable=SC2086  # COLDSTART_OPTS is words
   python3 bench/coldstart.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --runs "$COLDSTART_RUNS" $COLDSTART_OPTS \
-    --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
+    "${bytecode[@]}" --out "$R/coldstart" > "$R/coldstart.log" 2>&1; cat "$R/coldstart.md"
+  if [[ -n $COLDSTART_BYTECODE ]]; then
+    python3 bench/coldstart.py "${sdxl_artifacts[@]}" --runs 2 --out "$R/coldstart-image-bytecode" \
+      > "$R/coldstart-image-bytecode.log" 2>&1; cat "$R/coldstart-image-bytecode.md"
+  fi
   probed=${sdxl_artifacts[-1]#*=}
-  for _ in 1 2; do python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1; done
+  for _ in 1 2; do
+    env "${bytecode_env[@]}" python3 bench/probe_load.py "$probed" >> "$R/probe-load.txt" 2>&1
+  done
   cat "$R/probe-load.txt"
   python3 bench/probe_load.py "$probed" --profile-warmup 40 > "$R/probe-warmup.txt" 2>&1  # what the warm-up pays for
 fi
@@ -277,8 +291,8 @@ if want attention-probe; then
 fi
 if want sdxl-compile-cold; then  # last: the longest step (session F: 5 min)
   stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
-  python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile --out "$R/coldstart-compile" \
-    > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
+  python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile "${bytecode[@]}" \
+    --out "$R/coldstart-compile" > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"
 fi
 [[ -n ${seed_job:-} ]] && { stamp "waiting for the seed recipes' steps"; wait "$seed_job"; }
 stamp "ALL DONE"
