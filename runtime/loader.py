@@ -63,14 +63,12 @@ def load_pipeline(
             "export the model again",
         )
     keys = _resolution_keys(manifest.unet, resolutions)
-    # Importing diffusers (for its scheduler classes) takes most of a second on the H200 machine even with what
-    # scheduler.import_scheduler_class spares it: it runs in a thread while the packages load and warm up. The two
-    # overlap little: an AOTInductor package's run() holds the GIL for the whole call (pytorch/pytorch#197516; a
-    # spinning Python thread kept 2 % of its rate through it on the CPU machine, bench/probe_gil.py), and the
-    # import thread holds the GIL for whole switch intervals each time the main thread lets go of it: ~0.6 s lost
-    # on the H200 (bench/results/2026-11-30-h200-e). A short interval keeps the main thread's many short waits
-    # short; measured for streamed weights beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms
-    # interval, 0.62 s at 0.5 ms (0.43 s alone; CPU machine).
+    # Importing diffusers (for its scheduler classes) takes half a second on the H200 machine even with what
+    # scheduler.import_scheduler_class spares it: it runs in a thread while the packages warm up. The import thread
+    # holds the GIL for whole switch intervals each time the main thread lets go of it: ~0.6 s lost on the H200
+    # (bench/results/2026-11-30-h200-e). A short interval keeps the main thread's many short waits short; measured
+    # for streamed weights beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms interval, 0.62 s at
+    # 0.5 ms (0.43 s alone; CPU machine).
     with _short_switch_interval(), on_device(device):
         return _load(root, manifest, device, keys, cuda_graphs, warmup)
 
@@ -102,36 +100,37 @@ def _load(
     root: Path, manifest: Manifest, device: torch.device, keys: list[str], cuda_graphs: bool, warmup: bool | None
 ) -> FastDiffPipeline:
     stock = {name: root / rel for name, rel in manifest.stock.items()}
-    # The weights first, before the scheduler's import starts: beside it, every tensor's copy waited for the GIL and
-    # SDXL's 6.9 GB moved at 1.9 GB/s instead of 10 GB/s on the H200 (bench/results/2026-11-30-h200-d).
+    # The weights before the scheduler's import starts: beside it, every tensor's copy waited for the GIL and SDXL's
+    # 6.9 GB moved at 1.9 GB/s instead of 10 GB/s on the H200 (bench/results/2026-11-30-h200-d).
     weights = {
         c.weights: shared_weights(root / c.weights, device, c.channels_last)
         for c in (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
     }
+    graphed = cuda_graphs and device.type == "cuda"
+    unets = _load_packages(root, manifest.unet, keys, device, weights)
+    if graphed:
+        unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
+    vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
+    conditioner = _load_conditioner(root, manifest, stock, device, weights, graphed)
+    pipeline = FastDiffPipeline(
+        manifest=manifest,
+        device=device,
+        conditioner=conditioner,
+        scheduler=None,  # set below, once the thread has imported it
+        unets=unets,
+        vae_decoders=vae_decoders,
+    )
+    if warmup is None:
+        warmup = device.type == "cuda"
+    # The scheduler's import runs beside the warm-up, whose compiled calls let go of the GIL, and after the packages'
+    # loading, which hands it over at every file it extracts: beside the import, that took SDXL's four packages
+    # 0.5-0.7 s instead of 0.05 (H200, session Q).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
-        if not manifest.text_encoders:
-            scheduler.result()  # stock encoders import transformers below: keep the two big imports apart
-        graphed = cuda_graphs and device.type == "cuda"
-        unets = _load_packages(root, manifest.unet, keys, device, weights)
-        if graphed:
-            unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
-        vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
-        conditioner = _load_conditioner(root, manifest, stock, device, weights, graphed)
-        pipeline = FastDiffPipeline(
-            manifest=manifest,
-            device=device,
-            conditioner=conditioner,
-            scheduler=None,  # set below, once the thread has imported it
-            unets=unets,
-            vae_decoders=vae_decoders,
-        )
-        if warmup is None:
-            warmup = device.type == "cuda"
         if warmup:
             pipeline.warm_up()
         pipeline.scheduler = scheduler.result()
-        return pipeline
+    return pipeline
 
 
 def _load_conditioner(
