@@ -90,7 +90,7 @@ def bytecode(cache: str | None) -> str:
     import torch
 
     if cache:
-        return f"cached in {cache} (PYTHONPYCACHEPREFIX), written by each variant's untimed run"
+        return f"cached in {cache} (PYTHONPYCACHEPREFIX), written by the runs before (a variant's untimed run first)"
     torch_cached = any((Path(torch.__file__).parent / "__pycache__").glob("__init__.*.pyc"))
     writes = "not written" if sys.flags.dont_write_bytecode else "written"
     return f"as this interpreter has it: torch's {'is' if torch_cached else 'is not'} cached, new bytecode {writes}"
@@ -224,10 +224,10 @@ def table(record: dict) -> str:
             f"{m['first_image_s']:.2f} | {m['total_s']:.2f} |"
         )
     variants = " ".join(r["variant"] for r in record["results"])
-    notes = [
-        f"Medians of {record['runs']} runs after one untimed run that warms the page cache. Python bytecode: "
-        f"{env.get('bytecode', 'as the interpreter has it')}."
-    ]
+    notes = []
+    if any("torch.compile" not in r["variant"] for r in record["results"]):
+        notes.append(f"Medians of {record['runs']} runs after one untimed run that warms the page cache.")
+    notes.append(f"Python bytecode: {env.get('bytecode', 'as the interpreter has it')}.")
     if "torch.compile" in variants:
         notes.append(
             "torch.compile: one run with an empty compile cache (Inductor and Triton caches in a fresh folder), then "
