@@ -173,7 +173,8 @@ class PackageLibrary:
 
 
 def _extract_library(path: Path, folder: str) -> str:
-    """Extract the package's model ("model": its library and kernel binaries) into `folder`; the library's path."""
+    """Extract the package's model ("model": its library and kernel binaries, not the C++ sources it was built from)
+    into `folder`; the library's path."""
     with zipfile.ZipFile(path) as archive:
         members = [n for n in archive.namelist() if n.split("/")[1:4] == ["data", "aotinductor", "model"]]
         libraries = [n for n in members if n.endswith(".so")]
@@ -183,7 +184,8 @@ def _extract_library(path: Path, folder: str) -> str:
             # its extern kernels run through torch's proxy executor, which only torch's own loader provides
             raise OSError("it calls operators outside AOTInductor's C shim, which this runtime cannot run")
         for name in members:
-            archive.extract(name, folder)
+            if not name.endswith(".cpp"):
+                archive.extract(name, folder)
     return os.path.join(folder, libraries[0])
 
 

@@ -76,6 +76,7 @@ def test_closed_module_is_unloaded(tiny_artifact: Path, unet_call) -> None:
     module = CompiledModule(tiny_artifact / "unet" / "64x64.pt2", weights, torch.device("cpu"))
     folder = Path(module._library.folder)
     assert next(folder.rglob("*.so"))  # extracted while loaded
+    assert not list(folder.rglob("*.cpp"))  # but not the sources it was built from
     torch.testing.assert_close(module(*unet_call[1]), unet_call[0](*unet_call[1]), rtol=0, atol=0)
     module.close()
     assert not folder.exists()
