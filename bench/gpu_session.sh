@@ -84,6 +84,10 @@
 # Session P (STEPS="gpu-tests sd15-seed", deadlines 1320 s, then R=/tmp/r2 STEPS=sdxl-coldstart COLDSTART_RUNS=2):
 # SD 1.5's export 4.5 min, its recipe 11.5 min from session O's pack (81 picks, 12 convolutions autotuned again), the
 # GPU tests 11.7 min beside them, sd15-seed 1.4 min; then SDXL's export 7 min and its cold starts under 5 min.
+# Session Q (STEPS="gpu-tests sdxl-coldstart sdxl-compile-cold" COLDSTART_OPTS=--page-cache-cold
+# COLDSTART_BYTECODE=/tmp/pyc): SDXL's export 10.7 min beside the GPU tests (13.5 min), cold starts 4.5 min with
+# bytecode (the untimed runs write it), fastdiff's without bytecode and the load probes 0.8 min; the compile step's
+# cold run (2.5 min) was all the device time left: give sdxl-compile-cold a session of its own.
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}

@@ -1,17 +1,21 @@
-"""Shared fixtures. CPU exports are slow (a tiny UNet package takes 30-60 s on 2 cores): build each once a session."""
+"""Shared fixtures. CPU exports are slow (a tiny UNet package takes 30-60 s on 2 cores): each is made once a session,
+in the background from the session's start (SessionExports)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 EXPORT_RESOLUTIONS = ["64", "96x64"]  # width x height; the tiny VAE scales by 8
-EXPORT_CONSOLE = "tiny-export-console.txt"  # what the tiny artifact's export printed, in the session's temp folder
+EXPORT_CONSOLE = "tiny_artifact.console.txt"  # what the tiny artifact's export printed, in the session's temp folder
 
 
 ENTRY_POINTS = {
@@ -21,16 +25,17 @@ ENTRY_POINTS = {
 }
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run one of the installed console scripts' entry points in a fresh interpreter."""
+def cli_command(*args: str) -> list[str]:
+    """The command line that runs one of the installed console scripts' entry points in a fresh interpreter."""
     module, func = ENTRY_POINTS[args[0]].split(":")
     code = f"import sys; from {module} import {func}; sys.argv[0] = {args[0]!r}; {func}()"
+    return [sys.executable, "-c", code, *args[1:]]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run one of the installed console scripts' entry points in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-c", code, *args[1:]],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
+        cli_command(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
 
 
@@ -119,14 +124,160 @@ def tiny_checkpoint(fastdiff_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32 CPU artifact of the tiny model at two resolutions, batch size 2 (UNet batch up to 4), via the CLI."""
-    out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    res_args = [a for r in EXPORT_RESOLUTIONS for a in ("--res", r)]
-    proc = run_cli("fastdiff-export", "tiny-sdxl", *res_args, "--batch-size", "2", "--device", "cpu", "--out", str(out))
+def sd_checkpoint(fastdiff_cache: Path) -> Path:
+    from fastdiff.exporter.random_models import tiny_sd
+
+    return tiny_sd()
+
+
+@pytest.fixture(scope="session")
+def pixart_checkpoint(fastdiff_cache: Path) -> Path:
+    from fastdiff.exporter.random_models import tiny_pixart
+
+    return tiny_pixart()
+
+
+DISTILLED_UNET = {  # SSD-1B's kind of UNet, tiny
+    # one resnet per down block, two per up block: a depth per layer, deeper on the way up
+    "transformer_layers_per_block": [[1], [2]],
+    "reverse_transformer_layers_per_block": [[3, 1], [1, 1]],
+    "mid_block_type": "UNetMidBlock2D",
+}
+
+
+@pytest.fixture(scope="session")
+def distilled_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fastdiff.exporter.random_models import TINY_ARCH, build_random_checkpoint
+
+    arch = {**TINY_ARCH, "unet": {**TINY_ARCH["unet"], **DISTILLED_UNET}}
+    return build_random_checkpoint(tmp_path_factory.mktemp("distilled") / "checkpoint", arch, seed=5)
+
+
+# The session's exports: fixture -> (the checkpoint fixture it exports, fastdiff-export's arguments but --out;
+# "{checkpoint}" stands for the checkpoint's folder).
+SESSION_EXPORTS = {
+    # fp32 CPU artifact of the tiny model at two resolutions, batch size 2 (UNet batch up to 4)
+    "tiny_artifact": ("tiny_checkpoint", ["tiny-sdxl", *(a for r in EXPORT_RESOLUTIONS for a in ("--res", r))]),
+    # also a local diffusers checkpoint folder given as MODEL (not a preset), and transformers' text encoders shipped
+    "int8_artifact": (
+        "tiny_checkpoint",
+        ["{checkpoint}", "--res", "64", "--quantize", "int8", "--text-encoders", "stock"],
+    ),
+    # a setting for one component (that leaves its numerics alone: no template kernels on the CPU to fuse into)
+    "sd_artifact": (
+        "sd_checkpoint",
+        ["tiny-sd", "--res", "64", "--inductor-config", "vae_decoder:epilogue_fusion=false"],
+    ),
+    "distilled_artifact": ("distilled_checkpoint", ["{checkpoint}", "--res", "64", "--text-encoders", "stock"]),
+    "pixart_artifact": ("pixart_checkpoint", ["tiny-pixart", "--res", "64"]),
+    # the transformers T5 encoder shipped as is, at 96x64, with attention compiled as plain matmul + softmax
+    "pixart_stock_t5_artifact": (
+        "pixart_checkpoint",
+        ["tiny-pixart", "--res", "96x64", "--text-encoders", "stock", "--attention", "math"],
+    ),
+}
+BATCH_2 = {"tiny_artifact", "sd_artifact", "pixart_artifact", "pixart_stock_t5_artifact"}
+
+
+class SessionExports:
+    """The session's CPU exports, started together when it starts and waited for by the fixtures that use them.
+
+    An export keeps about one core busy (torch.export, Inductor's code generation, one C++ compile at a time), and
+    they were 11 of CI's 16-19 minutes one after another: two run at a time, beside the tests that need none.
+    """
+
+    def __init__(self, workers: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="session-export")
+        self._jobs: dict[str, tuple[Path, Future]] = {}
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, name: str, args: list[str], out: Path) -> None:
+        command = cli_command("fastdiff-export", *args, "--device", "cpu", "--out", str(out))
+        self._jobs[name] = (out, self._pool.submit(self._run, command))
+
+    def _run(self, command: list[str]) -> subprocess.CompletedProcess | None:
+        with self._lock:
+            if self._closed:
+                return None
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._running.add(proc)
+        try:
+            stdout, stderr = proc.communicate(timeout=900)
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+    def result(self, name: str) -> tuple[Path, subprocess.CompletedProcess]:
+        out, job = self._jobs[name]
+        return out, job.result()
+
+    def close(self) -> None:
+        """Stop what still runs (a session cut short), wait for the threads."""
+        with self._lock:
+            self._closed = True
+            for proc in self._running:
+                proc.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_exports(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Starts the exports that the session's tests use, those most tests use first."""
+    used = [name for item in request.session.items for name in item.fixturenames if name in SESSION_EXPORTS]
+    exports = SessionExports()
+    for name in sorted(set(used), key=used.count, reverse=True):
+        if name == "int8_artifact" and importlib.util.find_spec("torchao") is None:
+            continue
+        checkpoint_fixture, args = SESSION_EXPORTS[name]
+        checkpoint = str(request.getfixturevalue(checkpoint_fixture))  # built first: exports of a preset build it too
+        args = [a.replace("{checkpoint}", checkpoint) for a in args]
+        if name in BATCH_2:
+            args += ["--batch-size", "2"]
+        exports.start(name, args, tmp_path_factory.mktemp(name) / name.removesuffix("_artifact"))
+    yield exports
+    exports.close()
+
+
+def exported(request: pytest.FixtureRequest, name: str) -> Path:
+    """The session's export `name`, once it is done; what it printed is kept in the session's temp folder."""
+    out, proc = request.getfixturevalue("session_exports").result(name)
     assert proc.returncode == 0, proc.stderr
-    (tmp_path_factory.getbasetemp() / EXPORT_CONSOLE).write_text(proc.stderr)  # for tests of what the export prints
+    (request.getfixturevalue("tmp_path_factory").getbasetemp() / f"{name}.console.txt").write_text(proc.stderr)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(request: pytest.FixtureRequest) -> Path:
+    return exported(request, "tiny_artifact")
+
+
+@pytest.fixture(scope="session")
+def int8_artifact(request: pytest.FixtureRequest) -> Path:
+    pytest.importorskip("torchao")
+    return exported(request, "int8_artifact")
+
+
+@pytest.fixture(scope="session")
+def sd_artifact(request: pytest.FixtureRequest) -> Path:
+    return exported(request, "sd_artifact")
+
+
+@pytest.fixture(scope="session")
+def distilled_artifact(request: pytest.FixtureRequest) -> Path:
+    return exported(request, "distilled_artifact")
+
+
+@pytest.fixture(scope="session")
+def pixart_artifact(request: pytest.FixtureRequest) -> Path:
+    return exported(request, "pixart_artifact")
+
+
+@pytest.fixture(scope="session")
+def pixart_stock_t5_artifact(request: pytest.FixtureRequest) -> Path:
+    return exported(request, "pixart_stock_t5_artifact")
 
 
 @pytest.fixture(scope="session")

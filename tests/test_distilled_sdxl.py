@@ -7,38 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import assert_matches_diffusers, run_cli
+from conftest import assert_matches_diffusers
 
 from fastdiff.runtime import load_pipeline
 
-DISTILLED_UNET = {
-    # one resnet per down block, two per up block: a depth per layer, deeper on the way up
-    "transformer_layers_per_block": [[1], [2]],
-    "reverse_transformer_layers_per_block": [[3, 1], [1, 1]],
-    "mid_block_type": "UNetMidBlock2D",
-}
-
 
 @pytest.fixture(scope="module")
-def distilled_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fastdiff.exporter.random_models import TINY_ARCH, build_random_checkpoint
-
-    arch = {**TINY_ARCH, "unet": {**TINY_ARCH["unet"], **DISTILLED_UNET}}
-    return build_random_checkpoint(tmp_path_factory.mktemp("distilled") / "checkpoint", arch, seed=5)
-
-
-@pytest.fixture(scope="module")
-def pipelines(distilled_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+def pipelines(distilled_artifact: Path, distilled_checkpoint: Path):
     from diffusers import StableDiffusionXLPipeline
 
-    out = tmp_path_factory.mktemp("distilled") / "artifact"
-    proc = run_cli(
-        "fastdiff-export",
-        str(distilled_checkpoint),
-        *("--res", "64", "--device", "cpu", "--text-encoders", "stock", "--out", str(out)),
-    )
-    assert proc.returncode == 0, proc.stderr
-    mine = load_pipeline(out, device="cpu")
+    mine = load_pipeline(distilled_artifact, device="cpu")
     reference = StableDiffusionXLPipeline.from_pretrained(distilled_checkpoint)
     for pipe in (mine, reference):
         pipe.set_progress_bar_config(disable=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
@@ -681,18 +680,6 @@ def test_apply_no_passes_is_identity(tiny_checkpoint: Path) -> None:
 
 
 # ---- an int8 export, loaded by the runtime in a process where torchao cannot be imported ----
-
-
-@pytest.fixture(scope="module")
-def int8_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torchao")
-    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
-    # This export also covers a local diffusers checkpoint folder given as MODEL (not a preset), and artifacts that
-    # ship transformers' text encoders (--text-encoders stock).
-    args = ["--res", "64", "--quantize", "int8", "--text-encoders", "stock", "--device", "cpu", "--out", str(out)]
-    proc = run_cli("fastdiff-export", str(tiny_checkpoint), *args)
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 GENERATE = {"prompt": "a photo of a cat", "num_inference_steps": 3, "guidance_scale": 5.0, "height": 64, "width": 64}

@@ -23,25 +23,6 @@ DIFFUSERS_ONLY = {"clean_caption": False, "use_resolution_binning": False}
 
 
 @pytest.fixture(scope="module")
-def pixart_checkpoint(fastdiff_cache: Path) -> Path:
-    from fastdiff.exporter.random_models import tiny_pixart
-
-    return tiny_pixart()
-
-
-def _export(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Path:
-    out = tmp_path_factory.mktemp("pixart") / "tiny-pixart"
-    proc = run_cli("fastdiff-export", "tiny-pixart", "--batch-size", "2", "--device", "cpu", "--out", str(out), *args)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def pixart_artifact(pixart_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tmp_path_factory, "--res", "64")
-
-
-@pytest.fixture(scope="module")
 def reference(pixart_checkpoint: Path):
     from diffusers import PixArtAlphaPipeline
 
@@ -98,12 +79,10 @@ def test_matches_diffusers(pixart_artifact: Path, reference, kwargs: dict) -> No
     assert_matches(mine, reference, **kwargs)
 
 
-def test_stock_t5_non_square_math_attention(
-    pixart_checkpoint: Path, reference, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_stock_t5_non_square_math_attention(pixart_stock_t5_artifact: Path, reference) -> None:
     """The transformers T5 encoder shipped as is, at 96x64 (aspect ratio 2/3 in the micro-conditioning), with the
     attention compiled as plain matmul + softmax (`--attention math`, recorded per package)."""
-    artifact = _export(tmp_path_factory, "--res", "96x64", "--text-encoders", "stock", "--attention", "math")
+    artifact = pixart_stock_t5_artifact
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["text_encoders"] == [] and "text_encoder" in manifest["stock"]
     assert manifest["options"]["attention"] == {"unet/96x64.pt2": "math", "vae_decoder/96x64.pt2": "math"}

@@ -12,23 +12,6 @@ from fastdiff.runtime import load_pipeline
 
 
 @pytest.fixture(scope="module")
-def sd_checkpoint(fastdiff_cache: Path) -> Path:
-    from fastdiff.exporter.random_models import tiny_sd
-
-    return tiny_sd()
-
-
-@pytest.fixture(scope="module")
-def sd_artifact(sd_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    args = ("--res", "64", "--batch-size", "2", "--device", "cpu", "--out", str(out))
-    # a setting for one component (that leaves its numerics alone: no template kernels on the CPU to fuse into)
-    proc = run_cli("fastdiff-export", "tiny-sd", *args, "--inductor-config", "vae_decoder:epilogue_fusion=false")
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
 def sd_pipelines(sd_artifact: Path, sd_checkpoint: Path):
     from diffusers import StableDiffusionPipeline
 
