@@ -108,6 +108,8 @@ class PackageLibrary:
 
     def __init__(self, path: Path, device: torch.device) -> None:
         make_libstdcxx_global()
+        index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+        self.device_index = -1 if device.type == "cpu" else index
         self.folder = tempfile.mkdtemp(prefix="fastdiff-package-")
         self.container = _handle()
         self._library = None
@@ -116,7 +118,7 @@ class PackageLibrary:
             library_path = _extract_library(path, self.folder)
             self._library = ctypes.CDLL(library_path)
             self._functions = {name: self._function(name, args) for name, args in _SIGNATURES.items()}
-            device_name = "cpu" if device.type == "cpu" else f"cuda:{device.index}"
+            device_name = "cpu" if self.device_index < 0 else f"cuda:{self.device_index}"
             self.call(
                 "CreateWithDevice",
                 ctypes.byref(self.container),
@@ -124,8 +126,10 @@ class PackageLibrary:
                 device_name.encode(),
                 os.path.dirname(library_path).encode(),  # where a GPU package's kernel binaries are
             )
-        except Exception as e:
+        except BaseException as e:
             self.close()
+            if not isinstance(e, Exception):  # a Ctrl-C
+                raise
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             if library_path:
                 detail = detail.replace(library_path, "its library")
@@ -143,9 +147,19 @@ class PackageLibrary:
         return function
 
     def call(self, name: str, *args: Any) -> None:
-        """AOTInductorModelContainer<name>(*args); the library prints its own error to stderr when one fails."""
+        """AOTInductorModelContainer<name>(*args), its error raised as a RuntimeError."""
         if self._functions[f"AOTInductorModelContainer{name}"](*args) != 0:
-            raise RuntimeError(f"AOTInductorModelContainer{name} failed (the package's error is printed above)")
+            raise RuntimeError(f"AOTInductorModelContainer{name} failed: {self._last_error()}")
+
+    def _last_error(self) -> str:
+        try:  # libraries built by torch 2.12 and later keep it; older ones only print it
+            get = ctypes.PYFUNCTYPE(ctypes.c_int, _out_str)(("AOTInductorGetLastError", self._library))
+        except AttributeError:
+            get = None
+        message = ctypes.c_char_p()
+        if get is None or get(ctypes.byref(message)) != 0 or not message.value:
+            return "the package's error is printed above"
+        return message.value.decode(errors="replace")
 
     def count(self, what: str) -> int:
         n = _size()
@@ -163,13 +177,23 @@ class PackageLibrary:
         return names
 
     def close(self) -> None:
-        if self.container:
-            self.call("Delete", self.container)
-            self.container = _handle()
-        if self._library is not None:
-            _ctypes.dlclose(self._library._handle)
-            self._library = None
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the container, unload the library and remove the extracted files, once the GPU has run the
+        library's kernels (their code goes with it)."""
+        try:
+            if self.container:
+                container, self.container = self.container, _handle()
+                if self.device_index >= 0:
+                    with torch.cuda.device(self.device_index):
+                        with contextlib.suppress(RuntimeError):  # a GPU in an error state runs nothing any more
+                            torch.cuda.synchronize()
+                        self.call("Delete", container)
+                else:
+                    self.call("Delete", container)
+        finally:
+            if self._library is not None:
+                _ctypes.dlclose(self._library._handle)
+                self._library = None
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _extract_library(path: Path, folder: str) -> str:
@@ -197,11 +221,7 @@ _loaded: weakref.WeakSet[CompiledModule] = weakref.WeakSet()
 
 @atexit.register
 def _release_loaded() -> None:
-    modules = list(_loaded)
-    for index in {m.device_index for m in modules if m.device_index >= 0}:
-        with contextlib.suppress(RuntimeError):  # a GPU in an error state: nothing runs on it any more
-            torch.cuda.synchronize(index)  # no kernel of theirs may still be running when their code is unloaded
-    for module in modules:
+    for module in list(_loaded):
         module.close()
 
 
@@ -211,13 +231,10 @@ class CompiledModule:
 
     def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
         self.path = path
-        device_index = -1 if device.type == "cpu" else device.index
-        if device_index is None:  # plain "cuda"
-            device_index = torch.cuda.current_device()
-        self.device_index = device_index
         self._lock = threading.Lock()
         self._weight_handles: list[int] = []
-        self._library = PackageLibrary(path, torch.device(device.type, None if device_index < 0 else device_index))
+        self._library = PackageLibrary(path, device)
+        self.device_index = self._library.device_index  # -1: the CPU
         try:
             names = self._library.constant_names()
             missing = [fqn for fqn in names.values() if fqn not in weights]
@@ -226,7 +243,8 @@ class CompiledModule:
                     f"{path} needs {len(missing)} weights that the weight file lacks (e.g. {missing[0]})",
                     "the artifact's files do not belong together: export the model again",
                 )
-            # The container keeps its own references to the tensors; these handles are released on close.
+            # The container takes references of its own, which torch 2.11-2.13's libraries never release
+            # (pytorch/pytorch#194480: Weights releases the memory itself); these handles are released on close.
             self._weight_handles = _new_handles([weights[fqn] for fqn in names.values()])
             entries = [_ConstantEntry(n.encode(), h) for n, h in zip(names, self._weight_handles, strict=True)]
             self._library.call(
@@ -246,6 +264,8 @@ class CompiledModule:
         _loaded.add(self)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != self.num_inputs:  # the library's own check ends the process
+            raise TypeError(f"{self.path} takes {self.num_inputs} inputs, got {len(inputs)}")
         stream = torch.cuda.current_stream(self.device_index).cuda_stream if self.device_index >= 0 else None
         outputs = (_handle * self._num_outputs)()
         with self._lock:
@@ -267,14 +287,16 @@ class CompiledModule:
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
     def close(self) -> None:
-        """Unload the package's code and delete its extracted files (after the GPU has finished its work)."""
+        """Unload the package's code and delete its extracted files (after the GPU has run its kernels)."""
         with self._lock:
-            library = getattr(self, "_library", None)
-            if library is not None:
-                library.close()
-            if self._weight_handles:
-                _steal_handles(self._weight_handles)
-                self._weight_handles = []
+            try:
+                library = getattr(self, "_library", None)
+                if library is not None:
+                    library.close()
+            finally:
+                if self._weight_handles:
+                    handles, self._weight_handles = self._weight_handles, []
+                    _steal_handles(handles)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

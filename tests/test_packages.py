@@ -57,18 +57,44 @@ def test_a_call_lets_other_threads_run(unet_call) -> None:
     assert beside > 0.25 * alone, f"the counting thread kept {beside / alone:.0%} of its pace"
 
 
-def test_calls_from_threads_match_calls_in_turn(unet_call) -> None:
+def test_calls_from_threads_take_turns(unet_call, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module's calls from several threads run one at a time (the library's single-threaded run keeps one set of
+    buffers), and give what calls made in turn give."""
     unet, inputs = unet_call
     latents = [inputs[0] + i for i in range(4)]
     expected = [unet(x, *inputs[1:]) for x in latents]
+    run, active, most = unet._library._functions["AOTInductorModelContainerRunSingleThreaded"], [0], [0]
+
+    def overlap_recording_run(*args):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.02)  # lets go of the GIL: another thread's call would start here
+        try:
+            return run(*args)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setitem(unet._library._functions, "AOTInductorModelContainerRunSingleThreaded", overlap_recording_run)
     got: dict[int, torch.Tensor] = {}
     threads = [threading.Thread(target=lambda i=i: got.update({i: unet(latents[i], *inputs[1:])})) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert most[0] == 1
     for i in range(4):
         torch.testing.assert_close(got[i], expected[i], rtol=0, atol=0)
+
+
+def test_a_call_with_the_wrong_inputs_raises(unet_call, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too few inputs: a TypeError (the library's own check would end the process). A run that fails in the
+    library: a RuntimeError naming the function and the library's error where it keeps one."""
+    unet, inputs = unet_call
+    with pytest.raises(TypeError, match=r"64x64.pt2 takes 5 inputs, got 4"):
+        unet(*inputs[:-1])
+    monkeypatch.setitem(unet._library._functions, "AOTInductorModelContainerRunSingleThreaded", lambda *args: 1)
+    with pytest.raises(RuntimeError, match="AOTInductorModelContainerRunSingleThreaded failed: "):
+        unet(*inputs)
 
 
 def test_closed_module_is_unloaded(tiny_artifact: Path, unet_call) -> None:
