@@ -65,8 +65,7 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
 
 # Loads an artifact and generates (output_type "latent": the GPU may still be busy at exit) in a pipeline that Python
 # does not destroy at exit: reachable from builtins, through an import hook's globals. Prints the folders that the
-# packages' libraries were loaded from: where torch extracted them (under $TMPDIR in torch 2.13, a folder of /tmp
-# whatever $TMPDIR says in torch 2.11).
+# packages' libraries were loaded from: where the runtime extracted them (a folder of $TMPDIR).
 EXIT_PROBE = """
 import builtins, json, os, sys
 from fastdiff.runtime import load_pipeline
