@@ -156,7 +156,10 @@ def distilled_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # "{checkpoint}" stands for the checkpoint's folder).
 SESSION_EXPORTS = {
     # fp32 CPU artifact of the tiny model at two resolutions, batch size 2 (UNet batch up to 4)
-    "tiny_artifact": ("tiny_checkpoint", ["tiny-sdxl", *(a for r in EXPORT_RESOLUTIONS for a in ("--res", r))]),
+    "tiny_artifact": (
+        "tiny_checkpoint",
+        ["tiny-sdxl", *(a for r in EXPORT_RESOLUTIONS for a in ("--res", r)), "--batch-size", "2"],
+    ),
     # also a local diffusers checkpoint folder given as MODEL (not a preset), and transformers' text encoders shipped
     "int8_artifact": (
         "tiny_checkpoint",
@@ -165,17 +168,16 @@ SESSION_EXPORTS = {
     # a setting for one component (that leaves its numerics alone: no template kernels on the CPU to fuse into)
     "sd_artifact": (
         "sd_checkpoint",
-        ["tiny-sd", "--res", "64", "--inductor-config", "vae_decoder:epilogue_fusion=false"],
+        ["tiny-sd", "--res", "64", "--batch-size", "2", "--inductor-config", "vae_decoder:epilogue_fusion=false"],
     ),
     "distilled_artifact": ("distilled_checkpoint", ["{checkpoint}", "--res", "64", "--text-encoders", "stock"]),
-    "pixart_artifact": ("pixart_checkpoint", ["tiny-pixart", "--res", "64"]),
+    "pixart_artifact": ("pixart_checkpoint", ["tiny-pixart", "--res", "64", "--batch-size", "2"]),
     # the transformers T5 encoder shipped as is, at 96x64, with attention compiled as plain matmul + softmax
     "pixart_stock_t5_artifact": (
         "pixart_checkpoint",
-        ["tiny-pixart", "--res", "96x64", "--text-encoders", "stock", "--attention", "math"],
+        ["tiny-pixart", "--res", "96x64", "--batch-size", "2", "--text-encoders", "stock", "--attention", "math"],
     ),
 }
-BATCH_2 = {"tiny_artifact", "sd_artifact", "pixart_artifact", "pixart_stock_t5_artifact"}
 
 
 class SessionExports:
@@ -204,6 +206,10 @@ class SessionExports:
             self._running.add(proc)
         try:
             stdout, stderr = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            stderr += "\n(the test session stopped it after 900 s)"
         finally:
             with self._lock:
                 self._running.discard(proc)
@@ -233,8 +239,6 @@ def session_exports(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         checkpoint_fixture, args = SESSION_EXPORTS[name]
         checkpoint = str(request.getfixturevalue(checkpoint_fixture))  # built first: exports of a preset build it too
         args = [a.replace("{checkpoint}", checkpoint) for a in args]
-        if name in BATCH_2:
-            args += ["--batch-size", "2"]
         exports.start(name, args, tmp_path_factory.mktemp(name) / name.removesuffix("_artifact"))
     yield exports
     exports.close()
