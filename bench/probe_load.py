@@ -1,5 +1,6 @@
-"""Where a fastdiff cold start spends its time: imports, each part of load_pipeline, and within the warm-up the first
-call of each compiled package and the CUDA-graph capture (nested in warm_up: they overlap it, not add to it).
+"""Where a fastdiff cold start spends its time: imports, then load_pipeline's parts as a timeline (when each began and
+how long it took, on which thread: the UNet's weights stream beside the text encoders' and VAE decoder's warm-up),
+within the warm-ups the first call of each compiled package and the CUDA-graph captures (nested: they overlap them).
 
 python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB] [--profile-warmup N]
 
@@ -13,6 +14,7 @@ before a capture costs) rather than on the first (kernel loading, cuDNN building
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +48,15 @@ if torch.cuda.is_available():  # else the first timed phase's synchronize() woul
     torch.zeros(1, device="cuda")
     print(f"CUDA context {time.perf_counter() - t:.2f} s")
 
-timings: dict[str, float] = {}
+spans: list[tuple[float, float, str, str]] = []  # start, seconds, what, thread
+load_start = 0.0
+
+
+def record(name: str, start: float) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    spans.append((start - load_start, end - start, name, threading.current_thread().name))
 
 
 def timed(module, name):
@@ -55,9 +65,8 @@ def timed(module, name):
     def wrapper(*a, **k):
         t = time.perf_counter()
         out = fn(*a, **k)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+        label = f"{name} {Path(a[0]).parent.name}" if name in ("shared_weights", "CompiledModule") else name
+        record(label, t)
         return out
 
     setattr(module, name, wrapper)
@@ -71,7 +80,8 @@ for mod, name in [
     (loader, "load_scheduler"),
     (loader, "shared_weights"),
     (loader, "CompiledModule"),
-    (FastDiffPipeline, "warm_up"),
+    (FastDiffPipeline, "_warm_up_text_and_decoder"),
+    (FastDiffPipeline, "_warm_up_denoiser"),
     (packages.CUDAGraphModule, "_capture"),
 ]:
     timed(mod, name)
@@ -85,37 +95,43 @@ def first_call_timed(self, *inputs):
     self._probed = True
     t = time.perf_counter()
     out = module_call(self, *inputs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    timings[f"first call {self.path.parent.name}/{self.path.name}"] = time.perf_counter() - t
+    record(f"first call {self.path.parent.name}/{self.path.name}", t)
     return out
 
 
 packages.CompiledModule.__call__ = first_call_timed
-if args.profile_warmup:
-    warm_up = FastDiffPipeline.warm_up
 
-    def profiled_warm_up(self):
+
+def profiled(part: str) -> None:
+    """FastDiffPipeline.<part> run under the profiler, which prints its top host-side ops."""
+    warm_up = getattr(FastDiffPipeline, part)
+
+    def wrapper(self, *a):
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            warm_up(self)
-        print(
-            prof.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=args.profile_warmup, max_name_column_width=70
-            )
+            out = warm_up(self, *a)
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=args.profile_warmup, max_name_column_width=70
         )
+        print(f"{part}:\n{table}")
+        return out
 
-    FastDiffPipeline.warm_up = profiled_warm_up
-t = time.perf_counter()
+    setattr(FastDiffPipeline, part, wrapper)
+
+
+if args.profile_warmup:  # each part of the warm-up in a profile of its own
+    profiled("_warm_up_text_and_decoder")
+    profiled("_warm_up_denoiser")
+load_start = time.perf_counter()
 pipe = load_pipeline(args.artifact)
-print(f"load_pipeline {time.perf_counter() - t:.2f} s:", {k: round(v, 2) for k, v in timings.items()})
+print(f"load_pipeline {time.perf_counter() - load_start:.2f} s; its parts (start s, seconds, thread):")
+for start, seconds, name, thread in sorted(spans):
+    print(f"  {start:6.2f} {seconds:6.2f}  {name}  [{thread}]")
 manifest = pipe.manifest
-parts = (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
-weight_bytes = sum((args.artifact / c.weights).stat().st_size for c in parts)
-print(
-    f"weights: {weight_bytes / 1e9:.2f} GB in {timings['shared_weights']:.2f} s, "
-    f"{weight_bytes / 1e9 / timings['shared_weights']:.1f} GB/s"
-)
+for c in (manifest.unet, manifest.vae_decoder, *manifest.text_encoders):
+    size = (args.artifact / c.weights).stat().st_size
+    seconds = next(s for _, s, name, _ in spans if name == f"shared_weights {Path(c.weights).parent.name}")
+    print(f"weights {c.weights}: {size / 1e9:.2f} GB in {seconds:.2f} s, {size / 1e9 / seconds:.1f} GB/s")
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "torchao"}))
 if args.profile_warmup:
     for key, unet in pipe.unets.items():

@@ -100,35 +100,46 @@ def _load(
     root: Path, manifest: Manifest, device: torch.device, keys: list[str], cuda_graphs: bool, warmup: bool | None
 ) -> FastDiffPipeline:
     stock = {name: root / rel for name, rel in manifest.stock.items()}
-    # The weights before the scheduler's import starts: beside it, every tensor's copy waited for the GIL and SDXL's
-    # 6.9 GB moved at 1.9 GB/s instead of 10 GB/s on the H200 (bench/results/2026-11-30-h200-d).
-    weights = {
-        c.weights: shared_weights(root / c.weights, device, c.channels_last)
-        for c in (manifest.unet, manifest.vae_decoder, *manifest.text_encoders)
-    }
     graphed = cuda_graphs and device.type == "cuda"
-    unets = _load_packages(root, manifest.unet, keys, device, weights)
-    if graphed:
-        unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
-    vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
-    conditioner = _load_conditioner(root, manifest, stock, device, weights, graphed)
-    pipeline = FastDiffPipeline(
-        manifest=manifest,
-        device=device,
-        conditioner=conditioner,
-        scheduler=None,  # set below, once the thread has imported it
-        unets=unets,
-        vae_decoders=vae_decoders,
-    )
     if warmup is None:
         warmup = device.type == "cuda"
-    # The scheduler's import runs beside the warm-up, whose compiled calls let go of the GIL, and after the packages'
-    # loading, which hands it over at every file it extracts: beside the import, that took SDXL's four packages
-    # 0.5-0.7 s instead of 0.05 (H200, session Q).
+    # The small components' weights first, before any thread runs beside them: beside diffusers' import, every
+    # tensor's copy waited for the GIL and SDXL's 6.9 GB moved at 1.9 GB/s instead of 10 GB/s on the H200
+    # (bench/results/2026-11-30-h200-d).
+    weights = {
+        c.weights: shared_weights(root / c.weights, device, c.channels_last)
+        for c in (manifest.vae_decoder, *manifest.text_encoders)
+    }
+
+    def load_unet_weights() -> Weights:
+        with on_device(device):  # the current GPU is per thread
+            return shared_weights(root / manifest.unet.weights, device, manifest.unet.channels_last)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-weights") as pool:
+        # The denoiser's weights, most of the bytes (SDXL's UNet: 5.1 of 6.9 GB), stream in while the text encoders
+        # and the VAE decoder load and warm up.
+        unet_weights = pool.submit(load_unet_weights)
+        vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
+        conditioner = _load_conditioner(root, manifest, stock, device, weights, graphed)
+        pipeline = FastDiffPipeline(
+            manifest=manifest,
+            device=device,
+            conditioner=conditioner,
+            scheduler=None,  # set below, once a thread has imported it
+            unets={},  # set below, once their weights are in
+            vae_decoders=vae_decoders,
+        )
+        conditioning = pipeline._warm_up_text_and_decoder() if warmup else None
+        weights[manifest.unet.weights] = unet_weights.result()
+    unets = _load_packages(root, manifest.unet, keys, device, weights)
+    pipeline.unets = {key: CUDAGraphModule(module) for key, module in unets.items()} if graphed else unets
+    # The scheduler's import runs beside the UNet's warm-up, whose compiled calls let go of the GIL, and after the
+    # packages' loading, which hands it over at every file it extracts: beside the import, that took SDXL's four
+    # packages 0.5-0.7 s instead of 0.05 (H200, session Q).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if warmup:
-            pipeline.warm_up()
+            pipeline._warm_up_denoiser(conditioning)
         pipeline.scheduler = scheduler.result()
     return pipeline
 

@@ -90,7 +90,8 @@ class FastDiffPipeline:
 
     @property
     def resolutions(self) -> list[Resolution]:
-        return sorted(parse_resolution(k) for k in self.unets)
+        # the VAE decoder's: load_pipeline loads both components at the same resolutions, the decoder's first
+        return sorted(parse_resolution(k) for k in self.vae_decoders)
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the tqdm bar of the denoise loop, e.g. disable=True (as in diffusers)."""
@@ -176,16 +177,35 @@ class FastDiffPipeline:
     @_on_own_device
     def warm_up(self) -> None:
         """Run every compiled module once at the shapes of a default request (one image, the default resolution and
-        guidance): their kernels load, cuDNN and cuBLAS pick their algorithms, and the UNet step's CUDA graph is
-        captured, before the first request. Needs no scheduler, so load_pipeline runs it while diffusers is still
-        being imported."""
+        guidance): their kernels load, cuDNN and cuBLAS pick their algorithms, and the CUDA graphs of the UNet step
+        and the text encoders are captured, before the first request. Needs no scheduler, so load_pipeline runs it
+        while diffusers is still being imported.
+
+        cuDNN keeps its plans per thread: the VAE decoder, which runs off a graph, pays for its plans again on the
+        first call from another thread."""
+        self._warm_up_denoiser(self._warm_up_text_and_decoder())
+
+    @torch.no_grad()
+    @_on_own_device
+    def _warm_up_text_and_decoder(self) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
+        """warm_up's first part, which needs no UNet (load_pipeline runs it while the UNet's weights load); returns
+        the conditioning its second part takes."""
         res = self._resolution(None, None)
+        self.vae_decoders[res.key](self._warm_up_latents(res).to(self.vae_dtype))
+        return self._conditioning([""], None, self.manifest.model.default_guidance_scale > 1.0, res, 1)
+
+    @torch.no_grad()
+    @_on_own_device
+    def _warm_up_denoiser(self, chunks: list[tuple[slice, tuple[torch.Tensor, ...]]]) -> None:
+        res = self._resolution(None, None)
+        latents = self._warm_up_latents(res)
         guidance = self.manifest.model.default_guidance_scale > 1.0
-        latents = torch.zeros((1, *self.manifest.model.latent_shape(res)), device=self.device, dtype=self.dtype)
         timestep = torch.tensor(999.0, device=self.device)
-        for chunk, cond in self._conditioning([""], None, guidance, res, 1):
+        for chunk, cond in chunks:
             self.unets[res.key](torch.cat([latents[chunk]] * 2) if guidance else latents[chunk], timestep, *cond)
-        self.vae_decoders[res.key](latents.to(self.vae_dtype))
+
+    def _warm_up_latents(self, res: Resolution) -> torch.Tensor:
+        return torch.zeros((1, *self.manifest.model.latent_shape(res)), device=self.device, dtype=self.dtype)
 
     def _conditioning(
         self, prompts: list[str], negatives: list[str] | None, guidance: bool, res: Resolution, per_prompt: int

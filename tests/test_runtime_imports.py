@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from fastdiff.runtime import FastDiffError, load_pipeline
 from fastdiff.runtime import loader as loader_module
 from fastdiff.runtime import scheduler as scheduler_module
 from fastdiff.runtime import weights as weights_module
+from fastdiff.runtime.pipeline import FastDiffPipeline
 
 FORBIDDEN_PREFIXES = ("fastdiff.exporter", "diffusers.models", "diffusers.pipelines")
 COMPILERS = {"gcc", "g++", "cc", "c++", "clang", "clang++", "nvcc"}
@@ -295,36 +297,47 @@ def test_load_shortens_the_switch_interval(tiny_artifact: Path, monkeypatch: pyt
     assert sys.getswitchinterval() == pytest.approx(before)
 
 
-def test_weights_and_packages_load_before_the_scheduler_import(
-    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The scheduler's import (pure Python, seconds) starts only once every weight file and package is loaded:
-    beside it, the weights' many small GIL-releasing copies moved at a fifth of their speed on the H200, and the
-    packages' extraction took ten times as long; the warm-up's compiled calls let go of the GIL for it."""
+def test_load_order(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small components' weights load first, then the UNet's stream in on a thread while the text encoders' and
+    VAE decoder's packages load and warm up (SDXL's UNet is 5.1 of its 6.9 GB). The scheduler's import (pure Python,
+    seconds) starts only once every weight file and package is loaded: beside it, the weights' many small
+    GIL-releasing copies moved at a fifth of their speed on the H200, and the packages' extraction took ten times as
+    long; it runs beside the UNet's warm-up, whose compiled calls let go of the GIL."""
     events = []
-    shared_weights, load_scheduler = loader_module.shared_weights, loader_module.load_scheduler
-    compiled_module = loader_module.CompiledModule
+    text_and_decoder_warming = threading.Event()
 
-    def weights_spy(path, *args, **kwargs):
-        events.append(("weights", Path(path).parent.name))
-        return shared_weights(path, *args, **kwargs)
+    def spy(owner, name, event, wait=None):
+        original = getattr(owner, name)
 
-    def package_spy(path, *args, **kwargs):
-        events.append(("package", Path(path).parent.name))
-        return compiled_module(path, *args, **kwargs)
+        def recorded(*args, **kwargs):
+            component = Path(args[0]).parent.name if event in ("weights", "package") else ""
+            if wait is not None and component == "unet":
+                assert wait.wait(timeout=60), "the UNet's weights were waited for before the warm-up started"
+            events.append((event, component, threading.current_thread().name.split("_")[0]))
+            if event == "warm text and decoder":
+                text_and_decoder_warming.set()
+            return original(*args, **kwargs)
 
-    def scheduler_spy(*args, **kwargs):
-        events.append(("scheduler", ""))
-        return load_scheduler(*args, **kwargs)
+        monkeypatch.setattr(owner, name, recorded)
 
-    monkeypatch.setattr(loader_module, "shared_weights", weights_spy)
-    monkeypatch.setattr(loader_module, "CompiledModule", package_spy)
-    monkeypatch.setattr(loader_module, "load_scheduler", scheduler_spy)
-    load_pipeline(tiny_artifact, device="cpu")
-    assert sorted(events[:4]) == [("weights", c) for c in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")]
-    components = ("text_encoder", "text_encoder_2", "unet", "unet", "vae_decoder", "vae_decoder")  # 2 resolutions
-    assert sorted(events[4:10]) == [("package", c) for c in components]
-    assert events[10:] == [("scheduler", "")]
+    spy(loader_module, "shared_weights", "weights", wait=text_and_decoder_warming)
+    spy(loader_module, "CompiledModule", "package")
+    spy(loader_module, "load_scheduler", "scheduler")
+    spy(FastDiffPipeline, "_warm_up_text_and_decoder", "warm text and decoder")
+    spy(FastDiffPipeline, "_warm_up_denoiser", "warm denoiser")
+    pipe = load_pipeline(tiny_artifact, device="cpu", warmup=True)
+    small = ("text_encoder", "text_encoder_2", "vae_decoder")
+    assert sorted(events[:3]) == [("weights", c, "MainThread") for c in small]
+    order = [e[:2] for e in events]
+    assert ("weights", "unet", "fastdiff-weights") in events
+    assert order.index(("weights", "unet")) > order.index(("warm text and decoder", ""))
+    small_packages = [i for i, e in enumerate(order) if e[0] == "package" and e[1] != "unet"]
+    unet_packages = [i for i, e in enumerate(order) if e == ("package", "unet")]
+    assert len(small_packages) == 4 and len(unet_packages) == 2  # 2 resolutions
+    assert max(small_packages) < order.index(("warm text and decoder", "")) < min(unet_packages)
+    assert max(unet_packages) < order.index(("scheduler", ""))
+    assert max(unet_packages) < order.index(("warm denoiser", ""))
+    assert pipe.scheduler is not None and set(pipe.unets) == set(pipe.vae_decoders)
 
 
 @pytest.mark.parametrize(
