@@ -1,6 +1,6 @@
 """Where a fastdiff cold start spends its time: imports, then load_pipeline's parts as a timeline (when each began and
-how long it took, on which thread: the UNet's weights stream beside the text encoders' and VAE decoder's warm-up),
-within the warm-ups the first call of each compiled package and the CUDA-graph captures (nested: they overlap them).
+how long it took, on which thread: the UNet's weights stream beside the text encoders' and VAE decoder's first calls),
+within the warm-up the first call of each compiled package and the CUDA-graph captures (nested: they overlap it).
 
 python bench/probe_load.py ARTIFACT_DIR [--scheduler-first] [--staging BUFFERS CHUNK_MIB] [--profile-warmup N]
 
@@ -52,39 +52,41 @@ spans: list[tuple[float, float, str, str]] = []  # start, seconds, what, thread
 load_start = 0.0
 
 
-def record(name: str, start: float) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def record(name: str, start: float, gpu: bool = True) -> None:
+    """A span that ends once its thread's GPU work is done (`gpu`). Only its own stream: a device-wide synchronize
+    beside a CUDA-graph capture on another thread would end that capture with an error."""
+    if gpu and torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
     end = time.perf_counter()
     spans.append((start - load_start, end - start, name, threading.current_thread().name))
 
 
-def timed(module, name):
+def timed(module, name, gpu=True):
     fn = getattr(module, name)
 
     def wrapper(*a, **k):
         t = time.perf_counter()
         out = fn(*a, **k)
         label = f"{name} {Path(a[0]).parent.name}" if name in ("shared_weights", "CompiledModule") else name
-        record(label, t)
+        record(label, t, gpu)
         return out
 
     setattr(module, name, wrapper)
 
 
-for mod, name in [
-    (loader, "read_manifest"),
-    (loader, "check_files"),
-    (loader, "load_stock_text_encoder"),
-    (loader, "load_tokenizer"),
-    (loader, "load_scheduler"),
-    (loader, "shared_weights"),
-    (loader, "CompiledModule"),
-    (FastDiffPipeline, "_warm_up_text_and_decoder"),
-    (FastDiffPipeline, "_warm_up_denoiser"),
-    (packages.CUDAGraphModule, "_capture"),
+for mod, name, gpu in [
+    (loader, "read_manifest", False),
+    (loader, "check_files", False),
+    (loader, "load_stock_text_encoder", True),
+    (loader, "load_tokenizer", False),
+    (loader, "load_scheduler", False),  # on its own thread, beside the captures
+    (loader, "shared_weights", True),
+    (loader, "CompiledModule", True),
+    (FastDiffPipeline, "_warm_up_text_and_decoder", True),  # alone first, then within warm_up
+    (FastDiffPipeline, "warm_up", True),
+    (packages.CUDAGraphModule, "_capture", True),
 ]:
-    timed(mod, name)
+    timed(mod, name, gpu)
 
 module_call = packages.CompiledModule.__call__
 
@@ -102,14 +104,23 @@ def first_call_timed(self, *inputs):
 packages.CompiledModule.__call__ = first_call_timed
 
 
+profiling = threading.Lock()  # one profile at a time: warm_up runs _warm_up_text_and_decoder again, inside its own
+
+
 def profiled(part: str) -> None:
-    """FastDiffPipeline.<part> run under the profiler, which prints its top host-side ops."""
+    """FastDiffPipeline.<part> run under the profiler (unless a profile is running), which prints its top host-side
+    ops."""
     warm_up = getattr(FastDiffPipeline, part)
 
     def wrapper(self, *a):
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            out = warm_up(self, *a)
+        if not profiling.acquire(blocking=False):
+            return warm_up(self, *a)
+        try:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                out = warm_up(self, *a)
+        finally:
+            profiling.release()
         table = prof.key_averages().table(
             sort_by="self_cpu_time_total", row_limit=args.profile_warmup, max_name_column_width=70
         )
@@ -119,9 +130,9 @@ def profiled(part: str) -> None:
     setattr(FastDiffPipeline, part, wrapper)
 
 
-if args.profile_warmup:  # each part of the warm-up in a profile of its own
+if args.profile_warmup:  # the first calls beside the UNet's weights, then the warm-up with the captures
     profiled("_warm_up_text_and_decoder")
-    profiled("_warm_up_denoiser")
+    profiled("warm_up")
 load_start = time.perf_counter()
 pipe = load_pipeline(args.artifact)
 print(f"load_pipeline {time.perf_counter() - load_start:.2f} s; its parts (start s, seconds, thread):")

@@ -110,36 +110,55 @@ def _load(
         c.weights: shared_weights(root / c.weights, device, c.channels_last)
         for c in (manifest.vae_decoder, *manifest.text_encoders)
     }
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    stop = threading.Event()
 
     def load_unet_weights() -> Weights:
-        with on_device(device):  # the current GPU is per thread
-            return shared_weights(root / manifest.unet.weights, device, manifest.unet.channels_last)
+        # on the caller's device and stream (both are per thread), so that what it runs next comes after the copies
+        with on_device(device), torch.cuda.stream(stream):
+            return shared_weights(root / manifest.unet.weights, device, manifest.unet.channels_last, stop)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-weights") as pool:
-        # The denoiser's weights, most of the bytes (SDXL's UNet: 5.1 of 6.9 GB), stream in while the text encoders
-        # and the VAE decoder load and warm up.
+        # The denoiser's weights, most of the bytes (SDXL's UNet: 5.1 of 6.9 GB), stream in while the text encoders'
+        # and VAE decoder's packages load and make their first calls, without CUDA graphs: nothing is captured
+        # beside the weights' thread, whose event waits a capture forbids (CUDA's global capture mode).
         unet_weights = pool.submit(load_unet_weights)
-        vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
-        conditioner = _load_conditioner(root, manifest, stock, device, weights, graphed)
-        pipeline = FastDiffPipeline(
-            manifest=manifest,
-            device=device,
-            conditioner=conditioner,
-            scheduler=None,  # set below, once a thread has imported it
-            unets={},  # set below, once their weights are in
-            vae_decoders=vae_decoders,
-        )
-        conditioning = pipeline._warm_up_text_and_decoder() if warmup else None
+        try:
+            vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
+            conditioner = _load_conditioner(root, manifest, stock, device, weights)
+            pipeline = FastDiffPipeline(
+                manifest=manifest,
+                device=device,
+                conditioner=conditioner,
+                scheduler=None,  # set below, once a thread has imported it
+                unets={},  # set below, once their weights are in
+                vae_decoders=vae_decoders,
+            )
+            if warmup:
+                pipeline._warm_up_text_and_decoder()
+        except BaseException:
+            stop.set()  # an error or Ctrl-C does not wait for the rest of the UNet's weights
+            raise
         weights[manifest.unet.weights] = unet_weights.result()
     unets = _load_packages(root, manifest.unet, keys, device, weights)
-    pipeline.unets = {key: CUDAGraphModule(module) for key, module in unets.items()} if graphed else unets
-    # The scheduler's import runs beside the UNet's warm-up, whose compiled calls let go of the GIL, and after the
-    # packages' loading, which hands it over at every file it extracts: beside the import, that took SDXL's four
-    # packages 0.5-0.7 s instead of 0.05 (H200, session Q).
+    if graphed:
+        unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
+        for encoder in conditioner.encoders:
+            if isinstance(encoder, CompiledTextEncoder):
+                # A CLIP encoder call launches several kernels per layer (SDXL's second encoder has 32) for little
+                # GPU work: the prompt's encoding took 13-22 ms of host time for 2.6 ms of GPU time per SDXL image
+                # on the H200, the GPU mostly idle (bench/results/2026-12-01-h200-k); replayed as a graph, it is
+                # one launch.
+                encoder.module = CUDAGraphModule(encoder.module)
+    pipeline.unets = unets
+    # The scheduler's import runs beside the warm-up, whose compiled calls let go of the GIL, and after the packages'
+    # loading, which hands it over at every file it extracts: beside the import, that took SDXL's four packages
+    # 0.5-0.7 s instead of 0.05 (H200, session Q). The warm-up's calls of the text encoders and VAE decoder are
+    # quick the second time; the captures happen here.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if warmup:
-            pipeline._warm_up_denoiser(conditioning)
+            pipeline.warm_up()
         pipeline.scheduler = scheduler.result()
     return pipeline
 
@@ -150,17 +169,13 @@ def _load_conditioner(
     stock: dict[str, Path],
     device: torch.device,
     weights: dict[str, Weights],
-    graphed: bool,
 ) -> TextConditioner:
     parts = TEXT_PARTS[manifest.model.family]
     if manifest.text_encoders:
         encoders = []
         for c in manifest.text_encoders:
             module = next(iter(_load_packages(root, c, list(c.packages), device, weights).values()))
-            # A CLIP encoder call launches several kernels per layer (SDXL's second encoder has 32) for little GPU
-            # work: the prompt's encoding took 13-22 ms of host time for 2.6 ms of GPU time per SDXL image on the
-            # H200, the GPU mostly idle (bench/results/2026-12-01-h200-k); replayed as a graph, it is one launch.
-            encoders.append(CompiledTextEncoder(CUDAGraphModule(module) if graphed else module, c.inputs))
+            encoders.append(CompiledTextEncoder(module, c.inputs))
     else:
         dtype = torch_dtype(manifest.dtype)
         penultimate = manifest.model.family in PENULTIMATE_CLIP_FAMILIES

@@ -342,8 +342,6 @@ class CUDAGraphModule:
             self.module(*static_inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # Other threads may allocate and wait for events meanwhile (load_pipeline streams the UNet's weights beside
-        # the text encoders' captures); the default mode ("global") would fail their calls and break the capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool):
             static_output = self.module(*static_inputs)
         return static_inputs, graph, static_output

@@ -183,26 +183,21 @@ class FastDiffPipeline:
 
         cuDNN keeps its plans per thread: the VAE decoder, which runs off a graph, pays for its plans again on the
         first call from another thread."""
-        self._warm_up_denoiser(self._warm_up_text_and_decoder())
-
-    @torch.no_grad()
-    @_on_own_device
-    def _warm_up_text_and_decoder(self) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
-        """warm_up's first part, which needs no UNet (load_pipeline runs it while the UNet's weights load); returns
-        the conditioning its second part takes."""
-        res = self._resolution(None, None)
-        self.vae_decoders[res.key](self._warm_up_latents(res).to(self.vae_dtype))
-        return self._conditioning([""], None, self.manifest.model.default_guidance_scale > 1.0, res, 1)
-
-    @torch.no_grad()
-    @_on_own_device
-    def _warm_up_denoiser(self, chunks: list[tuple[slice, tuple[torch.Tensor, ...]]]) -> None:
         res = self._resolution(None, None)
         latents = self._warm_up_latents(res)
         guidance = self.manifest.model.default_guidance_scale > 1.0
         timestep = torch.tensor(999.0, device=self.device)
-        for chunk, cond in chunks:
+        for chunk, cond in self._warm_up_text_and_decoder():
             self.unets[res.key](torch.cat([latents[chunk]] * 2) if guidance else latents[chunk], timestep, *cond)
+
+    @torch.no_grad()
+    @_on_own_device
+    def _warm_up_text_and_decoder(self) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
+        """warm_up's part that needs no UNet (load_pipeline runs it alone first, while the UNet's weights load):
+        the VAE decoder's first call and the default request's conditioning, which warm_up goes on with."""
+        res = self._resolution(None, None)
+        self.vae_decoders[res.key](self._warm_up_latents(res).to(self.vae_dtype))
+        return self._conditioning([""], None, self.manifest.model.default_guidance_scale > 1.0, res, 1)
 
     def _warm_up_latents(self, res: Resolution) -> torch.Tensor:
         return torch.zeros((1, *self.manifest.model.latent_shape(res)), device=self.device, dtype=self.dtype)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import FastDiffError
-from .manifest import read_manifest
+from .manifest import CompiledComponent, read_manifest
 from .resolution import Resolution, parse_resolution
 
 CHUNK = 64 << 20  # bytes per read: few enough reads that the thread rarely waits for the GIL
@@ -25,9 +25,10 @@ CHUNK = 64 << 20  # bytes per read: few enough reads that the thread rarely wait
 def files_to_prefetch(
     artifact_dir: str | Path, resolutions: Iterable[str | int | Resolution] | None = None
 ) -> list[Path]:
-    """The files a load of `artifact_dir` at `resolutions` (default: all) reads, in the order it reads them: the
-    weights, the UNet's and VAE decoder's packages for those resolutions, the text encoders' packages, then the small
-    files (tokenizers, scheduler). Empty if the folder holds no valid artifact (the load reports why)."""
+    """The files a load of `artifact_dir` at `resolutions` (default: all) reads, in the order it reads them: the VAE
+    decoder's and text encoders' weights, the UNet's, the VAE decoder's packages for those resolutions, the text
+    encoders' packages, the UNet's packages for those resolutions, then the small files (tokenizers, scheduler).
+    Empty if the folder holds no valid artifact (the load reports why)."""
     root = Path(artifact_dir)
     if isinstance(resolutions, (str, int, Resolution)):  # one resolution, not an iterable of them
         resolutions = [resolutions]
@@ -37,9 +38,12 @@ def files_to_prefetch(
     except (FastDiffError, OSError, TypeError):
         return []
     unet, vae, encoders = manifest.unet, manifest.vae_decoder, manifest.text_encoders
-    weights = [c.weights for c in (unet, vae, *encoders)]
-    packages = [rel for c in (unet, vae) for key, rel in c.packages.items() if keys is None or key in keys]
-    packages += [rel for c in encoders for rel in c.packages.values()]
+    weights = [c.weights for c in (vae, *encoders, unet)]
+
+    def packages_of(c: CompiledComponent) -> list[str]:
+        return [rel for key, rel in c.packages.items() if keys is None or key in keys]
+
+    packages = packages_of(vae) + [rel for c in encoders for rel in c.packages.values()] + packages_of(unet)
     every_package = {rel for c in (unet, vae, *encoders) for rel in c.packages.values()}
     rest = [rel for rel in manifest.files if rel not in every_package and rel not in weights]
     ordered = [rel for rel in dict.fromkeys(weights + packages + rest) if _inside(rel) and rel in manifest.files]

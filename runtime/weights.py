@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +86,9 @@ _live: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary
 _live_lock = threading.Lock()
 
 
-def shared_weights(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> Weights:
+def shared_weights(
+    path: Path, device: torch.device, channels_last: Iterable[str] = (), stop: threading.Event | None = None
+) -> Weights:
     """load_weights, unless a live pipeline of this process already holds this file, unchanged, on `device`.
     Callers keep the returned Weights alive for as long as they use its tensors."""
     if device.type == "cuda" and device.index is None:
@@ -96,7 +98,7 @@ def shared_weights(path: Path, device: torch.device, channels_last: Iterable[str
     with _live_lock:
         weights = _live.get(key)
         if weights is None:
-            weights = _live[key] = Weights(load_weights(path, device, channels_last))
+            weights = _live[key] = Weights(load_weights(path, device, channels_last, stop))
     return weights
 
 
@@ -107,10 +109,13 @@ def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return tensor.contiguous(), False
 
 
-def load_weights(path: Path, device: torch.device, channels_last: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file on `device`, with channels_last ones given their strides back."""
+def load_weights(
+    path: Path, device: torch.device, channels_last: Iterable[str] = (), stop: threading.Event | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on `device`, with channels_last ones given their strides back (`stop`: see
+    stream_weights)."""
     try:
-        tensors = load_file(path) if device.type == "cpu" else stream_weights(path, device)
+        tensors = load_file(path) if device.type == "cpu" else stream_weights(path, device, stop=stop)
     except (OSError, ValueError, SafetensorError) as e:
         raise FastDiffError(
             f"cannot read weights {path}: {e}", "the file is truncated or corrupted: export the model again"
@@ -159,11 +164,16 @@ def read_header(path: Path) -> list[StoredTensor]:
 
 
 def stream_weights(
-    path: Path, device: torch.device, chunk_bytes: int = CHUNK_BYTES, buffers: int = STAGING_BUFFERS
+    path: Path,
+    device: torch.device,
+    chunk_bytes: int = CHUNK_BYTES,
+    buffers: int = STAGING_BUFFERS,
+    *,
+    stop: threading.Event | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the file, allocated on `device` and filled chunk by chunk through `buffers` staging buffers
     (pinned for a GPU): reading chunk i + buffers waits only for the copies out of chunk i. Works for any device;
-    load_weights uses it for GPUs."""
+    load_weights uses it for GPUs. Once `stop` is set, no further chunk is read: CancelledError."""
     header = read_header(path)
     tensors = {t.name: torch.empty(t.shape, dtype=t.dtype, device=device) for t in header}
     stored = sorted((t for t in header if t.end > t.start), key=lambda t: t.start)
@@ -176,6 +186,8 @@ def stream_weights(
     copied: list[torch.cuda.Event | None] = [None] * len(staging)  # per buffer: its last chunk's copies are done
 
     def read(i: int) -> torch.Tensor:
+        if stop is not None and stop.is_set():
+            raise CancelledError(f"loading {path} was stopped")
         offset, size = chunks[i]
         slot = i % len(staging)
         if copied[slot] is not None:

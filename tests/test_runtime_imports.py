@@ -299,45 +299,67 @@ def test_load_shortens_the_switch_interval(tiny_artifact: Path, monkeypatch: pyt
 
 def test_load_order(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The small components' weights load first, then the UNet's stream in on a thread while the text encoders' and
-    VAE decoder's packages load and warm up (SDXL's UNet is 5.1 of its 6.9 GB). The scheduler's import (pure Python,
-    seconds) starts only once every weight file and package is loaded: beside it, the weights' many small
-    GIL-releasing copies moved at a fifth of their speed on the H200, and the packages' extraction took ten times as
-    long; it runs beside the UNet's warm-up, whose compiled calls let go of the GIL."""
+    VAE decoder's packages load and make their first calls (SDXL's UNet is 5.1 of its 6.9 GB). The scheduler's
+    import (pure Python, seconds) starts only once every weight file and package is loaded: beside it, the weights'
+    many small GIL-releasing copies moved at a fifth of their speed on the H200, and the packages' extraction took
+    ten times as long; it runs beside the warm-up, whose compiled calls let go of the GIL."""
     events = []
-    text_and_decoder_warming = threading.Event()
+    first_calls_started = threading.Event()
 
-    def spy(owner, name, event, wait=None):
+    def spy(owner, name, event):
         original = getattr(owner, name)
 
         def recorded(*args, **kwargs):
             component = Path(args[0]).parent.name if event in ("weights", "package") else ""
-            if wait is not None and component == "unet":
-                assert wait.wait(timeout=60), "the UNet's weights were waited for before the warm-up started"
+            if (event, component) == ("weights", "unet"):  # held until the small components' first calls start
+                assert first_calls_started.wait(timeout=30), "the UNet's weights were waited for before them"
             events.append((event, component, threading.current_thread().name.split("_")[0]))
-            if event == "warm text and decoder":
-                text_and_decoder_warming.set()
+            if event == "first calls":
+                first_calls_started.set()
             return original(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, recorded)
 
-    spy(loader_module, "shared_weights", "weights", wait=text_and_decoder_warming)
+    spy(loader_module, "shared_weights", "weights")
     spy(loader_module, "CompiledModule", "package")
     spy(loader_module, "load_scheduler", "scheduler")
-    spy(FastDiffPipeline, "_warm_up_text_and_decoder", "warm text and decoder")
-    spy(FastDiffPipeline, "_warm_up_denoiser", "warm denoiser")
+    spy(FastDiffPipeline, "_warm_up_text_and_decoder", "first calls")
+    spy(FastDiffPipeline, "warm_up", "warm-up")
     pipe = load_pipeline(tiny_artifact, device="cpu", warmup=True)
     small = ("text_encoder", "text_encoder_2", "vae_decoder")
     assert sorted(events[:3]) == [("weights", c, "MainThread") for c in small]
-    order = [e[:2] for e in events]
     assert ("weights", "unet", "fastdiff-weights") in events
-    assert order.index(("weights", "unet")) > order.index(("warm text and decoder", ""))
+    order = [e[:2] for e in events]
     small_packages = [i for i, e in enumerate(order) if e[0] == "package" and e[1] != "unet"]
     unet_packages = [i for i, e in enumerate(order) if e == ("package", "unet")]
     assert len(small_packages) == 4 and len(unet_packages) == 2  # 2 resolutions
-    assert max(small_packages) < order.index(("warm text and decoder", "")) < min(unet_packages)
-    assert max(unet_packages) < order.index(("scheduler", ""))
-    assert max(unet_packages) < order.index(("warm denoiser", ""))
+    first_calls = order.index(("first calls", ""))
+    assert max(small_packages) < first_calls < order.index(("weights", "unet")) < min(unet_packages)
+    assert max(unet_packages) < order.index(("scheduler", "")) and max(unet_packages) < order.index(("warm-up", ""))
     assert pipe.scheduler is not None and set(pipe.unets) == set(pipe.vae_decoders)
+
+
+def test_a_failed_load_stops_the_unet_weights(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error (or Ctrl-C) while the small components load tells the UNet's weights to stop (a cold disk reads
+    SDXL's 5.1 GB for seconds) and is reported as it was."""
+    stopped = []
+    shared_weights, compiled_module = loader_module.shared_weights, loader_module.CompiledModule
+
+    def weights_spy(path, device, channels_last=(), stop=None):
+        if Path(path).parent.name == "unet":
+            stopped.append(stop.wait(timeout=30))
+        return shared_weights(path, device, channels_last, stop)
+
+    def failing_package(path, *args, **kwargs):
+        if Path(path).parent.name == "text_encoder_2":
+            raise FastDiffError("text_encoder_2/77.pt2 is damaged", "export again")
+        return compiled_module(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "shared_weights", weights_spy)
+    monkeypatch.setattr(loader_module, "CompiledModule", failing_package)
+    with pytest.raises(FastDiffError, match="text_encoder_2/77.pt2 is damaged"):
+        load_pipeline(tiny_artifact, device="cpu")
+    assert stopped == [True]
 
 
 @pytest.mark.parametrize(
@@ -498,7 +520,8 @@ def test_extracted_packages_are_removed_at_exit(tiny_artifact: Path, tmp_path: P
 
 def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifact: Path) -> None:
     """fastdiff.runtime.prefetch, which a server calls before it imports torch, imports no torch and
-    reads the weights, then the packages of the resolutions to load, then the rest."""
+    reads the weights, then the packages of the resolutions to load, then the rest, in the order the load reads
+    them (the UNet's weights and packages after the other components': see test_load_order)."""
     code = textwrap.dedent(
         """
         import json, sys
@@ -514,8 +537,8 @@ def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifa
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert not result["torch"] and result["none"] is None  # no manifest: nothing to read, the load says why
-    weights = ["unet", "vae_decoder", "text_encoder", "text_encoder_2"]
-    packages = ["unet/64x64.pt2", "vae_decoder/64x64.pt2", "text_encoder/77.pt2", "text_encoder_2/77.pt2"]
+    weights = ["vae_decoder", "text_encoder", "text_encoder_2", "unet"]
+    packages = ["vae_decoder/64x64.pt2", "text_encoder/77.pt2", "text_encoder_2/77.pt2", "unet/64x64.pt2"]
     assert result["order"][:8] == [f"{w}/weights.safetensors" for w in weights] + packages
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
     assert sorted(result["order"]) == sorted(rel for rel in manifest["files"] if not rel.endswith("96x64.pt2"))

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import threading
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastdiff.runtime import weights as weights_module
 from fastdiff.runtime.errors import FastDiffError
 from fastdiff.runtime.packages import CompiledModule
 from fastdiff.runtime.weights import DTYPES, Weights, load_weights, stream_weights
@@ -43,6 +47,23 @@ def test_streamed_like_safetensors(every_dtype: Path, chunk_bytes: int, buffers:
     """Chunks smaller than a tensor, chunks holding many tensors, and one buffer reused for every chunk."""
     streamed = stream_weights(every_dtype, torch.device("cpu"), chunk_bytes=chunk_bytes, buffers=buffers)
     assert_same_bytes(streamed, load_file(every_dtype))
+
+
+def test_stopped_stream_reads_no_further(every_dtype: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once its `stop` is set (load_pipeline's main thread failed), the stream reads no further chunk."""
+    stop, reads = threading.Event(), []
+    preadv = os.preadv
+
+    def counted(fd, buffers, offset):
+        reads.append(offset)
+        if len(reads) == 3:
+            stop.set()
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(weights_module.os, "preadv", counted)
+    with pytest.raises(CancelledError, match="every_dtype.safetensors was stopped"):
+        stream_weights(every_dtype, torch.device("cpu"), chunk_bytes=7, buffers=1, stop=stop)
+    assert len(reads) == 3  # of the file's 100 or so chunks
 
 
 @pytest.mark.parametrize(("chunk_bytes", "buffers"), [(4099, 3), (32 << 20, 4)])
