@@ -88,6 +88,9 @@
 # COLDSTART_BYTECODE=/tmp/pyc): SDXL's export 10.7 min beside the GPU tests (13.5 min), cold starts 4.5 min with
 # bytecode (the untimed runs write it), fastdiff's without bytecode and the load probes 0.8 min; the compile step's
 # cold run (2.5 min) was all the device time left: give sdxl-compile-cold a session of its own.
+# Session R (STEPS="sdxl-fp8 sdxl-coldstart sdxl-compile-cold" COLDSTART_OPTS="" COLDSTART_BYTECODE=/tmp/pyc): the
+# bf16 and fp8 exports side by side 9.5 min, cold starts and probes 3.4 min, then the compile step's cold and warm
+# runs 4.2 min; its third run was lost to a late poll (the machine is released 30 s after a call).
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
