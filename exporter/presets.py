@@ -135,6 +135,12 @@ def check_model(model: str) -> None:
     """MODEL must name a preset, a local diffusers checkpoint folder or (by its form) a hub id."""
     if model in PRESETS:
         return
+    if Path(model).is_file():
+        raise FastDiffError(
+            f"{model} is a single file, not a diffusers checkpoint folder",
+            "save it as one first: StableDiffusionXLPipeline.from_single_file(file).save_pretrained(folder) "
+            "(StableDiffusionPipeline for SD 1.x, PixArtAlphaPipeline for PixArt-α), then pass the folder",
+        )
     if Path(model).exists():
         if not (Path(model) / "model_index.json").is_file():
             raise FastDiffError(

@@ -181,8 +181,8 @@ class FastDiffPipeline:
         and the text encoders are captured, before the first request. Needs no scheduler, so load_pipeline runs it
         while diffusers is still being imported.
 
-        cuDNN keeps its plans per thread: the VAE decoder, which runs off a graph, pays for its plans again on the
-        first call from another thread."""
+        cuDNN keeps its plans per thread: the VAE decoder, which is not replayed as a graph, pays for its plans again
+        on its first call from another thread."""
         res = self._resolution(None, None)
         latents = self._warm_up_latents(res)
         guidance = self.manifest.model.default_guidance_scale > 1.0

@@ -955,6 +955,10 @@ def test_export_api_errors(exports: Path, tmp_path: Path) -> None:
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(FastDiffError, match="no model_index.json"):
         export_artifact(options(model=str(tmp_path / "ckpt")))
+    (tmp_path / "sd_xl_base_1.0.safetensors").write_bytes(b"\0" * 8)
+    with pytest.raises(FastDiffError, match="is a single file") as refused:
+        export_artifact(options(model=str(tmp_path / "sd_xl_base_1.0.safetensors")))
+    assert "from_single_file(file).save_pretrained(folder)" in refused.value.fix
     (exports / "mine").mkdir()
     (exports / "mine" / "notes.txt").write_text("mine")  # an empty folder would be replaced
     with pytest.raises(FastDiffError, match="not a fastdiff artifact"):
