@@ -82,8 +82,9 @@ for mod, name, gpu in [
     (loader, "load_scheduler", False),  # on its own thread, beside the captures
     (loader, "shared_weights", True),
     (loader, "CompiledModule", True),
-    (FastDiffPipeline, "_warm_up_text_and_decoder", True),  # alone first, then within warm_up
-    (FastDiffPipeline, "warm_up", True),
+    (FastDiffPipeline, "_warm_up_decoder", True),
+    (FastDiffPipeline, "_warm_up_conditioning", True),  # first calls beside the UNet's weights, then the captures
+    (FastDiffPipeline, "_warm_up_denoiser", True),
     (packages.CUDAGraphModule, "_capture", True),
 ]:
     timed(mod, name, gpu)
@@ -104,35 +105,29 @@ def first_call_timed(self, *inputs):
 packages.CompiledModule.__call__ = first_call_timed
 
 
-profiling = threading.Lock()  # one profile at a time: warm_up runs _warm_up_text_and_decoder again, inside its own
-
-
 def profiled(part: str) -> None:
-    """FastDiffPipeline.<part> run under the profiler (unless a profile is running), which prints its top host-side
-    ops."""
+    """Each call of FastDiffPipeline.<part> run under the profiler, which prints its top host-side ops."""
     warm_up = getattr(FastDiffPipeline, part)
+    calls = 0
 
     def wrapper(self, *a):
-        if not profiling.acquire(blocking=False):
-            return warm_up(self, *a)
-        try:
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=activities) as prof:
-                out = warm_up(self, *a)
-        finally:
-            profiling.release()
+        nonlocal calls
+        calls += 1
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            out = warm_up(self, *a)
         table = prof.key_averages().table(
             sort_by="self_cpu_time_total", row_limit=args.profile_warmup, max_name_column_width=70
         )
-        print(f"{part}:\n{table}")
+        print(f"{part}, call {calls}:\n{table}")
         return out
 
     setattr(FastDiffPipeline, part, wrapper)
 
 
-if args.profile_warmup:  # the first calls beside the UNet's weights, then the warm-up with the captures
-    profiled("_warm_up_text_and_decoder")
-    profiled("warm_up")
+if args.profile_warmup:  # the VAE decoder's and text encoders' first calls, then the captures and the UNet's
+    for part in ("_warm_up_decoder", "_warm_up_conditioning", "_warm_up_denoiser"):
+        profiled(part)
 load_start = time.perf_counter()
 pipe = load_pipeline(args.artifact)
 print(f"load_pipeline {time.perf_counter() - load_start:.2f} s; its parts (start s, seconds, thread):")

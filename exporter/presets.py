@@ -139,7 +139,7 @@ def check_model(model: str) -> None:
         raise FastDiffError(
             f"{model} is a single file, not a diffusers checkpoint folder",
             "save it as one first: StableDiffusionXLPipeline.from_single_file(file).save_pretrained(folder) "
-            "(StableDiffusionPipeline for SD 1.x, PixArtAlphaPipeline for PixArt-α), then pass the folder",
+            "(StableDiffusionPipeline for SD 1.x), then pass the folder",
         )
     if Path(model).exists():
         if not (Path(model) / "model_index.json").is_file():

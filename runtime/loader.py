@@ -119,11 +119,12 @@ def _load(
             return shared_weights(root / manifest.unet.weights, device, manifest.unet.channels_last, stop)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-weights") as pool:
-        # The denoiser's weights, most of the bytes (SDXL's UNet: 5.1 of 6.9 GB), stream in while the text encoders'
-        # and VAE decoder's packages load and make their first calls, without CUDA graphs: nothing is captured
-        # beside the weights' thread, whose event waits a capture forbids (CUDA's global capture mode).
-        unet_weights = pool.submit(load_unet_weights)
         try:
+            # The denoiser's weights, most of the bytes (SDXL's UNet: 5.1 of 6.9 GB), stream in while the text
+            # encoders' and VAE decoder's packages load and make their first calls, without CUDA graphs: nothing is
+            # captured while that thread makes CUDA calls, which a capture forbids (in session R, a synchronize on
+            # another thread ended a capture with an error).
+            unet_weights = pool.submit(load_unet_weights)
             vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
             conditioner = _load_conditioner(root, manifest, stock, device, weights)
             pipeline = FastDiffPipeline(
@@ -135,11 +136,12 @@ def _load(
                 vae_decoders=vae_decoders,
             )
             if warmup:
-                pipeline._warm_up_text_and_decoder()
+                pipeline._warm_up_decoder()
+                pipeline._warm_up_conditioning()
+            weights[manifest.unet.weights] = unet_weights.result()
         except BaseException:
             stop.set()  # an error or Ctrl-C does not wait for the rest of the UNet's weights
             raise
-        weights[manifest.unet.weights] = unet_weights.result()
     unets = _load_packages(root, manifest.unet, keys, device, weights)
     if graphed:
         unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
@@ -151,14 +153,13 @@ def _load(
                 # one launch.
                 encoder.module = CUDAGraphModule(encoder.module)
     pipeline.unets = unets
-    # The scheduler's import runs beside the warm-up, whose compiled calls let go of the GIL, and after the packages'
-    # loading, which hands it over at every file it extracts: beside the import, that took SDXL's four packages
-    # 0.5-0.7 s instead of 0.05 (H200, session Q). The warm-up's calls of the text encoders and VAE decoder are
-    # quick the second time; the captures happen here.
+    # The scheduler's import runs beside the rest of the warm-up (the captures, and the UNet's first call), whose
+    # compiled calls let go of the GIL, and after the packages' loading, which hands it over at every file it
+    # extracts: beside the import, that took SDXL's four packages 0.5-0.7 s instead of 0.05 (H200, session Q).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if warmup:
-            pipeline.warm_up()
+            pipeline._warm_up_denoiser(pipeline._warm_up_conditioning())
         pipeline.scheduler = scheduler.result()
     return pipeline
 

@@ -176,28 +176,39 @@ class FastDiffPipeline:
     @torch.no_grad()
     @_on_own_device
     def warm_up(self) -> None:
-        """Run every compiled module once at the shapes of a default request (one image, the default resolution and
+        """Run every compiled module at the shapes of a default request (one image, the default resolution and
         guidance): their kernels load, cuDNN and cuBLAS pick their algorithms, and the CUDA graphs of the UNet step
         and the text encoders are captured, before the first request. Needs no scheduler, so load_pipeline runs it
-        while diffusers is still being imported.
+        while diffusers is still being imported (in parts: see loader._load).
 
         cuDNN keeps its plans per thread: the VAE decoder, which is not replayed as a graph, pays for its plans again
         on its first call from another thread."""
+        self._warm_up_decoder()
+        self._warm_up_denoiser(self._warm_up_conditioning())
+
+    @torch.no_grad()
+    @_on_own_device
+    def _warm_up_decoder(self) -> None:
+        res = self._resolution(None, None)
+        self.vae_decoders[res.key](self._warm_up_latents(res).to(self.vae_dtype))
+
+    @torch.no_grad()
+    @_on_own_device
+    def _warm_up_conditioning(self) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
+        """The default request's conditioning (through the text encoders, captured as CUDA graphs if they are
+        replayed as such), which _warm_up_denoiser takes."""
+        res = self._resolution(None, None)
+        return self._conditioning([""], None, self.manifest.model.default_guidance_scale > 1.0, res, 1)
+
+    @torch.no_grad()
+    @_on_own_device
+    def _warm_up_denoiser(self, chunks: list[tuple[slice, tuple[torch.Tensor, ...]]]) -> None:
         res = self._resolution(None, None)
         latents = self._warm_up_latents(res)
         guidance = self.manifest.model.default_guidance_scale > 1.0
         timestep = torch.tensor(999.0, device=self.device)
-        for chunk, cond in self._warm_up_text_and_decoder():
+        for chunk, cond in chunks:
             self.unets[res.key](torch.cat([latents[chunk]] * 2) if guidance else latents[chunk], timestep, *cond)
-
-    @torch.no_grad()
-    @_on_own_device
-    def _warm_up_text_and_decoder(self) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
-        """warm_up's part that needs no UNet (load_pipeline runs it alone first, while the UNet's weights load):
-        the VAE decoder's first call and the default request's conditioning, which warm_up goes on with."""
-        res = self._resolution(None, None)
-        self.vae_decoders[res.key](self._warm_up_latents(res).to(self.vae_dtype))
-        return self._conditioning([""], None, self.manifest.model.default_guidance_scale > 1.0, res, 1)
 
     def _warm_up_latents(self, res: Resolution) -> torch.Tensor:
         return torch.zeros((1, *self.manifest.model.latent_shape(res)), device=self.device, dtype=self.dtype)

@@ -27,8 +27,8 @@ def files_to_prefetch(
 ) -> list[Path]:
     """The files a load of `artifact_dir` at `resolutions` (default: all) reads, in the order it reads them: the VAE
     decoder's and text encoders' weights, the UNet's, the VAE decoder's packages for those resolutions, the text
-    encoders' packages, the UNet's packages for those resolutions, then the small files (tokenizers, scheduler).
-    Empty if the folder holds no valid artifact (the load reports why)."""
+    encoders' packages, the other files (tokenizers, stock text encoders, scheduler), then the UNet's packages for
+    those resolutions. Empty if the folder holds no valid artifact (the load reports why)."""
     root = Path(artifact_dir)
     if isinstance(resolutions, (str, int, Resolution)):  # one resolution, not an iterable of them
         resolutions = [resolutions]
@@ -43,10 +43,11 @@ def files_to_prefetch(
     def packages_of(c: CompiledComponent) -> list[str]:
         return [rel for key, rel in c.packages.items() if keys is None or key in keys]
 
-    packages = packages_of(vae) + [rel for c in encoders for rel in c.packages.values()] + packages_of(unet)
+    small_packages = packages_of(vae) + [rel for c in encoders for rel in c.packages.values()]
     every_package = {rel for c in (unet, vae, *encoders) for rel in c.packages.values()}
     rest = [rel for rel in manifest.files if rel not in every_package and rel not in weights]
-    ordered = [rel for rel in dict.fromkeys(weights + packages + rest) if _inside(rel) and rel in manifest.files]
+    listed = weights + small_packages + rest + packages_of(unet)
+    ordered = [rel for rel in dict.fromkeys(listed) if _inside(rel) and rel in manifest.files]
     return [path for path in (root / rel for rel in ordered) if path.is_file()]
 
 

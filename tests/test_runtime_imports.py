@@ -302,7 +302,8 @@ def test_load_order(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     VAE decoder's packages load and make their first calls (SDXL's UNet is 5.1 of its 6.9 GB). The scheduler's
     import (pure Python, seconds) starts only once every weight file and package is loaded: beside it, the weights'
     many small GIL-releasing copies moved at a fifth of their speed on the H200, and the packages' extraction took
-    ten times as long; it runs beside the warm-up, whose compiled calls let go of the GIL."""
+    ten times as long; it runs beside the rest of the warm-up (the text encoders' captures, the UNet's first call),
+    whose compiled calls let go of the GIL. The VAE decoder runs once."""
     events = []
     first_calls_started = threading.Event()
 
@@ -314,7 +315,7 @@ def test_load_order(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             if (event, component) == ("weights", "unet"):  # held until the small components' first calls start
                 assert first_calls_started.wait(timeout=30), "the UNet's weights were waited for before them"
             events.append((event, component, threading.current_thread().name.split("_")[0]))
-            if event == "first calls":
+            if event == "decoder":
                 first_calls_started.set()
             return original(*args, **kwargs)
 
@@ -323,8 +324,8 @@ def test_load_order(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     spy(loader_module, "shared_weights", "weights")
     spy(loader_module, "CompiledModule", "package")
     spy(loader_module, "load_scheduler", "scheduler")
-    spy(FastDiffPipeline, "_warm_up_text_and_decoder", "first calls")
-    spy(FastDiffPipeline, "warm_up", "warm-up")
+    for part in ("decoder", "conditioning", "denoiser"):
+        spy(FastDiffPipeline, f"_warm_up_{part}", part)
     pipe = load_pipeline(tiny_artifact, device="cpu", warmup=True)
     small = ("text_encoder", "text_encoder_2", "vae_decoder")
     assert sorted(events[:3]) == [("weights", c, "MainThread") for c in small]
@@ -333,9 +334,13 @@ def test_load_order(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     small_packages = [i for i, e in enumerate(order) if e[0] == "package" and e[1] != "unet"]
     unet_packages = [i for i, e in enumerate(order) if e == ("package", "unet")]
     assert len(small_packages) == 4 and len(unet_packages) == 2  # 2 resolutions
-    first_calls = order.index(("first calls", ""))
-    assert max(small_packages) < first_calls < order.index(("weights", "unet")) < min(unet_packages)
-    assert max(unet_packages) < order.index(("scheduler", "")) and max(unet_packages) < order.index(("warm-up", ""))
+    conditioning = [i for i, e in enumerate(order) if e[0] == "conditioning"]
+    assert order.count(("decoder", "")) == 1 and len(conditioning) == 2  # first calls, then captures
+    decoder = order.index(("decoder", ""))
+    assert max(small_packages) < decoder < order.index(("weights", "unet")) < min(unet_packages)
+    assert decoder < conditioning[0] < min(unet_packages) < max(unet_packages) < conditioning[1]
+    assert conditioning[1] < order.index(("denoiser", ""))
+    assert max(unet_packages) < order.index(("scheduler", ""))
     assert pipe.scheduler is not None and set(pipe.unets) == set(pipe.vae_decoders)
 
 
@@ -520,8 +525,8 @@ def test_extracted_packages_are_removed_at_exit(tiny_artifact: Path, tmp_path: P
 
 def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifact: Path) -> None:
     """fastdiff.runtime.prefetch, which a server calls before it imports torch, imports no torch and
-    reads the weights, then the packages of the resolutions to load, then the rest, in the order the load reads
-    them (the UNet's weights and packages after the other components': see test_load_order)."""
+    reads the weights, the packages of the resolutions to load and the rest in the order the load reads them (the
+    UNet's weights and packages after the other components': see test_load_order)."""
     code = textwrap.dedent(
         """
         import json, sys
@@ -538,8 +543,9 @@ def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifa
     result = json.loads(proc.stdout)
     assert not result["torch"] and result["none"] is None  # no manifest: nothing to read, the load says why
     weights = ["vae_decoder", "text_encoder", "text_encoder_2", "unet"]
-    packages = ["vae_decoder/64x64.pt2", "text_encoder/77.pt2", "text_encoder_2/77.pt2", "unet/64x64.pt2"]
-    assert result["order"][:8] == [f"{w}/weights.safetensors" for w in weights] + packages
+    packages = ["vae_decoder/64x64.pt2", "text_encoder/77.pt2", "text_encoder_2/77.pt2"]
+    assert result["order"][:7] == [f"{w}/weights.safetensors" for w in weights] + packages
+    assert result["order"][-1] == "unet/64x64.pt2"  # after the tokenizers and the scheduler's config
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
     assert sorted(result["order"]) == sorted(rel for rel in manifest["files"] if not rel.endswith("96x64.pt2"))
 
