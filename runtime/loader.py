@@ -48,9 +48,9 @@ def load_pipeline(
     verify: re-hash every file against the manifest first (slow for large models; sizes are always checked).
     cuda_graphs: on a GPU, replay each UNet step and compiled text encoder call as a CUDA graph (captured on the
         first call at each batch size).
-    warmup: run each compiled module once at a default request's shapes before returning (FastDiffPipeline.warm_up),
-        beside the scheduler import; default: on a GPU, where the first call would otherwise pay for kernel
-        loading, algorithm selection and the CUDA-graph capture.
+    warmup: run each compiled module at a default request's shapes before returning (FastDiffPipeline.warm_up, in
+        parts: beside the UNet's weights' loading, then beside the scheduler import); default: on a GPU, where the
+        first call would otherwise pay for kernel loading, algorithm selection and the CUDA-graph capture.
     """
     root = Path(artifact_dir)
     manifest = read_manifest(root)
