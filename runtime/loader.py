@@ -103,9 +103,7 @@ def _load(
     graphed = cuda_graphs and device.type == "cuda"
     if warmup is None:
         warmup = device.type == "cuda"
-    # The small components' weights first, before any thread runs beside them: beside diffusers' import, every
-    # tensor's copy waited for the GIL and SDXL's 6.9 GB moved at 1.9 GB/s instead of 10 GB/s on the H200
-    # (bench/results/2026-11-30-h200-d).
+    # The small components' weights first: their packages, loaded next, bind them.
     weights = {
         c.weights: shared_weights(root / c.weights, device, c.channels_last)
         for c in (manifest.vae_decoder, *manifest.text_encoders)
@@ -154,8 +152,9 @@ def _load(
                 encoder.module = CUDAGraphModule(encoder.module)
     pipeline.unets = unets
     # The scheduler's import runs beside the rest of the warm-up (the captures, and the UNet's first call), whose
-    # compiled calls let go of the GIL, and after the packages' loading, which hands it over at every file it
-    # extracts: beside the import, that took SDXL's four packages 0.5-0.7 s instead of 0.05 (H200, session Q).
+    # compiled calls let go of the GIL, and after the weights and packages, whose many short GIL hand-overs it
+    # slows: beside it, SDXL's 6.9 GB of weights moved at 1.9 GB/s instead of 10 GB/s
+    # (bench/results/2026-11-30-h200-d) and its four packages loaded in 0.5-0.7 s instead of 0.05 (session Q).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if warmup:
