@@ -30,6 +30,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from fastdiff.runtime.errors import FastDiffError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
@@ -328,7 +329,14 @@ def ssd_1b_arch() -> dict:
 
 def sdxl_base_arch() -> dict:
     """SDXL base 1.0's real architecture (configs/sdxl-base-1.0.json), for random-weight benchmarks."""
-    return json.loads((Path(__file__).parent / "configs" / "sdxl-base-1.0.json").read_text())
+    path = Path(__file__).parent / "configs" / "sdxl-base-1.0.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:  # a file fastdiff ships: not the user's to fix
+        raise FastDiffError(
+            f"this fastdiff installation lacks {path.name}, which its package should hold ({path})",
+            "reinstall fastdiff; if a fresh install from its wheel still lacks it, report it as a bug in fastdiff",
+        ) from None
 
 
 def _text_config(arch: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
