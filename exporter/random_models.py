@@ -30,7 +30,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from fastdiff.runtime.errors import FastDiffError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
@@ -41,6 +40,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from fastdiff.runtime.errors import FastDiffError
 
 TINY_MODEL_ID = "tiny-sdxl"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fnmatch
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from fastdiff.runtime.errors import FastDiffError
 
 ROOT = Path(__file__).parents[1]
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
 def test_every_data_file_of_the_packages_is_package_data() -> None:
