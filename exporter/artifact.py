@@ -25,10 +25,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.files import set_default_mode
-from fastdiff.runtime.manifest import MANIFEST_NAME, Manifest, describe_files, is_artifact
-from fastdiff.runtime.weights import to_storage_layout
+from fastdiff.runtime.format import (
+    MANIFEST_NAME,
+    FastDiffError,
+    Manifest,
+    describe_files,
+    is_artifact,
+    set_default_mode,
+    to_storage_layout,
+)
 
 from .progress import log
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.format import FastDiffError
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,

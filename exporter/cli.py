@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fastdiff.runtime.cli import clean_errors, exit_interrupted, import_torch
-from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.resolution import parse_resolution
+from fastdiff.runtime.format import FastDiffError, clean_errors, exit_interrupted, import_torch, parse_resolution
 
 INTERRUPTED = "interrupted: nothing was written"
 
@@ -14,7 +12,7 @@ try:  # torch and its friends take seconds to import, before any command runs: a
     import_torch()
     import torch
 
-    from fastdiff.runtime.compat import resolve_device
+    from fastdiff.runtime.format import resolve_device
 
     from .attention import CHOICES as ATTENTION_CHOICES
     from .passes import (

@@ -14,8 +14,7 @@ import torch
 from torch._functorch._aot_autograd.subclass_parametrization import UnwrapTensorSubclass
 from torch.utils._sympy.value_ranges import bound_sympy
 
-from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.packages import PackageLibrary
+from fastdiff.runtime.format import FastDiffError, make_libstdcxx_global
 
 # The seed's Inductor flags ("Diffusion, Fast"; it used them with max-autotune), as one switchable set.
 SEED_INDUCTOR_FLAGS = {
@@ -105,7 +104,7 @@ def check_int8_rows(program: torch.export.ExportedProgram, device: torch.device,
 # Settings the artifact format depends on: a package holds code only; the runtime binds the weights at load.
 PACKAGE_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
-# With max-autotune (the VAE decoder's default on an H200) Inductor writes every autotuned GEMM's and convolution's
+# With max-autotune (the VAE decoder's default on Hopper) Inductor writes every autotuned GEMM's and convolution's
 # benchmark table and statistics to stderr, dozens of them between the export's progress lines. Off unless the user
 # sets them (--inductor-config autotune_num_choices_displayed=10). A key the installed torch lacks is left out.
 QUIET_AUTOTUNE_CONFIGS = {
@@ -117,7 +116,7 @@ QUIET_AUTOTUNE_CONFIGS = {
 
 class _SkippedAutotuneChoices(logging.Filter):
     """Drops Inductor's error for an autotuning choice that does not fit in the GPU's shared memory: Inductor skips
-    that choice and goes on (on an H200 a few Triton convolution configs of the VAE decoder, each export)."""
+    that choice and goes on (on Hopper a few Triton convolution configs of the VAE decoder, each export)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (
@@ -159,11 +158,11 @@ def compile_package(
 
 def package_constant_names(path: Path, device: torch.device) -> list[str]:
     """The names (in the exported model) of the constants the package binds at load time."""
-    library = PackageLibrary(path, device)
-    try:
-        return list(library.constant_names().values())
-    finally:
-        library.close()
+    from torch._inductor.package import load_package
+
+    make_libstdcxx_global()
+    index = -1 if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+    return load_package(str(path), run_single_threaded=True, device_index=index).get_constant_fqns()
 
 
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original(\d+)$")

@@ -10,19 +10,21 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from fastdiff.runtime.compat import device_record
-from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.manifest import (
+from fastdiff.runtime.format import (
     PENULTIMATE_CLIP_FAMILIES,
     TEXT_PARTS,
     CompiledComponent,
+    FastDiffError,
     Manifest,
     ModelFacts,
+    Resolution,
+    device_record,
     dtype_name,
+    micro_conditioning,
+    package_path,
     torch_dtype,
+    weights_path,
 )
-from fastdiff.runtime.pipeline import micro_conditioning
-from fastdiff.runtime.resolution import Resolution
 
 from .artifact import ArtifactWriter
 from .attention import attention_backend, choose_backend
@@ -166,7 +168,7 @@ def _export_component(
     packages, weights = {}, {}
     dynamic = _batch_dims(input_names, max_batch, skip={"timestep"})
     for key, inputs in cases.items():
-        rel = f"{name}/{key}.pt2"
+        rel = package_path(name, key)
         backend, seconds, note = choose_backend(options.attention, module, inputs, options.device)
         if seconds:
             timings = ", ".join(f"{b} {s * 1e3:.2f} ms" for b, s in sorted(seconds.items(), key=lambda kv: kv[1]))
@@ -181,7 +183,7 @@ def _export_component(
             path = compile_package(program, writer.path(rel), options.inductor_configs(name), options.device)
         weights |= plain_constants(program, package_constant_names(path, options.device))
         packages[key] = rel
-    weights_rel = f"{name}/weights.safetensors"
+    weights_rel = weights_path(name)
     nhwc = writer.save_weights(weights_rel, weights)
     return CompiledComponent(
         dtype=dtype_name(dtype or torch_dtype(options.dtype)),

@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.manifest import TEXT_PARTS
-from fastdiff.runtime.resolution import Resolution
+from fastdiff.runtime.format import TEXT_PARTS, FastDiffError, Resolution
 
 from .artifact import check_target
 from .attention import check_backend_device
@@ -24,12 +22,9 @@ from .presets import PRESETS
 COMPONENTS = ("unet", "vae_decoder", *sorted({encoder for parts in TEXT_PARTS.values() for _, encoder in parts}))
 
 # Inductor settings that components compile with by default on CUDA GPUs of a compute capability where they measured
-# faster. H200 (9.0): the VAE decoder with max-autotune decoded SDXL's 1024² latents in 31.0 ms against 34.9 ms with
-# Inductor's defaults (Triton GEMMs won its attention projections and 1×1 convolutions, and its last convolution;
-# cuDNN kept the others), for ~2.6 minutes more compile (bench/results/2026-12-01-h200-l). SD 1.x and PixArt-α use
-# the same VAE architecture. The denoiser keeps the defaults: max-autotune made SDXL's UNet step slower there
-# (34.07 against 31.06 ms, bench/results/2026-11-30-h200-e). fastdiff-export applies these, as it resolves --quantize
-# auto; ExportOptions compiles with the settings it is given.
+# faster (docs/benchmarks.md): on Hopper the VAE decoder with max-autotune; the denoiser keeps the defaults, which
+# max-autotune made slower. fastdiff-export applies these, as it resolves --quantize auto; ExportOptions compiles
+# with the settings it is given.
 COMPONENT_DEFAULTS: dict[tuple[int, int], dict[str, dict[str, Any]]] = {(9, 0): {"vae_decoder": {"max_autotune": True}}}
 
 
@@ -83,10 +78,8 @@ class ExportOptions:
         if "int8" in self.passes:
             configs["force_fuse_int_mm_with_mul"] = True  # int8 matmul and its scales in one kernel (the seed's flag)
         if "channels_last" in self.passes:
-            # NHWC activations as well as weights. Inductor decides that by itself, but never for a graph with a
-            # dynamic dimension (the UNet's batch): the SDXL UNet then mixed NCHW and NHWC tensors, its group-norm
-            # kernels read across channels, and its Triton kernels took 7.02 ms per step on the H200 against
-            # torch.compile's 6.39; 6.40 with this (bench/results/2026-12-01-h200-g).
+            # NHWC activations as well as weights: Inductor never decides that by itself for a graph with a dynamic
+            # dimension (the UNet's batch), and its group-norm kernels then read across channels.
             configs["force_layout_optimization"] = True
         own = self.component_inductor_overrides.get(component, {}) if component else {}
         return {**configs, **self.inductor_overrides, **own}

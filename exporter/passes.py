@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.format import FastDiffError
 
 
 def sdpa(model: nn.Module) -> nn.Module:
@@ -83,9 +83,8 @@ SEED_INT8_SKIP_SHAPES = frozenset(
 
 
 # Linears that take one row per image (the timestep and micro-conditioning embeddings and their projections into
-# each resnet): an int8 matmul on CUDA (cuBLAS, through aten._int_mm) needs more than 16 rows, so an SDXL int8 artifact
-# failed at its first UNet call on the H200 (2 rows with CFG; bench/results/2026-12-01-h200-g). They are a negligible
-# share of the step anyway.
+# each resnet): an int8 matmul on CUDA (cuBLAS, through aten._int_mm) needs more than 16 rows, and they are a
+# negligible share of the step anyway.
 PER_IMAGE_LINEARS = frozenset({"time_embedding", "add_embedding", "class_embedding", "time_emb_proj", "adaln_single"})
 
 
@@ -108,10 +107,9 @@ def int8_filter(module: nn.Module, fqn: str, linears: Sequence[str] | None = Non
     )
 
 
-# Dynamic fp8 pays only where a matmul is large and its input cheap to quantize. Measured per linear of the SDXL UNet
-# on the H200 (bench/results/2026-11-30-h200-e, probe-fp8.txt): the feed-forward input projections (1280 -> 10240)
-# gain 12 us a call; every other linear loses, the per-row quantization of its input costing more than the faster
-# matmul saves. Quantizing every linear made the step 0.8 ms slower than bf16 (30.79 vs 29.99 ms of GPU time).
+# Dynamic fp8 pays only where a matmul is large and its input cheap to quantize: measured per linear of the SDXL
+# UNet (bench/probe_fp8.py, docs/benchmarks.md), only the feed-forward input projections gain; elsewhere the per-row
+# quantization of the input costs more than the faster matmul saves.
 FP8_CAPABILITY = (8, 9)  # float8 matmuls: Ada, Hopper and newer
 FP8_LINEARS = ("ff.net.0.proj",)  # diffusers' FeedForward input projection (GEGLU / GELU), in SDXL, SD and PixArt
 FP8_ACTIVATION_AMAX_MIN = 1e-12  # a row of zeros (SDXL's negative prompt when empty) would get scale 0: 0 / 0 = NaN
@@ -129,10 +127,8 @@ def fp8_filter(module: nn.Module, fqn: str, linears: Sequence[str] | None = None
 
 
 # The quantization passes keep torchao from setting its recommended Inductor flags (set_inductor_config=False): those
-# are process-wide and switched coordinate-descent tuning on for every later compile, the VAE's too: on the H200 an
-# fp8 SD 1.5 export spent 731 s on its UNet and was still compiling its unquantized 512² VAE after 120 s, when the
-# 1024² SDXL VAE of a bf16 export took 31 s in the same run. The compile flags of an export are
-# ExportOptions.inductor_configs, recorded in the manifest.
+# are process-wide and turned coordinate-descent tuning on for every later compile (the VAE's too: minutes more). The
+# compile flags of an export are ExportOptions.inductor_configs, recorded in the manifest.
 
 
 def int8_dynamic(model: nn.Module, linears: Sequence[str] | None = None) -> nn.Module:
@@ -210,10 +206,8 @@ def have_torchao() -> bool:
     return True
 
 
-# Families whose bf16 export fp8 made faster, measured beside bf16 in one process on the H200 (UNet or transformer
-# step; step error against fp32): SDXL 28.81 vs 30.76 ms (1.2e-2 vs 0.92e-2, bench/results/2026-12-01-h200-l),
-# PixArt-α 29.97 vs 31.09 ms (1.38e-2 vs 1.35e-2, bench/results/2026-12-01-h200-m). Not SD 1.5: 6.32 vs 6.27 ms, its
-# matmuls are a quarter of its step (1.50e-2 vs 1.02e-2, bench/results/2026-12-01-h200-m).
+# Families whose bf16 export fp8 made faster, measured beside bf16 in one process (docs/benchmarks.md). Not SD 1.5:
+# its matmuls are a quarter of its step, and fp8 gained nothing there.
 FP8_FAMILIES = {"sdxl", "pixart"}
 
 
@@ -221,9 +215,8 @@ def default_quantization(family: str | None, dtype: str, capability: tuple[int, 
     """What measured fastest at an acceptable error for a model family in `dtype` on a CUDA GPU of this compute
     capability (None: not a CUDA GPU): fp8 where fp8 matmuls exist, for the families it made faster in bf16
     (FP8_FAMILIES); no quantization elsewhere, where it was slower or is unmeasured, nor for an fp32 export, which
-    asks for precision. int8 is never the default: on the H200 it made the SDXL step slower than bf16 (38.00 vs
-    30.64 ms, cuBLAS's int8 matmuls run Ampere kernels there; bench/results/2026-12-01-h200-h), and it is unmeasured
-    on GPUs without fp8 matmuls."""
+    asks for precision. int8 is never the default: on Hopper it made the SDXL step slower than bf16 (cuBLAS's int8
+    matmuls run Ampere kernels there), and it is unmeasured on GPUs without fp8 matmuls."""
     fp8_matmuls = capability is not None and capability >= FP8_CAPABILITY
     return "fp8" if family in FP8_FAMILIES and dtype == "bf16" and fp8_matmuls else "none"
 
@@ -238,8 +231,8 @@ def quantization_advice(choice: str, capability: tuple[int, int] | None) -> str 
     return None
 
 
-# channels_last: with NCHW weights, cuDNN converts every convolution's input and output to NHWC and back (2.8 ms
-# of a 31 ms SDXL UNet step on the H200, bench/results/2026-11-30-h200-b); torch.compile with NHWC weights had none.
+# channels_last: with NCHW weights, cuDNN converts every convolution's input and output to NHWC and back (9% of an
+# SDXL UNet step); with NHWC weights there are none.
 DEFAULT_PASSES = ["sdpa", "fuse_qkv", "channels_last"]
 
 PASSES: dict[str, Callable[..., nn.Module]] = {

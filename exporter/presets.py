@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.format import FastDiffError
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from fastdiff.runtime.errors import FastDiffError
+from fastdiff.runtime.format import FastDiffError
 
 TINY_MODEL_ID = "tiny-sdxl"
 

@@ -21,8 +21,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.resolution import Resolution, parse_resolution
+from fastdiff.runtime.format import FastDiffError, Resolution, parse_resolution
 
 from .presets import PRESETS, Preset, check_model, check_vae
 

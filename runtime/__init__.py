@@ -15,27 +15,27 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names for type checkers and editors (re-exported: `import X as X`)
     from .errors import FastDiffError as FastDiffError
+    from .format import FORMAT_VERSION as FORMAT_VERSION
+    from .format import Manifest as Manifest
+    from .format import Resolution as Resolution
+    from .format import parse_resolution as parse_resolution
+    from .format import read_manifest as read_manifest
     from .loader import load_pipeline as load_pipeline
-    from .manifest import FORMAT_VERSION as FORMAT_VERSION
-    from .manifest import Manifest as Manifest
-    from .manifest import read_manifest as read_manifest
     from .pipeline import FastDiffPipeline as FastDiffPipeline
     from .pipeline import FastDiffPipelineOutput as FastDiffPipelineOutput
     from .readahead import prefetch as prefetch
-    from .resolution import Resolution as Resolution
-    from .resolution import parse_resolution as parse_resolution
 
 _SOURCES = {
-    "FORMAT_VERSION": ".manifest",
+    "FORMAT_VERSION": ".format",
     "FastDiffError": ".errors",
     "FastDiffPipeline": ".pipeline",
     "FastDiffPipelineOutput": ".pipeline",
-    "Manifest": ".manifest",
-    "Resolution": ".resolution",
+    "Manifest": ".format",
+    "Resolution": ".format",
     "load_pipeline": ".loader",
-    "parse_resolution": ".resolution",
+    "parse_resolution": ".format",
     "prefetch": ".readahead",
-    "read_manifest": ".manifest",
+    "read_manifest": ".format",
 }
 __all__ = sorted(_SOURCES)
 

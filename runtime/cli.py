@@ -6,111 +6,20 @@ later does; fastdiff-run starts reading the artifact from disk first (readahead.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import signal
 import sys
 import tempfile
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from .errors import FastDiffError
-from .files import set_default_mode
-from .manifest import Manifest, check_files, read_manifest
+from .errors import FastDiffError, clean_errors, import_torch
+from .format import Manifest, check_files, parse_resolution, read_manifest, set_default_mode
 from .readahead import prefetch
-from .resolution import parse_resolution
-
-
-def import_torch() -> None:
-    """Import torch so that a Ctrl-C or a termination signal during the import (seconds) stops the command: torch's C
-    extension imports numpy itself and drops any exception raised in there, so a signal landing in numpy's import was
-    lost (the command went on) or left numpy half-imported (a confusing error later). numpy is imported first here,
-    from Python, where the exception propagates."""
-    import numpy  # noqa: F401
-    import torch  # noqa: F401
-
-
-def exit_interrupted(message: str, code: int = 130) -> NoReturn:
-    """How a command ends on Ctrl-C (130) or a termination signal: a line on stderr, no traceback."""
-    click.echo(message, err=True)
-    sys.exit(code)
-
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP (a service manager stopping the command, a closed terminal), raised where the main thread is
-    so that cleanups run as for Ctrl-C: no partial artifact or image file is left behind."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _terminate(signum: int, frame) -> None:
-    raise Terminated(signum)
-
-
-def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
-    """FastDiffError -> its message on stderr and exit code 2 (a device out of memory, or a file that cannot be read or
-    written, too); Ctrl-C -> `interrupted`
-    and exit 130, SIGTERM and SIGHUP the same with exit 128 + the signal's number. Bad input never shows a traceback
-    (the fastdiff-export command uses this too)."""
-
-    def decorate(fn: Callable) -> Callable:
-        @wraps(fn)
-        def wrapper(*args, **kwargs):
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                signal.signal(signum, _terminate)
-            try:
-                return fn(*args, **kwargs)
-            except FastDiffError as e:
-                click.echo(f"error: {e}", err=True)
-                sys.exit(2)
-            except KeyboardInterrupt:
-                exit_interrupted(interrupted)
-            except Terminated as e:
-                exit_interrupted(f"{interrupted} ({e})", 128 + e.signum)
-            except Exception as e:
-                if (error := _environment_error(e)) is None:
-                    raise
-                click.echo(f"error: {error}", err=True)
-                sys.exit(2)
-
-        return wrapper
-
-    return decorate
-
-
-# What a full disk or a read-only folder raises, also from inside a compile that wraps it in its own error.
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def _environment_error(error: Exception) -> FastDiffError | None:
-    """The machine's fault rather than the command's: the device out of memory, or a file that cannot be read or
-    written (a permission, a full disk); None for anything else."""
-    torch = sys.modules.get("torch")  # an error from torch means torch is imported; the CLI imports it lazily
-    if torch is not None and isinstance(error, torch.OutOfMemoryError):
-        problem = f"out of memory on the device: {str(error).splitlines()[0]}"
-        return FastDiffError(
-            problem, "free memory there (other processes), load fewer resolutions (--res), or use a larger device"
-        )
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None or (cause is not error and cause.errno not in _STORAGE_ERRNOS):
-        return None
-    where = f": {cause.filename}" if cause.filename else ""
-    return FastDiffError(
-        f"{cause.strerror or cause}{where}", "check the path's permissions and the free space on its disk"
-    )
 
 
 def _finite(value: float | None) -> float | None:
@@ -315,7 +224,8 @@ def _device(recorded: dict) -> str:
 def _incompatibility(manifest: Manifest) -> FastDiffError | None:
     """Why the artifact cannot run in this process on its own device kind, or None if it can."""
     import_torch()
-    from .compat import check_compatible, resolve_device
+    from .compat import check_compatible
+    from .format import resolve_device
 
     try:
         check_compatible(manifest, resolve_device(None, manifest))

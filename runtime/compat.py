@@ -7,46 +7,15 @@ that is only stable within one torch minor release, so these must match where th
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 
 from .errors import FastDiffError
-from .manifest import Manifest
+from .format import Manifest, device_record
 
 
 def torch_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
-
-
-def resolve_device(device: str | torch.device | None, manifest: Manifest | None = None) -> torch.device:
-    """The device to run on: the one asked for, else the artifact's device kind."""
-    asked = device is not None
-    if device is None:
-        device = manifest.device["type"] if manifest is not None else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise FastDiffError(f"unknown device {device!r}", "use cpu or cuda (cuda:N for another GPU)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            if asked and (manifest is None or manifest.device["type"] != "cuda"):
-                raise FastDiffError(
-                    f"device {device} was asked for, but no CUDA GPU is visible", "run on the cpu (--device cpu)"
-                )
-            raise FastDiffError(
-                "this artifact was compiled for cuda, but no CUDA GPU is visible",
-                "run it on a machine with a GPU of its kind, or export the model again with --device cpu",
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.index >= torch.cuda.device_count():
-            raise FastDiffError(
-                f"{dev} does not exist: {torch.cuda.device_count()} GPU(s) visible", "pick an existing cuda:N"
-            )
-    elif dev.type != "cpu":
-        raise FastDiffError(f"device {dev.type!r} is not supported", "use cpu or cuda")
-    return dev
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -54,17 +23,6 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     current device's stream, and a package's loader makes its own device current, so a pipeline on another GPU than
     the current one loads and runs inside this."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def device_record(device: torch.device) -> dict[str, Any]:
-    """What an artifact compiled for `device` depends on."""
-    record: dict[str, Any] = {"type": device.type, "cpu_isa": torch.backends.cpu.get_cpu_capability()}
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        record |= {"name": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
-    else:
-        record |= {"name": "cpu", "capability": None}
-    return record
 
 
 def check_compatible(manifest: Manifest, device: torch.device) -> None:

@@ -1,4 +1,14 @@
-"""The one error type users see: a message that names the problem and the fix."""
+"""The one error type users see (a message that names the problem and the fix), and how the command-line tools end
+on it, on an interrupt or on a termination signal: one line on stderr and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import NoReturn
 
 
 class FastDiffError(Exception):
@@ -8,3 +18,99 @@ class FastDiffError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
+
+
+def import_torch() -> None:
+    """Import torch so that a Ctrl-C or a termination signal during the import (seconds) stops the command: torch's C
+    extension imports numpy itself and drops any exception raised in there, so a signal landing in numpy's import was
+    lost (the command went on) or left numpy half-imported (a confusing error later). numpy is imported first here,
+    from Python, where the exception propagates."""
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+
+def exit_interrupted(message: str, code: int = 130) -> NoReturn:
+    """How a command ends on Ctrl-C (130) or a termination signal: a line on stderr, no traceback."""
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (a service manager stopping the command, a closed terminal), raised where the main thread is
+    so that cleanups run as for Ctrl-C: no partial artifact or image file is left behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
+    """FastDiffError -> its message on stderr and exit code 2 (a device out of memory, or a file that cannot be read or
+    written, too); Ctrl-C -> `interrupted`
+    and exit 130, SIGTERM and SIGHUP the same with exit 128 + the signal's number. Bad input never shows a traceback
+    (the fastdiff-export command uses this too)."""
+
+    def decorate(fn: Callable) -> Callable:
+        @wraps(fn)
+        def wrapper(*args, **kwargs):
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, _terminate)
+            try:
+                return fn(*args, **kwargs)
+            except FastDiffError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                exit_interrupted(interrupted)
+            except Terminated as e:
+                exit_interrupted(f"{interrupted} ({e})", 128 + e.signum)
+            except Exception as e:
+                if (error := _environment_error(e)) is None:
+                    raise
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(2)
+
+        return wrapper
+
+    return decorate
+
+
+# What a full disk or a read-only folder raises, also from inside a compile that wraps it in its own error.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _environment_error(error: Exception) -> FastDiffError | None:
+    """The machine's fault rather than the command's: the device out of memory, or a file that cannot be read or
+    written (a permission, a full disk); None for anything else."""
+    torch = sys.modules.get("torch")  # an error from torch means torch is imported; the CLI imports it lazily
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        problem = f"out of memory on the device: {str(error).splitlines()[0]}"
+        return FastDiffError(
+            problem, "free memory there (other processes), load fewer resolutions (--res), or use a larger device"
+        )
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or (cause is not error and cause.errno not in _STORAGE_ERRNOS):
+        return None
+    where = f": {cause.filename}" if cause.filename else ""
+    problem = f"{cause.strerror or cause}{where}"
+    if cause.errno in _STORAGE_ERRNOS:
+        return FastDiffError(problem, "check the path's permissions and the free space on its disk")
+    if cause.filename and _in_fastdiff(str(cause.filename)):  # a file fastdiff ships is missing or unreadable
+        return FastDiffError(problem, "reinstall fastdiff; if a fresh install still fails, report it as a bug")
+    return FastDiffError(problem, "check the path")
+
+
+def _in_fastdiff(path: str) -> bool:
+    """Whether `path` lies in fastdiff's own package folders (the runtime's or the exporter's)."""
+    import importlib.util
+    import os
+
+    exporter = importlib.util.find_spec("fastdiff.exporter")
+    folders = [os.path.dirname(__file__), *((exporter and exporter.submodule_search_locations) or [])]
+    return any(os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep) for folder in folders)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -11,20 +12,28 @@ from pathlib import Path
 
 import torch
 
-from .compat import check_compatible, on_device, resolve_device
+from .compat import check_compatible, on_device
 from .errors import FastDiffError
-from .manifest import (
+from .format import (
     PENULTIMATE_CLIP_FAMILIES,
     TEXT_PARTS,
     CompiledComponent,
     Manifest,
+    Resolution,
     check_files,
+    parse_resolution,
     read_manifest,
+    resolve_device,
     torch_dtype,
 )
-from .packages import CompiledModule, CUDAGraphModule
-from .pipeline import FastDiffPipeline
-from .resolution import Resolution, parse_resolution
+from .packages import CompiledModule, CUDAGraphModule, load_module
+from .pipeline import (
+    FastDiffPipeline,
+    default_resolution,
+    warm_up_conditioning,
+    warm_up_decoder,
+    warm_up_denoiser,
+)
 from .scheduler import load_scheduler
 from .text import CompiledTextEncoder, TextConditioner, load_stock_text_encoder, load_tokenizer
 from .weights import Weights, shared_weights
@@ -63,12 +72,8 @@ def load_pipeline(
             "export the model again",
         )
     keys = _resolution_keys(manifest.unet, resolutions)
-    # Importing diffusers (for its scheduler classes) takes half a second on the H200 machine even with what
-    # scheduler.import_scheduler_class spares it: it runs in a thread while the packages warm up. The import thread
-    # holds the GIL for whole switch intervals each time the main thread lets go of it: ~0.6 s lost on the H200
-    # (bench/results/2026-11-30-h200-e). A short interval keeps the main thread's many short waits short; measured
-    # for streamed weights beside a busy Python thread: 1 GB in 1.77 s at the default 5 ms interval, 0.62 s at
-    # 0.5 ms (0.43 s alone; CPU machine).
+    # The scheduler's import runs in a thread beside the warm-up and holds the GIL for whole switch intervals each
+    # time the main thread lets go of it: a short interval keeps the main thread's many short waits short.
     with _short_switch_interval(), on_device(device):
         return _load(root, manifest, device, keys, cuda_graphs, warmup)
 
@@ -103,6 +108,7 @@ def _load(
     graphed = cuda_graphs and device.type == "cuda"
     if warmup is None:
         warmup = device.type == "cuda"
+    warm_res = default_resolution(manifest, [parse_resolution(k) for k in keys])
     # The small components' weights first: their packages, loaded next, bind them.
     weights = {
         c.weights: shared_weights(root / c.weights, device, c.channels_last)
@@ -119,23 +125,14 @@ def _load(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-weights") as pool:
         try:
             # The denoiser's weights, most of the bytes (SDXL's UNet: 5.1 of 6.9 GB), stream in while the text
-            # encoders' and VAE decoder's packages load and make their first calls, without CUDA graphs: nothing is
-            # captured while that thread makes CUDA calls, which a capture forbids (in session R, a synchronize on
-            # another thread ended a capture with an error).
+            # encoders' and VAE decoder's packages load and make their first calls, ungraphed: a CUDA graph's capture
+            # fails if another thread makes CUDA calls meanwhile.
             unet_weights = pool.submit(load_unet_weights)
             vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
             conditioner = _load_conditioner(root, manifest, stock, device, weights)
-            pipeline = FastDiffPipeline(
-                manifest=manifest,
-                device=device,
-                conditioner=conditioner,
-                scheduler=None,  # set below, once a thread has imported it
-                unets={},  # set below, once their weights are in
-                vae_decoders=vae_decoders,
-            )
             if warmup:
-                pipeline._warm_up_decoder()
-                pipeline._warm_up_conditioning()
+                warm_up_decoder(vae_decoders[warm_res.key], manifest, warm_res, device)
+                warm_up_conditioning(conditioner, manifest, warm_res, device)
             weights[manifest.unet.weights] = unet_weights.result()
         except BaseException:
             stop.set()  # an error or Ctrl-C does not wait for the rest of the UNet's weights
@@ -143,24 +140,27 @@ def _load(
     unets = _load_packages(root, manifest.unet, keys, device, weights)
     if graphed:
         unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
-        for encoder in conditioner.encoders:
-            if isinstance(encoder, CompiledTextEncoder):
-                # A CLIP encoder call launches several kernels per layer (SDXL's second encoder has 32) for little
-                # GPU work: the prompt's encoding took 13-22 ms of host time for 2.6 ms of GPU time per SDXL image
-                # on the H200, the GPU mostly idle (bench/results/2026-12-01-h200-k); replayed as a graph, it is
-                # one launch.
-                encoder.module = CUDAGraphModule(encoder.module)
-    pipeline.unets = unets
-    # The scheduler's import runs beside the rest of the warm-up (the captures, and the UNet's first call), whose
-    # compiled calls let go of the GIL, and after the weights and packages, whose many short GIL hand-overs it
-    # slows: beside it, SDXL's 6.9 GB of weights moved at 1.9 GB/s instead of 10 GB/s
-    # (bench/results/2026-11-30-h200-d) and its four packages loaded in 0.5-0.7 s instead of 0.05 (session Q).
+        # a CLIP encoder's call is many small kernels for little GPU work: one launch as a graph
+        graphed_encoders = [
+            CompiledTextEncoder(CUDAGraphModule(e.module), e.masked) if isinstance(e, CompiledTextEncoder) else e
+            for e in conditioner.encoders
+        ]
+        conditioner = dataclasses.replace(conditioner, encoders=graphed_encoders)
+    # The scheduler's import (diffusers') runs beside the UNet's warm-up, whose compiled calls let go of the GIL, and
+    # after the weights and packages, whose many short GIL hand-overs it would slow.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-scheduler") as pool:
         scheduler = pool.submit(load_scheduler, stock["scheduler"])
         if warmup:
-            pipeline._warm_up_denoiser(pipeline._warm_up_conditioning())
-        pipeline.scheduler = scheduler.result()
-    return pipeline
+            chunks = warm_up_conditioning(conditioner, manifest, warm_res, device)  # the encoders' graphs captured
+            warm_up_denoiser(unets[warm_res.key], manifest, warm_res, device, chunks)
+        return FastDiffPipeline(
+            manifest=manifest,
+            device=device,
+            conditioner=conditioner,
+            scheduler=scheduler.result(),
+            unets=unets,
+            vae_decoders=vae_decoders,
+        )
 
 
 def _load_conditioner(
@@ -175,7 +175,7 @@ def _load_conditioner(
         encoders = []
         for c in manifest.text_encoders:
             module = next(iter(_load_packages(root, c, list(c.packages), device, weights).values()))
-            encoders.append(CompiledTextEncoder(module, c.inputs))
+            encoders.append(CompiledTextEncoder(module, masked="attention_mask" in c.inputs))
     else:
         dtype = torch_dtype(manifest.dtype)
         penultimate = manifest.model.family in PENULTIMATE_CLIP_FAMILIES
@@ -215,7 +215,7 @@ def _load_packages(
     root: Path, component: CompiledComponent, keys: list[str], device: torch.device, weights: dict[str, Weights]
 ) -> dict[str, CompiledModule]:
     """The component's packages for `keys`, bound to its loaded weights (`weights`: by weight file)."""
-    modules = {key: CompiledModule(root / component.packages[key], weights[component.weights], device) for key in keys}
+    modules = {key: load_module(root / component.packages[key], weights[component.weights], device) for key in keys}
     for key, module in modules.items():
         if module.num_inputs != len(component.inputs):
             raise FastDiffError(

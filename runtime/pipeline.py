@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 
 from .compat import on_device
 from .errors import FastDiffError
-from .manifest import Manifest, torch_dtype
+from .format import Manifest, Resolution, micro_conditioning, parse_resolution, torch_dtype
 from .packages import CompiledModule, CUDAGraphModule
-from .resolution import Resolution, parse_resolution
 from .text import TextConditioner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -151,7 +150,9 @@ class FastDiffPipeline:
                 f"{type(self.scheduler).__name__} cannot run {num_inference_steps} steps: {e}", "choose fewer steps"
             ) from None
         with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
-            chunks = self._conditioning(prompts, negatives, guidance, res, num_images_per_prompt)
+            chunks = denoiser_conditioning(
+                self.conditioner, self.manifest, self.device, prompts, negatives, guidance, res, num_images_per_prompt
+            )
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)  # so step() never searches the timesteps
         unet_timesteps = self.scheduler.timesteps.to(self.device, torch.float32)  # the package takes float32 scalars
@@ -178,65 +179,15 @@ class FastDiffPipeline:
     def warm_up(self) -> None:
         """Run every compiled module at the shapes of a default request (one image, the default resolution and
         guidance): their kernels load, cuDNN and cuBLAS pick their algorithms, and the CUDA graphs of the UNet step
-        and the text encoders are captured, before the first request. Needs no scheduler, so load_pipeline runs it
-        while diffusers is still being imported (in parts: see loader._load).
+        and the text encoders are captured, before the first request. load_pipeline warms up by default, in the same
+        parts (warm_up_decoder, warm_up_conditioning, warm_up_denoiser), each beside another part of the load.
 
         cuDNN keeps its plans per thread: the VAE decoder, which is not replayed as a graph, pays for its plans again
         on its first call from another thread."""
-        self._warm_up_decoder()
-        self._warm_up_denoiser(self._warm_up_conditioning())
-
-    @torch.no_grad()
-    @_on_own_device
-    def _warm_up_decoder(self) -> None:
         res = self._resolution(None, None)
-        self.vae_decoders[res.key](self._warm_up_latents(res).to(self.vae_dtype))
-
-    @torch.no_grad()
-    @_on_own_device
-    def _warm_up_conditioning(self) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
-        """The default request's conditioning (through the text encoders, captured as CUDA graphs if they are
-        replayed as such), which _warm_up_denoiser takes."""
-        res = self._resolution(None, None)
-        return self._conditioning([""], None, self.manifest.model.default_guidance_scale > 1.0, res, 1)
-
-    @torch.no_grad()
-    @_on_own_device
-    def _warm_up_denoiser(self, chunks: list[tuple[slice, tuple[torch.Tensor, ...]]]) -> None:
-        res = self._resolution(None, None)
-        latents = self._warm_up_latents(res)
-        guidance = self.manifest.model.default_guidance_scale > 1.0
-        timestep = torch.tensor(999.0, device=self.device)
-        for chunk, cond in chunks:
-            self.unets[res.key](torch.cat([latents[chunk]] * 2) if guidance else latents[chunk], timestep, *cond)
-
-    def _warm_up_latents(self, res: Resolution) -> torch.Tensor:
-        return torch.zeros((1, *self.manifest.model.latent_shape(res)), device=self.device, dtype=self.dtype)
-
-    def _conditioning(
-        self, prompts: list[str], negatives: list[str] | None, guidance: bool, res: Resolution, per_prompt: int
-    ) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
-        """The denoiser's inputs after the latents and timestep, in its input order, one row per image (the text
-        conditioning, and the micro-conditioning of SDXL or PixArt-α's 1024² models), split into the chunks of at
-        most `batch_size` images the UNet was compiled for; with guidance each chunk is [negative rows, rows]."""
-        text, neg_text = self.conditioner(prompts, negatives, guidance)
-        micro = micro_conditioning(res, len(prompts), text["encoder_hidden_states"].dtype)
-        names = self.manifest.unet.inputs[2:]
-
-        def rows(conditioning: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            return [_per_image({**conditioning, **micro}[name], per_prompt, self.device) for name in names]
-
-        cond = rows(text)
-        neg_cond = rows(neg_text) if guidance else None
-        chunks = []
-        for chunk in _chunks(len(prompts) * per_prompt, self.manifest.batch_size):
-            if guidance:
-                chunks.append(
-                    (chunk, tuple(torch.cat([u[chunk], c[chunk]]) for u, c in zip(neg_cond, cond, strict=True)))
-                )
-            else:
-                chunks.append((chunk, tuple(c[chunk] for c in cond)))
-        return chunks
+        warm_up_decoder(self.vae_decoders[res.key], self.manifest, res, self.device)
+        chunks = warm_up_conditioning(self.conditioner, self.manifest, res, self.device)
+        warm_up_denoiser(self.unets[res.key], self.manifest, res, self.device, chunks)
 
     def _denoise(
         self,
@@ -285,8 +236,7 @@ class FastDiffPipeline:
     def _resolution(self, height: int | None, width: int | None) -> Resolution:
         exported = self.resolutions
         if height is None and width is None:
-            default = Resolution(*self.manifest.model.default_resolution)
-            return default if default in exported else exported[0]
+            return default_resolution(self.manifest, exported)
         if height is None or width is None:
             raise FastDiffError("give both height and width, or neither", "e.g. height=1024, width=1024")
         if not (_is_size(height) and _is_size(width)):
@@ -301,6 +251,85 @@ class FastDiffPipeline:
         return res
 
 
+Chunks = list[tuple[slice, tuple[torch.Tensor, ...]]]  # (images of the chunk, the denoiser's inputs after timestep)
+
+
+def default_resolution(manifest: Manifest, exported: list[Resolution]) -> Resolution:
+    """A call's resolution when it names none: the model's default, if it was exported, else the smallest."""
+    default = Resolution(*manifest.model.default_resolution)
+    return default if default in exported else min(exported)
+
+
+def denoiser_conditioning(
+    conditioner: TextConditioner,
+    manifest: Manifest,
+    device: torch.device,
+    prompts: list[str],
+    negatives: list[str] | None,
+    guidance: bool,
+    res: Resolution,
+    per_prompt: int,
+) -> Chunks:
+    """The denoiser's inputs after the latents and timestep, in its input order, one row per image (the text
+    conditioning, and the micro-conditioning of SDXL or PixArt-α's 1024² models), split into the chunks of at most
+    `batch_size` images the UNet was compiled for; with guidance each chunk is [negative rows, rows]."""
+    text, neg_text = conditioner(prompts, negatives, guidance)
+    micro = micro_conditioning(res, len(prompts), text["encoder_hidden_states"].dtype)
+    names = manifest.unet.inputs[2:]
+
+    def rows(conditioning: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [_per_image({**conditioning, **micro}[name], per_prompt, device) for name in names]
+
+    cond = rows(text)
+    neg_cond = rows(neg_text) if guidance else None
+    chunks = []
+    for chunk in _chunks(len(prompts) * per_prompt, manifest.batch_size):
+        if guidance:
+            chunks.append((chunk, tuple(torch.cat([u[chunk], c[chunk]]) for u, c in zip(neg_cond, cond, strict=True))))
+        else:
+            chunks.append((chunk, tuple(c[chunk] for c in cond)))
+    return chunks
+
+
+# The warm-up's parts: FastDiffPipeline.warm_up runs them in order; load_pipeline runs each beside another part of the
+# load (the decoder and the text encoders while the UNet's weights stream in, the UNet while the scheduler imports).
+
+
+@torch.no_grad()
+def warm_up_decoder(decoder: CompiledModule, manifest: Manifest, res: Resolution, device: torch.device) -> None:
+    """The VAE decoder's first call, at `res`, for one image."""
+    with on_device(device):
+        decoder(_warm_up_latents(manifest, res, device).to(torch_dtype(manifest.vae_decoder.dtype)))
+
+
+@torch.no_grad()
+def warm_up_conditioning(
+    conditioner: TextConditioner, manifest: Manifest, res: Resolution, device: torch.device
+) -> Chunks:
+    """The default request's conditioning (through the text encoders: their first calls, or their CUDA graphs'
+    capture if they are replayed as such), which warm_up_denoiser takes."""
+    with on_device(device):
+        guidance = manifest.model.default_guidance_scale > 1.0
+        return denoiser_conditioning(conditioner, manifest, device, [""], None, guidance, res, 1)
+
+
+@torch.no_grad()
+def warm_up_denoiser(
+    unet: CompiledModule | CUDAGraphModule, manifest: Manifest, res: Resolution, device: torch.device, chunks: Chunks
+) -> None:
+    """The denoiser's first call (its CUDA graph's capture, if it is replayed as one), at `res`, for one image."""
+    with on_device(device):
+        latents = _warm_up_latents(manifest, res, device)
+        guidance = manifest.model.default_guidance_scale > 1.0
+        timestep = torch.tensor(999.0, device=device)
+        for chunk, cond in chunks:
+            unet(torch.cat([latents[chunk]] * 2) if guidance else latents[chunk], timestep, *cond)
+
+
+def _warm_up_latents(manifest: Manifest, res: Resolution, device: torch.device) -> torch.Tensor:
+    return torch.zeros((1, *manifest.model.latent_shape(res)), device=device, dtype=torch_dtype(manifest.dtype))
+
+
 def _images(decoded: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray:
     from diffusers.image_processor import VaeImageProcessor
 
@@ -313,8 +342,7 @@ def _images(decoded: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | 
 
 def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
     """diffusers' numpy_to_pil arithmetic ((x * 255).round() in float32, as uint8, NHWC), bit for bit, computed where
-    the images are: on a GPU a quarter of the bytes then cross to the host and the CPU does no per-pixel work (numpy
-    took 23-32 ms for one 1024² image on the 2-core CPU machine)."""
+    the images are: on a GPU a quarter of the bytes then cross to the host and the CPU does no per-pixel work."""
     return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # NHWC where computed
 
 
@@ -392,16 +420,6 @@ def _as_latents(
         got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
         raise FastDiffError(f"{what} must be a tensor of shape {tuple(shape)} for this call, got {got}")
     return given.to(device, dtype)
-
-
-def micro_conditioning(res: Resolution, rows: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The size conditioning, as diffusers computes it; each model takes the ones its denoiser was exported with.
-    SDXL: original size = target size, no crop. PixArt-α: (height, width) and height / width."""
-    return {
-        "time_ids": torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * rows, dtype=dtype),
-        "resolution": torch.tensor([[res.height, res.width]] * rows, dtype=dtype),
-        "aspect_ratio": torch.tensor([[res.height / res.width]] * rows, dtype=dtype),
-    }
 
 
 def _per_image(t: torch.Tensor, per_prompt: int, device: torch.device) -> torch.Tensor:

@@ -3,10 +3,7 @@
 Where the page cache does not hold the artifact (a fresh node, a new replica), its load reads gigabytes from disk
 after seconds of `import torch`; read from the program's first lines, they come in during the import. Imports only
 the standard library and the runtime's torch-free modules (the manifest's among them), so that it can run first
-(`fastdiff-run` does; a server calls `prefetch` before it imports torch). Measured on the 2-core CPU machine, a 3.2 GB
-file and `import torch` from a cold page cache: 6.6 s for the import, then the read; 4.2 s with the read started
-first on a thread (3.4 s with the file in the page cache; with it cached before, the thread changed nothing beyond
-the machine's noise: 3.9-4.3 s against 3.3-4.4 s).
+(`fastdiff-run` does; a server calls `prefetch` before it imports torch).
 """
 
 from __future__ import annotations
@@ -16,8 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import FastDiffError
-from .manifest import CompiledComponent, read_manifest
-from .resolution import Resolution, parse_resolution
+from .format import CompiledComponent, Resolution, parse_resolution, read_manifest
 
 CHUNK = 64 << 20  # bytes per read: few enough reads that the thread rarely waits for the GIL
 

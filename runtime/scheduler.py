@@ -29,7 +29,7 @@ def load_scheduler(path: Path):
     scheduler_class = import_scheduler_class(name, needs_scipy=bool(config.get("use_beta_sigmas")))
     # Built as from_pretrained builds it, from the class's own keys, with the other keys kept in its config (for a
     # swap to another scheduler class), but without importing every compatible scheduler class to sort the keys (13
-    # modules and scipy.integrate: 0.4-0.5 s on the CPU machine).
+    # modules and scipy.integrate: half a second).
     params = inspect.signature(scheduler_class.__init__).parameters
     own = {k: v for k, v in config.items() if k in params and k != "self"}
     try:
@@ -52,14 +52,14 @@ def import_scheduler_class(name: str, needs_scipy: bool = False) -> type:
     decorator diffusers' model classes get from that module (allow_in_graph) is put back, so that models imported
     later in the process compile as they would have.
 
-    The Euler-family scheduler modules import scipy.stats (1.2 s of the scheduler's 2.6 s import on the H200) for
-    beta sigmas alone. While they import, a stand-in takes its place; once it is removed, `scipy.stats` (through
+    The Euler-family scheduler modules import scipy.stats (about half of the scheduler's import) for beta sigmas
+    alone. While they import, a stand-in takes its place; once it is removed, `scipy.stats` (through
     scipy's lazy submodules) and `import scipy.stats` give the real module, imported on first use.
 
     diffusers.utils also maps every installed package to its distributions when first imported
     (importlib.metadata.packages_distributions: the metadata of every distribution read) and consults the map only
-    if optimum, flashinfer or modelopt is installed: 0.7-0.8 s of load_pipeline on the H200 machine's image
-    (bench/results/2026-12-01-h200-g). During the import that map is made on first use instead.
+    if optimum, flashinfer or modelopt is installed (most of a second on an image with many packages). During the
+    import that map is made on first use instead.
     """
     with _import_lock:  # what it patches for the import is process-wide: one import at a time
         return _import_scheduler_class(name, needs_scipy)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,13 +69,13 @@ def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device
     return encode_t5 if arch == "T5EncoderModel" else encode_clip
 
 
+@dataclass(frozen=True)
 class CompiledTextEncoder:
     """A compiled encoder package (or its CUDA-graph replay) as a TextEncoder: it takes the mask only if it was
     exported with one (T5), and returns the pooled embedding only if it was exported with one (CLIP)."""
 
-    def __init__(self, module: Callable, inputs: list[str]) -> None:
-        self.module = module
-        self.masked = "attention_mask" in inputs
+    module: Callable
+    masked: bool  # exported with the attention mask as an input
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.module(ids, mask) if self.masked else self.module(ids)
@@ -84,29 +85,19 @@ class CompiledTextEncoder:
 Conditioning = dict[str, torch.Tensor]  # denoiser input name -> one row per prompt
 
 
+@dataclass(frozen=True)
 class TextConditioner:
     """Prompts in; the denoiser's text inputs out, by input name: `encoder_hidden_states`, and `text_embeds` (the
     pooled embedding, SDXL) or `encoder_attention_mask` (PixArt-α) where the model takes them."""
 
-    def __init__(
-        self,
-        tokenizers: list[Tokenizer],
-        encoders: list[TextEncoder],
-        force_zeros_for_empty_prompt: bool,
-        device: torch.device,
-        max_batch: int,
-        pooled: bool,
-        masked: bool = False,
-        lowercase: bool = False,
-    ) -> None:
-        self.tokenizers = tokenizers
-        self.encoders = encoders
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.device = device
-        self.max_batch = max_batch  # most prompts per encoder call (compiled encoders have a bounded batch)
-        self.pooled = pooled  # whether the denoiser takes the last encoder's pooled embedding (SDXL)
-        self.masked = masked  # whether the denoiser takes the text's attention mask (PixArt-α)
-        self.lowercase = lowercase  # prompts lowercased and stripped first (PixArt-α)
+    tokenizers: list[Tokenizer]
+    encoders: list[TextEncoder]
+    force_zeros_for_empty_prompt: bool
+    device: torch.device
+    max_batch: int  # most prompts per encoder call (compiled encoders have a bounded batch)
+    pooled: bool  # whether the denoiser takes the last encoder's pooled embedding (SDXL)
+    masked: bool = False  # whether the denoiser takes the text's attention mask (PixArt-α)
+    lowercase: bool = False  # prompts lowercased and stripped first (PixArt-α)
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         if self.lowercase:

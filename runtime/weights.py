@@ -1,9 +1,9 @@
 """Component weights: one safetensors file per component, streamed onto the target device.
 
-safetensors' `load_file(device="cuda")` copies each tensor from pageable (mmap'd) memory: 4.6 GB/s for SDXL's 5.1 GB
-UNet file on the H200. Here reader threads fill a small ring of pinned buffers with chunks of the file while the
-copies out of the chunks already read run asynchronously: 12 GB/s for the same file, the speed of the page cache
-(bench/results/2026-11-30-h200-d). On the CPU the file is memory-mapped instead (no copy).
+safetensors' `load_file(device="cuda")` copies each tensor from pageable (mmap'd) memory, at a third of the page
+cache's speed. Here reader threads fill a small ring of pinned buffers with chunks of the file while the copies out of
+the chunks already read run asynchronously, at the page cache's speed (docs/benchmarks.md). On the CPU the file is
+memory-mapped instead (no copy).
 
 Pipelines of one process share weights: a file that a live pipeline already holds on a device (unchanged on disk
 since) is not loaded again, so a second pipeline over the same artifact -- for another resolution, say -- adds no
@@ -100,13 +100,6 @@ def shared_weights(
         if weights is None:
             weights = _live[key] = Weights(load_weights(path, device, channels_last, stop))
     return weights
-
-
-def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(tensor as it is written to safetensors, whether it is stored NHWC)."""
-    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
-        return tensor.permute(0, 2, 3, 1).contiguous(), True
-    return tensor.contiguous(), False
 
 
 def load_weights(

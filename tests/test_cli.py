@@ -18,7 +18,7 @@ import torch
 from conftest import EXPORT_CONSOLE, run_cli
 
 from fastdiff.runtime import read_manifest
-from fastdiff.runtime.manifest import MANIFEST_NAME
+from fastdiff.runtime.format import MANIFEST_NAME
 
 PROMPT = "a photo of a cat"
 
@@ -72,7 +72,7 @@ def test_written_files_get_the_umask_modes(tiny_artifact: Path, seeded_image: Pa
 def test_the_umask_is_read_without_being_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """Setting the umask to read it, even back at once, would change the mode of files other threads create
     meanwhile."""
-    from fastdiff.runtime import files
+    from fastdiff.runtime import format as artifact_format
 
     own = os.umask(0o027)
     try:
@@ -80,8 +80,8 @@ def test_the_umask_is_read_without_being_set(monkeypatch: pytest.MonkeyPatch) ->
         def no_umask(mask: int) -> int:
             raise AssertionError("os.umask called")
 
-        monkeypatch.setattr(files.os, "umask", no_umask)
-        assert files._umask() == 0o027
+        monkeypatch.setattr(artifact_format.os, "umask", no_umask)
+        assert artifact_format._umask() == 0o027
     finally:
         monkeypatch.undo()
         os.umask(own)
@@ -327,7 +327,7 @@ def test_help(command: str) -> None:
 
 
 def test_out_of_device_memory_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
-    from fastdiff.runtime.cli import clean_errors
+    from fastdiff.runtime.errors import clean_errors
 
     @clean_errors()
     def load_too_much() -> None:
@@ -374,7 +374,7 @@ def test_unreadable_or_unwritable_files_are_clear_errors(
 ) -> None:
     """A permission or a full disk is the machine's problem, not a bug: one line, exit 2, also when a compile wraps
     it in an error of its own."""
-    from fastdiff.runtime.cli import clean_errors
+    from fastdiff.runtime.errors import clean_errors
 
     with pytest.raises(SystemExit) as exit_info:
         clean_errors()(_fails_with)(error, cause)
@@ -392,7 +392,7 @@ from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail (EFBIG), as on a full disk (ENOSPC)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 from fastdiff.exporter.artifact import ArtifactWriter
-from fastdiff.runtime.cli import clean_errors
+from fastdiff.runtime.errors import clean_errors
 
 @clean_errors()
 def export():

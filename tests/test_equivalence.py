@@ -25,7 +25,7 @@ from diffusers import (
 )
 
 from fastdiff.runtime import Resolution, load_pipeline
-from fastdiff.runtime.manifest import MANIFEST_NAME, describe_files
+from fastdiff.runtime.format import MANIFEST_NAME, describe_files
 
 LATENT_TOL = {"rtol": 1e-4, "atol": 1e-4}
 IMAGE_TOL = {"rtol": 1e-4, "atol": 1e-5}

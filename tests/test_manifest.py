@@ -13,7 +13,7 @@ from conftest import EXPORT_RESOLUTIONS
 from safetensors import safe_open
 
 from fastdiff.runtime import FORMAT_VERSION, Manifest, Resolution, parse_resolution, read_manifest
-from fastdiff.runtime.manifest import MANIFEST_NAME
+from fastdiff.runtime.format import MANIFEST_NAME
 
 STOCK = ["scheduler", "tokenizer", "tokenizer_2"]  # and the text encoders, where they are not compiled
 

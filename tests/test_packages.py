@@ -1,5 +1,6 @@
-"""Compiled packages run through their library's C interface: without the GIL, one call at a time per module, and
-unloaded (their extracted files deleted) on close."""
+"""Compiled packages behind one interface, through both runners: the C interface (without the GIL) and torch's
+public loader (the fallback). Each binds the runtime's weights, runs one call at a time per module, and is unloaded
+on close; the runner is chosen automatically, or by FASTDIFF_PACKAGE_RUNNER."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.runtime.packages import CompiledModule
+from fastdiff.runtime import FastDiffError, load_pipeline
+from fastdiff.runtime import capi as capi_module
+from fastdiff.runtime.capi import CapiModule
+from fastdiff.runtime.packages import RUNNER_VARIABLE, CompiledModule, RunnerUnavailable, TorchModule, load_module
+
+RUNNERS = {"capi": CapiModule, "torch": TorchModule}
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def unet_call(tiny_pipeline) -> tuple[CompiledModule, tuple[torch.Tensor, ...]]:
-    """The tiny artifact's 64x64 UNet package and the inputs of a one-step generation's call."""
+def unet_inputs(tiny_pipeline) -> tuple[CompiledModule, tuple[torch.Tensor, ...]]:
+    """The tiny artifact's 64x64 UNet module (as load_pipeline loaded it) and the inputs of a one-step call."""
     unet, seen = tiny_pipeline.unets["64x64"], []
     tiny_pipeline.unets["64x64"] = lambda *inputs: seen.append(inputs) or unet(*inputs)
     try:
@@ -26,10 +33,27 @@ def unet_call(tiny_pipeline) -> tuple[CompiledModule, tuple[torch.Tensor, ...]]:
     return unet, seen[0]
 
 
-def test_a_call_lets_other_threads_run(unet_call) -> None:
-    """A thread counting in Python keeps most of its pace while the main thread runs the package (torch's package
-    loader holds the GIL for the whole call: 2 % of it there, on this project's CPU machine)."""
+@pytest.fixture(scope="module", params=sorted(RUNNERS))
+def unet_call(request, tiny_artifact: Path, unet_inputs) -> tuple[CompiledModule, tuple[torch.Tensor, ...]]:
+    """The same package loaded by each runner, bound to the same weights."""
+    loaded, inputs = unet_inputs
+    module = RUNNERS[request.param](tiny_artifact / "unet" / "64x64.pt2", loaded.weights, CPU)
+    yield module, inputs
+    module.close()
+
+
+def test_both_runners_compute_the_same(unet_inputs, unet_call) -> None:
+    (loaded, inputs), (module, _) = unet_inputs, unet_call
+    assert module.num_inputs == len(inputs) == 5
+    torch.testing.assert_close(module(*inputs), loaded(*inputs), rtol=0, atol=0)
+
+
+def test_a_capi_call_lets_other_threads_run(unet_call) -> None:
+    """A thread counting in Python keeps most of its pace while the main thread runs the package through the C
+    interface (torch's loader holds the GIL for the whole call)."""
     unet, inputs = unet_call
+    if unet.runner != "capi":
+        pytest.skip("torch's loader holds the GIL for a call")
     count, stop = [0], threading.Event()
 
     def spin() -> None:
@@ -58,12 +82,12 @@ def test_a_call_lets_other_threads_run(unet_call) -> None:
 
 
 def test_calls_from_threads_take_turns(unet_call, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A module's calls from several threads run one at a time (the library's single-threaded run keeps one set of
-    buffers), and give what calls made in turn give."""
+    """A module's calls from several threads run one at a time (a single-threaded run keeps one set of buffers),
+    and give what calls made in turn give."""
     unet, inputs = unet_call
     latents = [inputs[0] + i for i in range(4)]
     expected = [unet(x, *inputs[1:]) for x in latents]
-    run, active, most = unet._library._functions["AOTInductorModelContainerRunSingleThreaded"], [0], [0]
+    run, active, most = unet._run, [0], [0]
 
     def overlap_recording_run(*args):
         active[0] += 1
@@ -74,7 +98,7 @@ def test_calls_from_threads_take_turns(unet_call, monkeypatch: pytest.MonkeyPatc
         finally:
             active[0] -= 1
 
-    monkeypatch.setitem(unet._library._functions, "AOTInductorModelContainerRunSingleThreaded", overlap_recording_run)
+    monkeypatch.setattr(unet, "_run", overlap_recording_run)
     got: dict[int, torch.Tensor] = {}
     threads = [threading.Thread(target=lambda i=i: got.update({i: unet(latents[i], *inputs[1:])})) for i in range(4)]
     for t in threads:
@@ -88,24 +112,96 @@ def test_calls_from_threads_take_turns(unet_call, monkeypatch: pytest.MonkeyPatc
 
 def test_a_call_with_the_wrong_inputs_raises(unet_call, monkeypatch: pytest.MonkeyPatch) -> None:
     """Too few inputs: a TypeError (the library's own check would end the process). A run that fails in the
-    library: a RuntimeError naming the function and the library's error where it keeps one."""
+    C interface's library: a RuntimeError naming the function and the library's error where it keeps one."""
     unet, inputs = unet_call
     with pytest.raises(TypeError, match=r"64x64.pt2 takes 5 inputs, got 4"):
         unet(*inputs[:-1])
-    monkeypatch.setitem(unet._library._functions, "AOTInductorModelContainerRunSingleThreaded", lambda *args: 1)
-    with pytest.raises(RuntimeError, match="AOTInductorModelContainerRunSingleThreaded failed: "):
-        unet(*inputs)
+    if unet.runner == "capi":
+        monkeypatch.setitem(unet._library._functions, "AOTInductorModelContainerRunSingleThreaded", lambda *a: 1)
+        with pytest.raises(RuntimeError, match="AOTInductorModelContainerRunSingleThreaded failed: "):
+            unet(*inputs)
 
 
-def test_closed_module_is_unloaded(tiny_artifact: Path, unet_call) -> None:
-    weights = unet_call[0].weights
-    module = CompiledModule(tiny_artifact / "unet" / "64x64.pt2", weights, torch.device("cpu"))
-    folder = Path(module._library.folder)
-    assert next(folder.rglob("*.so"))  # extracted while loaded
-    assert not list(folder.rglob("*.cpp"))  # but not the sources it was built from
-    torch.testing.assert_close(module(*unet_call[1]), unet_call[0](*unet_call[1]), rtol=0, atol=0)
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_closed_module_is_unloaded(tiny_artifact: Path, unet_inputs, runner: str) -> None:
+    loaded, inputs = unet_inputs
+    module = RUNNERS[runner](tiny_artifact / "unet" / "64x64.pt2", loaded.weights, CPU)
+    if runner == "capi":
+        folder = Path(module._library.folder)
+        assert next(folder.rglob("*.so"))  # extracted while loaded
+        assert not list(folder.rglob("*.cpp"))  # but not the sources it was built from
+    torch.testing.assert_close(module(*inputs), loaded(*inputs), rtol=0, atol=0)
     module.close()
-    assert not folder.exists()
+    if runner == "capi":
+        assert not folder.exists()
     with pytest.raises(RuntimeError, match="64x64.pt2 was closed"):
-        module(*unet_call[1])
+        module(*inputs)
     module.close()  # again: nothing left to do
+
+
+@pytest.mark.parametrize(
+    ("variable", "runner"), [("", "capi"), ("capi", "capi"), ("torch", "torch"), (" Torch ", "torch")]
+)
+def test_the_runner_is_chosen_by_the_environment(
+    tiny_artifact: Path, unet_inputs, monkeypatch: pytest.MonkeyPatch, variable: str, runner: str
+) -> None:
+    monkeypatch.setenv(RUNNER_VARIABLE, variable)
+    module = load_module(tiny_artifact / "unet" / "64x64.pt2", unet_inputs[0].weights, CPU)
+    assert module.runner == runner
+    module.close()
+
+
+def test_an_unknown_runner_is_refused(tiny_artifact: Path, unet_inputs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RUNNER_VARIABLE, "ctypes")
+    with pytest.raises(FastDiffError, match="FASTDIFF_PACKAGE_RUNNER='ctypes' names no package runner") as raised:
+        load_module(tiny_artifact / "unet" / "64x64.pt2", unet_inputs[0].weights, CPU)
+    assert "capi, torch" in raised.value.fix
+
+
+@pytest.mark.parametrize("failure", ["self-check", "package"])
+def test_torch_loader_takes_over_where_the_c_interface_cannot_run(
+    tiny_artifact: Path, unet_inputs, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A failed self-check (torch changed the functions the C interface needs), or a package the C interface cannot
+    run (another layout, extern kernels needing torch's proxy executor): torch's loader runs it, unless the
+    environment asks for the C interface, which is then refused with the reason."""
+    if failure == "self-check":
+        monkeypatch.setattr(capi_module, "self_check", lambda: "torch 9.9 has no torch._C._aoti.x")
+        reason = "torch 9.9 has no torch._C._aoti.x"
+    else:
+
+        def unavailable(path, folder):
+            raise RunnerUnavailable("it calls operators outside AOTInductor's C shim")
+
+        monkeypatch.setattr(capi_module, "_extract_library", unavailable)
+        reason = "operators outside AOTInductor's C shim"
+    path, (loaded, inputs) = tiny_artifact / "unet" / "64x64.pt2", unet_inputs
+    module = load_module(path, loaded.weights, CPU)
+    assert module.runner == "torch"
+    torch.testing.assert_close(module(*inputs), loaded(*inputs), rtol=0, atol=0)
+    module.close()
+    monkeypatch.setenv(RUNNER_VARIABLE, "capi")
+    with pytest.raises(FastDiffError, match="the C-interface package runner cannot run here") as raised:
+        load_module(path, loaded.weights, CPU)
+    assert reason in raised.value.problem
+
+
+def test_the_c_interface_passes_its_self_check() -> None:
+    assert capi_module.self_check() is None
+
+
+def test_every_family_generates_the_same_through_torch_loader(
+    tiny_artifact: Path, sd_artifact: Path, pixart_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole pipeline on torch's loader gives, bit for bit, what it gives on the C interface (which the
+    equivalence tests hold against diffusers), for each family."""
+    for path in (tiny_artifact, sd_artifact, pixart_artifact):
+        images = []
+        for runner in RUNNERS:
+            monkeypatch.setenv(RUNNER_VARIABLE, runner)
+            pipe = load_pipeline(path, device="cpu")
+            pipe.set_progress_bar_config(disable=True)
+            assert {m.runner for m in pipe.unets.values()} == {runner}
+            generator = torch.Generator().manual_seed(1)
+            images.append(pipe("a photo of a cat", num_inference_steps=2, generator=generator, output_type="np").images)
+        torch.testing.assert_close(torch.as_tensor(images[0]), torch.as_tensor(images[1]), rtol=0, atol=0)

@@ -49,7 +49,7 @@ from fastdiff.exporter.presets import PRESETS
 from fastdiff.exporter.source import FAMILIES, model_family
 from fastdiff.exporter.wrappers import SDXLUNetStep, VAEDecode
 from fastdiff.runtime import FastDiffError
-from fastdiff.runtime.resolution import Resolution
+from fastdiff.runtime.format import Resolution
 
 LAYOUT_TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 rounding of a reordered computation, ~5x the measured difference
 INT8_MAX_REL_L2 = 0.03  # one UNet evaluation, ~3x the measured 1.0e-2

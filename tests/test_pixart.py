@@ -132,6 +132,6 @@ def test_step_without_micro_conditioning() -> None:
 def test_local_folder_default_resolution(pixart_checkpoint: Path) -> None:
     """A PixArt checkpoint given as a folder (not a preset): its trained size comes from the transformer's config."""
     from fastdiff.exporter.source import default_resolution
-    from fastdiff.runtime.resolution import Resolution
+    from fastdiff.runtime.format import Resolution
 
     assert default_resolution(str(pixart_checkpoint)) == Resolution(1024, 1024)  # sample size 128 x VAE factor 8

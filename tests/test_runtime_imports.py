@@ -22,7 +22,6 @@ from fastdiff.runtime import FastDiffError, load_pipeline
 from fastdiff.runtime import loader as loader_module
 from fastdiff.runtime import scheduler as scheduler_module
 from fastdiff.runtime import weights as weights_module
-from fastdiff.runtime.pipeline import FastDiffPipeline
 
 FORBIDDEN_PREFIXES = ("fastdiff.exporter", "diffusers.models", "diffusers.pipelines")
 COMPILERS = {"gcc", "g++", "cc", "c++", "clang", "clang++", "nvcc"}
@@ -322,10 +321,10 @@ def test_load_order(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.setattr(owner, name, recorded)
 
     spy(loader_module, "shared_weights", "weights")
-    spy(loader_module, "CompiledModule", "package")
+    spy(loader_module, "load_module", "package")
     spy(loader_module, "load_scheduler", "scheduler")
     for part in ("decoder", "conditioning", "denoiser"):
-        spy(FastDiffPipeline, f"_warm_up_{part}", part)
+        spy(loader_module, f"warm_up_{part}", part)
     pipe = load_pipeline(tiny_artifact, device="cpu", warmup=True)
     small = ("text_encoder", "text_encoder_2", "vae_decoder")
     assert sorted(events[:3]) == [("weights", c, "MainThread") for c in small]
@@ -348,7 +347,7 @@ def test_a_failed_load_stops_the_unet_weights(tiny_artifact: Path, monkeypatch: 
     """An error (or Ctrl-C) while the small components load tells the UNet's weights to stop (a cold disk reads
     SDXL's 5.1 GB for seconds) and is reported as it was."""
     stopped = []
-    shared_weights, compiled_module = loader_module.shared_weights, loader_module.CompiledModule
+    shared_weights, load_module = loader_module.shared_weights, loader_module.load_module
 
     def weights_spy(path, device, channels_last=(), stop=None):
         if Path(path).parent.name == "unet":
@@ -358,10 +357,10 @@ def test_a_failed_load_stops_the_unet_weights(tiny_artifact: Path, monkeypatch: 
     def failing_package(path, *args, **kwargs):
         if Path(path).parent.name == "text_encoder_2":
             raise FastDiffError("text_encoder_2/77.pt2 is damaged", "export again")
-        return compiled_module(path, *args, **kwargs)
+        return load_module(path, *args, **kwargs)
 
     monkeypatch.setattr(loader_module, "shared_weights", weights_spy)
-    monkeypatch.setattr(loader_module, "CompiledModule", failing_package)
+    monkeypatch.setattr(loader_module, "load_module", failing_package)
     with pytest.raises(FastDiffError, match="text_encoder_2/77.pt2 is damaged"):
         load_pipeline(tiny_artifact, device="cpu")
     assert stopped == [True]
@@ -566,3 +565,24 @@ def test_prefetch_reads_nothing_outside_the_artifact(tiny_artifact: Path, tmp_pa
     manifest["unet"]["weights"] = ["unet/weights.safetensors"]
     (art / "manifest.json").write_text(json.dumps(manifest))
     assert files_to_prefetch(art) == []
+
+
+def test_the_exporter_imports_only_the_format_module_of_the_runtime() -> None:
+    """The exporter and the runtime meet at the artifact format: no exporter module imports another runtime module."""
+    import ast
+
+    exporter = Path(__file__).parents[1] / "exporter"
+    for path in sorted(exporter.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                if name.startswith("fastdiff.runtime"):
+                    assert name == "fastdiff.runtime.format", f"{path.name} imports {name}"
+
+
+def test_the_format_module_imports_no_torch() -> None:
+    """readahead and the command-line tools read manifests before torch is imported."""
+    code = "import sys; import fastdiff.runtime.format; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

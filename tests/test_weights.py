@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from fastdiff.runtime import weights as weights_module
 from fastdiff.runtime.errors import FastDiffError
-from fastdiff.runtime.packages import CompiledModule
+from fastdiff.runtime.packages import load_module
 from fastdiff.runtime.weights import DTYPES, Weights, load_weights, stream_weights
 
 
@@ -144,7 +144,7 @@ def test_weights_released_when_their_last_package_goes(tiny_artifact: Path) -> N
     (pytorch/pytorch#194480); the weights' memory is released anyway when their Weights goes."""
     folder = tiny_artifact / "vae_decoder"
     weights = Weights(stream_weights(folder / "weights.safetensors", torch.device("cpu")))
-    module = CompiledModule(next(folder.glob("*.pt2")), weights, torch.device("cpu"))
+    module = load_module(next(folder.glob("*.pt2")), weights, torch.device("cpu"))
     storages = [t.untyped_storage() for t in weights.values()]
     assert min(s.nbytes() for s in storages) > 0
     del module

@@ -1,25 +1,85 @@
-"""The artifact format: `manifest.json` schema, reading, writing and file hashing.
+"""The artifact format, the one module the exporter and the runtime share: the manifest's schema (reading, writing,
+checking, file hashes), resolutions and their keys, the files' layout in an artifact folder, how weights are stored,
+what the denoiser's conditioning inputs hold, the device record, and the errors both report.
 
-An artifact directory holds one compiled package per component and resolution, one safetensors weight file per
-component shared by all its packages, the stock text encoders, tokenizers and scheduler config, and this manifest.
-The runtime needs nothing else: every model fact it uses is recorded here.
+Imports no torch at module level (readahead and the command-line tools read manifests before torch is imported);
+functions that need torch import it when called.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import FastDiffError
-from .resolution import Resolution, parse_resolution
+from .errors import FastDiffError, clean_errors, exit_interrupted, import_torch
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = [  # the names the exporter uses besides the manifest's own
+    "FastDiffError",
+    "clean_errors",
+    "exit_interrupted",
+    "import_torch",
+]
+
+# Resolutions ----------------------------------------------------------------------------------------------------
+MIN_SIDE = 64
+MAX_SIDE = 4096
+
+
+@dataclass(frozen=True, order=True)
+class Resolution:
+    width: int
+    height: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def parse_resolution(text: str | int | Resolution, multiple_of: int = 8) -> Resolution:
+    """Parse "1024" (square) or "WxH" (width x height), checking that each side is sane."""
+    if isinstance(text, Resolution):
+        res = text
+    else:
+        parts = str(text).strip().lower().split("x")
+        try:
+            sides = [int(p) for p in parts]
+        except ValueError:
+            sides = []
+        if len(sides) not in (1, 2):
+            raise FastDiffError(
+                f"invalid resolution {text!r}",
+                "give one number for a square image (1024) or WIDTHxHEIGHT (832x1216)",
+            )
+        res = Resolution(sides[0], sides[-1])
+    for side in (res.width, res.height):  # range first, so the rounding hint below is always a valid size
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise FastDiffError(
+                f"invalid resolution {res}: sides must be between {MIN_SIDE} and {MAX_SIDE} pixels",
+                "pick a resolution the model was trained for, e.g. 1024 for SDXL",
+            )
+    for side in (res.width, res.height):
+        if side % multiple_of:
+            raise FastDiffError(
+                f"invalid resolution {res}: {side} is not a multiple of {multiple_of}",
+                f"round each side to a multiple of {multiple_of}, e.g. {max(side // multiple_of, 1) * multiple_of}",
+            )
+    return res
+
+
+# The manifest ------------------------------------------------------------------------------------------------
 
 FORMAT = "fastdiff-artifact"
 FORMAT_VERSION = 1
@@ -343,3 +403,138 @@ def check_files(root: Path, manifest: Manifest, full_hash: bool = False) -> list
         elif full_hash and sha256_file(path) != entry["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest (corrupted or replaced)")
     return problems
+
+
+# The files' layout ------------------------------------------------------------------------------------------------
+
+
+def package_path(component: str, case: str) -> str:
+    """Where a component's package for one case (a resolution key, or a text length) lies in the artifact."""
+    return f"{component}/{case}.pt2"
+
+
+def weights_path(component: str) -> str:
+    """Where the weights that all of a component's packages bind lie in the artifact."""
+    return f"{component}/weights.safetensors"
+
+
+def to_storage_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(tensor as it is written to safetensors, whether it is stored NHWC). safetensors stores dense row-major
+    tensors: a weight the compiled code expects in channels_last layout is stored as its NHWC permutation (the
+    runtime views it back as NCHW, which restores the strides without a copy)."""
+    import torch
+
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.permute(0, 2, 3, 1).contiguous(), True
+    return tensor.contiguous(), False
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (setting it, even back, would briefly change
+    the mode of files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: Path) -> None:
+    """Files made by mkstemp, or by libraries that create them private (safetensors), are 0600: an artifact built by
+    one user (a CI job) and served by another (a container's) would not load. Give them 0666 less the umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+# What the denoiser's packages take besides latents, timestep and text ---------------------------------------------
+
+
+def micro_conditioning(res: Resolution, rows: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The size conditioning, as diffusers computes it; each model takes the ones its denoiser was exported with.
+    SDXL: original size = target size, no crop. PixArt-α: (height, width) and height / width."""
+    import torch
+
+    return {
+        "time_ids": torch.tensor([[res.height, res.width, 0, 0, res.height, res.width]] * rows, dtype=dtype),
+        "resolution": torch.tensor([[res.height, res.width]] * rows, dtype=dtype),
+        "aspect_ratio": torch.tensor([[res.height / res.width]] * rows, dtype=dtype),
+    }
+
+
+# Opening packages -------------------------------------------------------------------------------------------------
+
+_libstdcxx_global = False
+
+
+def make_libstdcxx_global() -> None:
+    """Put the process's libstdc++ into the global symbol scope before the first package is opened (by the runtime,
+    or by the exporter reading a package's constants).
+
+    Python opens torch's extension with RTLD_LOCAL, so the libstdc++ it pulls in stays local to it. A package's
+    wrapper.so does not list libstdc++ as a dependency, so its C++ runtime symbols (std::regex, locales) then bind
+    to uninitialised copies: on the project's GPU image (torch 2.11) every package load segfaulted unless
+    libstdc++ was preloaded. Promoting the already loaded library to RTLD_GLOBAL does the same from inside the
+    process.
+    """
+    global _libstdcxx_global
+    if _libstdcxx_global or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    except OSError:
+        pass  # not loaded under that name: nothing to promote
+    _libstdcxx_global = True
+
+
+# Devices ----------------------------------------------------------------------------------------------------------
+
+
+def device_record(device: torch.device) -> dict[str, Any]:
+    """What an artifact compiled for `device` depends on: the manifest's `device`."""
+    import torch
+
+    record: dict[str, Any] = {"type": device.type, "cpu_isa": torch.backends.cpu.get_cpu_capability()}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        record |= {"name": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
+    else:
+        record |= {"name": "cpu", "capability": None}
+    return record
+
+
+def resolve_device(device: str | torch.device | None, manifest: Manifest | None = None) -> torch.device:
+    """The device to export or run on: the one asked for, else the artifact's device kind; refused if it is not
+    there."""
+    import torch
+
+    asked = device is not None
+    if device is None:
+        device = manifest.device["type"] if manifest is not None else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FastDiffError(f"unknown device {device!r}", "use cpu or cuda (cuda:N for another GPU)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            if asked and (manifest is None or manifest.device["type"] != "cuda"):
+                raise FastDiffError(
+                    f"device {device} was asked for, but no CUDA GPU is visible", "run on the cpu (--device cpu)"
+                )
+            raise FastDiffError(
+                "this artifact was compiled for cuda, but no CUDA GPU is visible",
+                "run it on a machine with a GPU of its kind, or export the model again with --device cpu",
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise FastDiffError(
+                f"{dev} does not exist: {torch.cuda.device_count()} GPU(s) visible", "pick an existing cuda:N"
+            )
+    elif dev.type != "cpu":
+        raise FastDiffError(f"device {dev.type!r} is not supported", "use cpu or cuda")
+    return dev
