@@ -27,7 +27,7 @@ from diffusers.callbacks import SDCFGCutoffCallback
 from fastdiff.runtime import FastDiffError, load_pipeline, parse_resolution, read_manifest
 from fastdiff.runtime import compat as compat_module
 from fastdiff.runtime.compat import check_compatible
-from fastdiff.runtime.manifest import MANIFEST_NAME, sha256_file
+from fastdiff.runtime.format import MANIFEST_NAME, sha256_file
 
 EXPORTED = "64x64, 96x64"  # how messages list conftest's EXPORT_RESOLUTIONS
 UNET_WEIGHTS = "unet/weights.safetensors"

@@ -154,7 +154,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
     is bound to."""
     record: dict = {"weights": [], "reads": [], "packages": []}
     shared_weights, load_weights = loader_module.shared_weights, weights_module.load_weights
-    compiled_module = loader_module.CompiledModule
+    load_module = loader_module.load_module
 
     def recording_shared_weights(*args, **kwargs):
         weights = shared_weights(*args, **kwargs)
@@ -165,14 +165,13 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
         record["reads"].append(Path(path))
         return load_weights(path, *args, **kwargs)
 
-    class RecordingCompiledModule(compiled_module):
-        def __init__(self, path, weights, device) -> None:
-            super().__init__(path, weights, device)
-            record["packages"].append((Path(path), weights))
+    def recording_load_module(path, weights, device):
+        record["packages"].append((Path(path), weights))
+        return load_module(path, weights, device)
 
     monkeypatch.setattr(loader_module, "shared_weights", recording_shared_weights)
     monkeypatch.setattr(weights_module, "load_weights", recording_load_weights)
-    monkeypatch.setattr(loader_module, "CompiledModule", RecordingCompiledModule)
+    monkeypatch.setattr(loader_module, "load_module", recording_load_module)
     return record
 
 
