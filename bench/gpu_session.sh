@@ -1,96 +1,36 @@
 #!/usr/bin/env bash
-# One whole GPU measurement session (H200 machine of the device tool). Two phases: first every export the steps
-# need, all at once (none is timed; they share the 16 cores), then the timed runs one at a time, in STEPS order.
-# Compiles never run beside timed benchmarks: session B (bench/results/2026-11-30-h200-b) showed the baselines'
-# wall times doubling when a compile shared the CPU. Steps (STEPS, space-separated):
-#   sdxl               SDXL speed + quality + profile of the bf16 artifact (and sdxl-fp8's, if that step is on)
-#                      against diffusers eager and torch.compile (SDXL_BASELINES; default mode), and
-#                      profile-diff.md: the bf16 artifact against torch.compile kernel by kernel, with the Triton
-#                      code of the kernels that differ most
-#   sdxl-coldstart     process start -> first SDXL image: fastdiff (the same artifacts) and diffusers eager (page
-#                      cache warm, then cold, each fastdiff run beside one without the prefetch, unless
-#                      COLDSTART_OPTS says otherwise), then load_pipeline's phases for the last artifact (twice),
-#                      and its warm-up's host time by op (probe-warmup.txt)
-#   sdxl-compile-cold  the same for diffusers + torch.compile: cold, warm, then loaded compile-cache artifacts
-#   sdxl-cudnn-benchmark  the sdxl step's artifacts again with torch.backends.cudnn.benchmark (convolutions: 4.7 ms
-#                      of the UNet step, most of the VAE decode, on cuDNN's heuristic choices otherwise)
-#   sdxl-seed          the seed's recipe (torch.compile max-autotune + its Inductor flags) and diffusers eager
-#                      against the SDXL artifacts (bf16, and every SDXL variant's among the steps), all in one
-#                      process (issue 3's benchmark: eager, recipe, artifacts in one run); its compile runs once in the
-#                      export phase to fill Inductor's caches, so the timed run compiles from a warm cache
-#   ssd-1b-seed, sd15-seed, pixart-seed  the same for SSD-1B, SD 1.5 (512²) and PixArt-α (issue 5); the families'
-#                      cache-filling compiles run one after another (they benchmark on the GPU), in STEPS order
-#   seed-fill          SDXL's cache-filling compile without the sdxl-seed step's second, timed process: it gathers
-#                      the tuning results ($R/seed-tuning.tgz, progress in $R/seed-progress) and, if it finishes,
-#                      times the recipe in its own process (seed-cache-fill-sdxl.md; beside the exports only if they
-#                      outlast it: the timed steps wait for it)
-#   ssd-1b             SSD-1B (SDXL pipeline, distilled UNet) at 1024², bf16, against eager and torch.compile
-#   sd15               SD 1.5 at 512², bf16, against eager and torch.compile
-#   pixart             PixArt-XL-2 at 1024², bf16, against eager and torch.compile
-#   gpu-tests          the test files that need a GPU (GPU_TESTS), run with the exports
-#   attention-probe    every SDPA backend on PixArt-α's and SDXL's own attention calls, shape by shape
-#                      (probe-attention-FAMILY.md): what a per-call backend choice could gain
-#   a VARIANTS name    an export with other options (below), speed + quality + profile of the artifact alone
-# Every export's main-thread Python stack is appended to $R/stacks-NAME.txt each STACK_EVERY seconds (a SIGUSR1
-# handler: unlike faulthandler's timed dump, which crashed an export in session C, it runs between bytecodes; ignored
-# from exit on, when Python would otherwise restore the default action, which ends the process).
-# Every export is bf16 without quantization unless its variant says otherwise (the CLI's auto picks fp8 for SDXL).
-# sdxl-fp8-qkv and sdxl-fp8-qkv-ff add fp8 linears whose input quantization Inductor can fuse into the kernel before
-# them (the self-attention QKV projection after its LayerNorm, the feed-forward output after GEGLU): measured alone
-# (bench/results/2026-11-30-h200-e, probe-fp8.txt) their fp8 matmuls were 0.6 and 0.4 ms per step faster, and the
-# separate quantization kernels lost more than that; in the UNet the feed-forward input projection's quantization
-# was fused into its LayerNorm kernel (0.24 ms for 18 calls), so the other two may gain there.
-# On the H200 every export's VAE decoder compiles with max-autotune (the exporter's default there since session L:
-# 31.0 ms per decode against 34.9; the seed's recipe 27.7).
-# Exports still running EXPORT_DEADLINE seconds after they started are stopped, and their steps skipped.
-# SEED_GPU (a two-GPU machine): the seed steps (their cache-filling compiles, then their timed runs, once the artifacts
-# are exported) run on that GPU and the CPUs SEED_CPUS, beside everything else on GPU MAIN_GPU and CPUs MAIN_CPUS;
-# the compiles then have SEED_DEADLINE seconds instead of sharing the export phase's CPUs and deadline.
-# The seed's compile from an empty cache takes longer than a session can give it (session I: 12 min benchmarking the
-# UNet's 44 GEMMs and convolutions, alone on a GPU; session J: 23 min to the end with those cached), so its tuning
-# results (Inductor's autotuning timings and coordinate-descent picks, kilobytes) are packed into $R/seed-tuning.tgz
-# every minute; copied to SEED_TUNING (carried in: an ignored folder), a later session's compile restores them and
-# benchmarks only what is still missing: the same kernels, chosen by the same benchmarks, on the same kind of GPU,
-# image and versions (Inductor's cache keys check them). torch 2.11 tuned every restored pick again (session J);
-# bench/inductor_fixes.py, which speed.py applies, makes it reuse them (session K: none tuned again, compile 167 s;
-# seed-progress counts the picks a run writes). The seed's runs log dynamo's recompiles and Inductor's CUDA-graph
-# skips (TORCH_LOGS=recompiles,cudagraphs): in session J the UNet compiled again on the pipeline's first call; in
-# session K the recipe's UNet step took 38 ms of wall time for 32 ms of GPU work: were its CUDA graphs captured?
-# Run from the repo root, in the background:  setsid nohup bash bench/gpu_session.sh >/tmp/r/log 2>&1 &
-# and copy $R (default /tmp/r) back as results appear; "ALL DONE" ends the log.
-# Seen on the H200 (session C, exports side by side): SDXL bf16 6 min, SD 1.5 4 min, PixArt 4.5 min. Session D: SDXL
-# bf16 8 min beside a max-autotune SDXL export (unfinished after 14 min of AOTInductor compile: 45 ops autotuned,
-# 5-9 s each) and the seed recipe's torch.compile (62 ops in 16 min). The autotune variants tune the matmuls only: in
-# session D's export Triton won 25 of 27 of them but 6 of 18 convolutions, which took 31 % of the tuning. Session E,
-# four exports side by side, all done in 13.5 min: SDXL UNet bf16 217 s, fp8 305 s, max-autotune (matmuls) 502 s.
-# Session F (STEPS="gpu-tests sdxl sdxl-fp8 sdxl-coldstart sdxl-compile-cold", two compile baselines): exports 6.4 min,
-# cold starts 3 min, speed 8 min, torch.compile's cold starts 5 min; 24 min in all from the call that started it.
-# Session G (STEPS="gpu-tests sdxl sdxl-int8 sdxl-cudnn-benchmark sdxl-coldstart ssd-1b", one compile baseline):
-# exports 8.2 min (int8's UNet 324 s), cold starts 2 min, sdxl 3.2 min, cudnn 0.6 min, ssd-1b 2.7 min; 18 min in all.
-# Session L (STEPS="gpu-tests sdxl-fp8 sdxl-fp8-vae-autotune sdxl-seed sdxl-coldstart sd15-fp8 pixart-fp8
-# sdxl-compile-cold"): exports 9.5 min but the GPU tests 11 min (the timed steps wait for them), sdxl-seed 2.6 min,
-# cold starts 3.7 min, sd15-fp8 and pixart-fp8 1.5 min, torch.compile's cold starts 5.2 min; 25 min in all.
-# Session M (STEPS="gpu-tests sdxl-fp8 sdxl-coldstart pixart-fp8 pixart-seed sd15-fp8 sd15-seed", deadlines 840 s):
-# six exports 7-8.3 min, the GPU tests 13.7 min, PixArt-α's recipe compile 12 min from an empty cache (SD 1.5's then
-# stopped by the deadline), pixart-seed 2.2 min, cold starts 3.9 min, sdxl-fp8 and sd15-fp8 1.5 min; 22 min in all.
-# Session N (STEPS="gpu-tests sd15-seed ssd-1b-seed attention-probe sdxl-coldstart", deadlines 840 s): three exports
-# 6.3-7.8 min, the GPU tests 12.5 min, SD 1.5's recipe compile (from session M's pack) stopped by the deadline after
-# 32 more autotunings, then 8 min alone by hand: its UNet compiled, its coordinate descent (run at each kernel's first
-# launch, in the CUDA graph's warm-up) still running; SSD-1B's never started. Cold starts 3.5 min, attention probes
-# 1.8 min; 20 min in all.
-# Session O (STEPS="ssd-1b-seed sd15-seed sdxl-coldstart", deadlines 960 s): three exports 5.9-7.4 min; SSD-1B's
-# recipe compiled in 514 s from SDXL's tuning, SD 1.5's still in coordinate descent at the deadline (6 min); ssd-1b-seed
-# 1.6 min, cold starts (warm and cold page cache) 5.8 min; 24 min in all.
-# Session P (STEPS="gpu-tests sd15-seed", deadlines 1320 s, then R=/tmp/r2 STEPS=sdxl-coldstart COLDSTART_RUNS=2):
-# SD 1.5's export 4.5 min, its recipe 11.5 min from session O's pack (81 picks, 12 convolutions autotuned again), the
-# GPU tests 11.7 min beside them, sd15-seed 1.4 min; then SDXL's export 7 min and its cold starts under 5 min.
-# Session Q (STEPS="gpu-tests sdxl-coldstart sdxl-compile-cold" COLDSTART_OPTS=--page-cache-cold
-# COLDSTART_BYTECODE=/tmp/pyc): SDXL's export 10.7 min beside the GPU tests (13.5 min), cold starts 4.5 min with
-# bytecode (the untimed runs write it), fastdiff's without bytecode and the load probes 0.8 min; the compile step's
-# cold run (2.5 min) was all the device time left: give sdxl-compile-cold a session of its own.
-# Session R (STEPS="sdxl-fp8 sdxl-coldstart sdxl-compile-cold" COLDSTART_OPTS="" COLDSTART_BYTECODE=/tmp/pyc): the
-# bf16 and fp8 exports side by side 9.5 min, cold starts and probes 3.4 min, then the compile step's cold and warm
-# runs 4.2 min; its third run was lost to a late poll (the machine is released 30 s after a call).
+# A whole measurement run on the GPU machine, in two phases: every export the steps need, all at once and untimed,
+# then the timed steps one at a time, in STEPS order (a compile sharing the CPU with a timed run distorts its times).
+# From the repository root, with the diffusers and torchao wheels in .whl/ (docs/benchmarks.md), in the background:
+#   mkdir -p /tmp/r && (STEPS="sdxl-fp8 sdxl-coldstart" setsid nohup bash bench/gpu_session.sh \
+#     > /tmp/r/log 2>&1 < /dev/null &)
+# then copy $R back as results appear; "ALL DONE" ends the log.
+#
+# Steps (STEPS, space-separated):
+#   gpu-tests          the test files that need a GPU (GPU_TESTS), run beside the exports
+#   sdxl               the SDXL artifacts (bf16; fp8 too with sdxl-fp8) against SDXL_BASELINES: speed, quality against
+#                      eager fp32, kernel profile; profile-diff.md compares the bf16 artifact with torch.compile
+#   sdxl-coldstart     process start -> first SDXL image, fastdiff and diffusers eager (COLDSTART_OPTS), then
+#                      load_pipeline's phases (probe-load.txt) and the warm-up's host time by op (probe-warmup.txt)
+#   sdxl-compile-cold  the same cold start for diffusers + torch.compile: cold cache, warm cache, loaded cache artifacts
+#   sdxl-cudnn-benchmark  the SDXL artifacts again with torch.backends.cudnn.benchmark on
+#   sdxl-seed, ssd-1b-seed, sd15-seed, pixart-seed  diffusers eager, the seed's recipe (torch.compile max-autotune with
+#                      its Inductor flags) and the family's artifacts in one process; the recipe first compiles in the
+#                      export phase to fill Inductor's cache, so the timed process compiles from a warm one
+#   seed-fill          SDXL's cache-filling recipe compile alone (its tuning packed into $R/seed-tuning.tgz)
+#   ssd-1b, sd15, pixart  the family's bf16 artifact against FAMILY_BASELINES (SD 1.5 at 512², the others at 1024²)
+#   attention-probe    every SDPA backend on PixArt-α's and SDXL's own attention calls (probe-attention-FAMILY.md)
+#   a VARIANTS name    an export with other options (below), timed alone: speed, quality, profile
+# Every export is bf16 and unquantized unless its variant says otherwise.
+#
+# Environment: R (results folder, default /tmp/r); EXPORT_DEADLINE (s: exports still running then are stopped and
+# their steps skipped); SEED_DEADLINE (s, for the recipe's compiles); STACK_EVERY (s between dumps of each export's
+# Python stack into $R/stacks-NAME.txt); SDXL_BASELINES, FAMILY_BASELINES (bench/speed.py --baselines);
+# COLDSTART_OPTS, COLDSTART_RUNS (bench/coldstart.py's options and runs); COLDSTART_BYTECODE=DIR (cold starts read
+# the bytecode their untimed runs cache in DIR, as a pip install leaves it, and fastdiff is also timed without);
+# SEED_GPU, SEED_CPUS, MAIN_GPU, MAIN_CPUS (a two-GPU machine: the seed steps on their own GPU and CPUs, with their
+# own deadline); SEED_TUNING (an earlier run's seed-tuning.tgz, restored first, so that the recipe's compile
+# benchmarks only what that run did not reach).
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
@@ -100,17 +40,17 @@ EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
 SDXL_BASELINES=${SDXL_BASELINES-eager,compile}  # speed.py --baselines for the sdxl step
 FAMILY_BASELINES=${FAMILY_BASELINES-eager,compile}  # and for the ssd-1b, sd15 and pixart steps
 COLDSTART_OPTS=${COLDSTART_OPTS---page-cache-cold --compare-prefetch}  # empty: page cache warm, prefetch only
-COLDSTART_RUNS=${COLDSTART_RUNS:-3}  # fresh processes per variant (session K: 2 were too few for the machine's noise)
-# COLDSTART_BYTECODE=DIR: the cold starts (and the load probes) read Python's bytecode from DIR, which their untimed
-# runs write. This image sets PYTHONDONTWRITEBYTECODE and ships no bytecode (session Q): every process compiled
-# torch's modules from source, as no pip install leaves them. The sdxl-coldstart step then also times fastdiff
-# as the image has it (coldstart-image-bytecode.md), for the difference.
+COLDSTART_RUNS=${COLDSTART_RUNS:-3}  # fresh processes per variant: import times vary by seconds between processes
+# The GPU image sets PYTHONDONTWRITEBYTECODE and ships no bytecode: without COLDSTART_BYTECODE every process compiles
+# torch's modules from source, which no pip-installed environment does.
 COLDSTART_BYTECODE=${COLDSTART_BYTECODE:-}
 INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}  # where profile-diff.md reads kernels' code
 SEED_GPU=${SEED_GPU:-} MAIN_GPU=${MAIN_GPU:-0} SEED_CPUS=${SEED_CPUS:-16-31} MAIN_CPUS=${MAIN_CPUS:-0-15}
 SEED_DEADLINE=${SEED_DEADLINE:-$EXPORT_DEADLINE}
 SEED_TUNING=${SEED_TUNING:-.seed-tuning/seed-tuning.tgz}  # an earlier run's $R/seed-tuning.tgz, restored if present
 mkdir -p "$R" /tmp/fd/fastdiff /tmp/art
+PIDS=$(mktemp -d)  # the PIDs of the compiles this script starts, one file each, to signal or stop them
+trap 'rm -rf "$PIDS"' EXIT
 export PYTHONUNBUFFERED=1 FASTDIFF_CACHE=/tmp/cache HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 ln -sfn "$PWD/exporter" /tmp/fd/fastdiff/exporter
@@ -128,14 +68,17 @@ declare -A VARIANTS=(
 stamp() { echo "=== $(date +%T) $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 build() { python3 -c "from fastdiff.exporter.presets import PRESETS; print(PRESETS['$1'].build())" 2>"$R/build-$1.log" | tail -1; }
-prepare() {  # preset, artifact name, extra export options: build the random model, export it (stacks on SIGUSR1)
-  local preset=$1 name=$2 model; shift 2
+prepare() {  # preset, artifact name, extra export options: build the random model, export it (stacks on SIGUSR1:
+  # a Python handler runs between bytecodes, where faulthandler's timed dump of another thread crashed an export)
+  local preset=$1 name=$2 model pid; shift 2
   model=$(build "$preset"); echo "$model" > "$R/model-$name"
   python3 -c "import atexit, signal, sys, traceback
 signal.signal(signal.SIGUSR1, lambda s, frame: traceback.print_stack(frame, file=open('$R/stacks-$name.txt', 'a')))
 atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)  # Python resets its handlers to the default (exit)
 from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()" \
-    "$preset" --device cuda --dtype bf16 --quantize none --out "/tmp/art/$name" --overwrite "$@" > "$R/export-$name.log" 2>&1
+    "$preset" --device cuda --dtype bf16 --quantize none --out "/tmp/art/$name" --overwrite "$@" > "$R/export-$name.log" 2>&1 &
+  pid=$!; echo "$pid" > "$PIDS/export-$name"
+  wait "$pid"; rm -f "$PIDS/export-$name"
   grep -h "done in\|error" "$R/export-$name.log"; stamp "export $name ended"
 }
 exported() { [[ -f /tmp/art/$1/manifest.json ]] || { stamp "skipping: no artifact $1"; return 1; }; }
@@ -175,11 +118,11 @@ seed_fill() {  # each family's recipe compiled in turn, then timed as its seed s
     TORCH_LOGS=recompiles,cudagraphs timeout $(( SEED_DEADLINE - (SECONDS - start) )) python3 bench/speed.py \
       --model "$(build "$family-random")" $(res_of "$family") --baselines compile --no-reference --profile \
       --out "$R/seed-cache-fill-$family" > "$R/seed-cache-fill-$family.log" 2>&1 &
-    fill=$!
+    fill=$!; echo "$fill" > "$PIDS/seed-fill"  # timeout's PID: it passes a SIGTERM on to the compile
     while kill -0 "$fill" 2> /dev/null; do
       sleep 5; (( SECONDS - packed >= 60 )) && { pack_seed_tuning; packed=$SECONDS; }
     done
-    wait "$fill"; pack_seed_tuning
+    wait "$fill"; rm -f "$PIDS/seed-fill"; pack_seed_tuning
     [[ -f $R/seed-cache-fill-$family.json ]] && stamp "seed recipe for $family compiled (cache filled)"
   done
 }
@@ -191,7 +134,7 @@ seed_time() {  # a family's recipe from its warm cache, and eager, against the f
   fi
   stamp "$family: diffusers eager and the seed's recipe (warm compile cache) against the artifacts"
   local seed_artifacts=(--artifact "$family-bf16=/tmp/art/$family-bf16")
-  for variant in $STEPS; do  # every variant of the family exported this session, in the same process as the recipe
+  for variant in $STEPS; do  # every variant of the family exported in this run, in the same process as the recipe
     [[ $variant == "$family"-* && -n ${VARIANTS[$variant]:-} && -f /tmp/art/$variant/manifest.json ]] \
       && seed_artifacts+=(--artifact "$variant=/tmp/art/$variant")
   done
@@ -226,21 +169,36 @@ done
 want gpu-tests && { { python3 -m pytest -q -rs $GPU_TESTS > "$R/gpu-tests.log" 2>&1; tail -3 "$R/gpu-tests.log"; } &
   pids+=($!); }
 running() { local pid; for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return; done; return 1; }
+dump_stacks() {  # SIGUSR1 to each export older than 5 s: before its handler is installed the signal would end it
+  local file pid
+  for file in "$PIDS"/export-*; do
+    [[ -f $file ]] || continue
+    pid=$(< "$file")
+    (( $(ps -o etimes= -p "$pid" 2> /dev/null || echo 0) >= 5 )) && kill -USR1 "$pid" 2> /dev/null
+  done
+}
+stop_compiles() {  # SIGTERM to the exports, and to the recipe's compile unless it runs on its own GPU
+  local file files=("$PIDS"/export-*)
+  [[ -z $SEED_GPU ]] && files+=("$PIDS/seed-fill")
+  for file in "${files[@]}"; do
+    [[ -f $file ]] && kill "$(< "$file")" 2> /dev/null
+  done
+}
 start=$SECONDS
 while running && (( SECONDS - start < EXPORT_DEADLINE )); do
-  sleep "$STACK_EVERY"; pkill -USR1 --older 5 -f -- "--out /tmp/art/"  # not while an interpreter starts
+  sleep "$STACK_EVERY"; dump_stacks
 done
 if running; then
   stamp "deadline: stopping the compiles still running"  # the seeds' own, on their own GPU, keep their SEED_DEADLINE
   touch "$R/exports-deadline"
-  pkill -f -- "--out (/tmp/art/$([[ -z $SEED_GPU ]] && echo "|$R/seed-cache-fill"))"
+  stop_compiles
 fi
 wait "${pids[@]}"
 touch "$R/exports-done"
 
 sdxl_artifacts=(--artifact sdxl-bf16=/tmp/art/sdxl-bf16)  # the default artifact (fp8 on this GPU) last
 want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && sdxl_artifacts+=(--artifact sdxl-fp8=/tmp/art/sdxl-fp8)
-if [[ -z $SEED_GPU ]]; then  # first: the measurements no session has made yet
+if [[ -z $SEED_GPU ]]; then  # first: the recipe's timings, the costliest to reach again if the run is cut short
   for family in "${SEED_FAMILIES[@]}"; do seed_time "$family"; done
 fi
 bytecode=(${COLDSTART_BYTECODE:+--bytecode-cache "$COLDSTART_BYTECODE"})
@@ -261,8 +219,7 @@ if want sdxl-coldstart && exported sdxl-bf16; then
   cat "$R/probe-load.txt"
   python3 bench/probe_load.py "$probed" --profile-warmup 40 > "$R/probe-warmup.txt" 2>&1  # what the warm-up pays for
 fi
-if want sdxl-compile-cold; then  # right after fastdiff's cold starts, which it is the baseline of (session Q ran out
-  # of device time before its warm-cache run when it came last; 5 min in session F)
+if want sdxl-compile-cold; then  # right after fastdiff's cold starts, whose baseline it is (about 5 minutes)
   stamp "sdxl: cold start of torch.compile (cold, warm, then loaded compile cache)"
   python3 bench/coldstart.py --model "$(build sdxl-random)" --baselines compile "${bytecode[@]}" \
     --out "$R/coldstart-compile" > "$R/coldstart-compile.log" 2>&1; cat "$R/coldstart-compile.md"

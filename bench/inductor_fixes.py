@@ -1,9 +1,7 @@
 """Lets torch.compile reuse the coordinate-descent picks in its cache (the seed recipe's Inductor flags turn that
-tuning on), where torch 2.11 and triton 3.6 tune every Triton kernel again on each compile: ~20 minutes for SDXL on
-an H200 however warm the cache (bench/results/2026-12-01-h200-j); with these fixes the compile from that cache took
-167 s and tuned nothing again (bench/results/2026-12-01-h200-k). speed.py applies it to its compile baselines that
-tune that way (step times are what it measures) and records that it did; coldstart.py does not (it measures the
-compile users get).
+tuning on), where torch 2.11 and triton 3.6 tune every Triton kernel again on each compile however warm the cache.
+speed.py applies it to its compile baselines that tune that way (step times are what it measures) and records that
+it did; coldstart.py does not (it measures the compile users get).
 
 Two places drop a cached pick's `found_by_coordesc` flag, which `CachingAutotuner.run()` checks before tuning:
 - `triton.Config.__setstate__` restores only Config's own fields, so a pick that a compile worker found in the cache

@@ -4,8 +4,7 @@ over all calls of that shape) with its relative error against the math backend.
 
 The exporter's `--attention auto` picks one backend per module and leaves a module with masked calls (PixArt-α's
 cross-attention takes the prompt's mask) to torch's default; torch's default on an H200 is cuDNN's kernel, whose tiles
-are 128 wide in the head dimension for PixArt-α's head size of 72 (bench/results/2026-12-01-h200-m). This shows what a
-choice per call shape could gain.
+are 128 wide in the head dimension for PixArt-α's head size of 72. This shows what a choice per call shape could gain.
 
 python bench/probe_attention.py MODEL_DIR [--res 1024]
 """

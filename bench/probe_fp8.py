@@ -2,11 +2,8 @@
 
 1. Each linear fp8 could quantize (both dimensions divisible by 16), at its shape in one SDXL UNet call (1024², CFG
    batch 2): bf16 F.linear against the fp8 path's two parts, the per-row dynamic quantization of the input (compiled)
-   and the rowwise scaled matmul. (Run before the fp8 pass kept only the feed-forward input projections: this chose
-   them.)
+   and the rowwise scaled matmul: what chose the linears the fp8 pass quantizes.
 2. The first step and module whose output is not finite in a 30-step eager generation with the fp8 pass (torchao).
-   (probe-fp8.txt in bench/results/2026-11-30-h200-e ran both with the pass of the time, fp8 on every fp8-able
-   linear and no bound on the activation scale: the NaN it found is fixed since.)
 
 python bench/probe_fp8.py MODEL_DIR [--no-timing]
 """

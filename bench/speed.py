@@ -80,7 +80,7 @@ def diffusers_step(model, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return out[:, : x[0].shape[1]]  # the learned-variance half dropped, as the pipeline does
     cond = {"text_embeds": x[3], "time_ids": x[4]} if len(x) == 5 else None
     # The pipeline's own arguments, positional and keyword alike: torch.compile guards on them, and another call
-    # shape would compile the UNet a second time at the pipeline's first call (bench/results/2026-12-01-h200-j).
+    # shape would compile the UNet a second time at the pipeline's first call.
     return model(
         x[0],
         x[1],
