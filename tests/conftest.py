@@ -300,3 +300,11 @@ def reference_pipeline(tiny_checkpoint: Path):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_checkpoint)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def exports(tmp_path: Path) -> Path:
+    """An empty folder the export targets live in: after a refused export it must hold what it held before."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    return folder
