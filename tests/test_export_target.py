@@ -64,6 +64,7 @@ def wait_for_partial_folder(proc: subprocess.Popen, folder: Path) -> None:
     time.sleep(1)
 
 
+@pytest.mark.slow  # fastdiff-export runs until it writes
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_export_stopped_midway_leaves_nothing(exports: Path, signum: int) -> None:
     """Stopped while it writes (Ctrl-C, or a service manager's SIGTERM): the partial folder goes, the exit code says
@@ -191,6 +192,7 @@ def test_a_target_made_during_the_export_is_kept(tiny_artifact: Path, exports: P
     assert sorted(p.name for p in exports.iterdir()) == ["out-False", "out-True"]  # no partial folder left
 
 
+@pytest.mark.slow  # fastdiff-export runs until it writes
 def test_the_next_export_removes_what_an_export_killed_outright_left(
     exports: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

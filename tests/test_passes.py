@@ -196,6 +196,7 @@ def test_int8_unet(tiny_checkpoint: Path) -> None:
     assert 1e-5 < error < INT8_MAX_REL_L2  # quantization changed something, and not much
 
 
+@pytest.mark.slow  # torch.export of the UNet, twice
 @pytest.mark.parametrize("per_image_unquantized", [True, False], ids=["filtered", "per-image-quantized"])
 def test_int8_rows_checked_before_a_gpu_compile(
     per_image_unquantized: bool, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
@@ -333,6 +334,7 @@ def test_int8_compiles_with_fused_scales() -> None:
     assert options.inductor_configs() == {"max_autotune": True}
 
 
+@pytest.mark.slow  # AOTInductor compiles
 @pytest.mark.parametrize("passes", [["channels_last"], []], ids=["channels-last", "nchw"])
 def test_channels_last_keeps_activations_nhwc_with_a_dynamic_batch(
     passes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -362,6 +364,7 @@ def test_channels_last_keeps_activations_nhwc_with_a_dynamic_batch(
     assert decisions == ["channels_last" in passes]
 
 
+@pytest.mark.slow  # AOTInductor compiles, one autotuned
 def test_autotuning_reports_stay_off_the_console(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -392,6 +395,7 @@ def test_autotuning_reports_stay_off_the_console(
     assert len(_logged(log)) == 2  # the filter is gone after the compile
 
 
+@pytest.mark.slow  # an AOTInductor compile
 def test_cpu_packages_target_the_isa_level_not_this_processor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU package is compiled for the x86-64 level of the ISA the manifest records (what the runtime checks), not
     for the export machine's own processor, whose other instructions a CPU of the same level may lack."""
