@@ -1,5 +1,10 @@
 """Shared fixtures. CPU exports are slow (a tiny UNet package takes 30-60 s on 2 cores): each is made once a session,
-in the background from the session's start (SessionExports)."""
+in the background from the session's start (SessionExports).
+
+Two tiers: a test that uses a session export (SESSION_EXPORTS), directly or through another fixture, or that is marked
+`slow` (it exports or compiles by itself) is slow; every other test is marked `fast`. `python -m pytest -m fast` runs
+the fast tier alone, and starts no export; `python -m pytest` runs both.
+"""
 
 from __future__ import annotations
 
@@ -180,6 +185,22 @@ SESSION_EXPORTS = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: exports or compiles by itself, or uses a session export")
+    config.addinivalue_line("markers", "fast: needs no export and no compile of its own (every test not slow)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks the tests that use a session export (fixturenames: every fixture a test needs, also through others) slow,
+    and every test that is not slow fast."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and SESSION_EXPORTS.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+
+
 class SessionExports:
     """The session's CPU exports, started together when it starts and waited for by the fixtures that use them.
 
@@ -300,3 +321,11 @@ def reference_pipeline(tiny_checkpoint: Path):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_checkpoint)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def exports(tmp_path: Path) -> Path:
+    """An empty folder the export targets live in: after a refused export it must hold what it held before."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    return folder

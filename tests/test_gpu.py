@@ -16,7 +16,7 @@ from conftest import assert_matches_diffusers, assert_no_packages_left_at_exit, 
 from fastdiff.runtime import load_pipeline
 from fastdiff.runtime.packages import CUDAGraphModule
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.slow]  # exports
 
 
 @pytest.fixture(scope="module")

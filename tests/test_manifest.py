@@ -42,7 +42,7 @@ def test_round_trip_detects_a_change(manifest: Manifest) -> None:
 
 def test_build_record(manifest: Manifest) -> None:
     assert manifest.format == "fastdiff-artifact"
-    assert manifest.format_version == FORMAT_VERSION == 1
+    assert manifest.format_version == FORMAT_VERSION
     assert manifest.source["model"] == "tiny-sdxl"
     assert manifest.source.get("preset") == "tiny-sdxl"
     assert manifest.resolutions == [Resolution(64, 64), Resolution(96, 64)]
