@@ -23,7 +23,6 @@ import torch  # noqa: E402
 
 t_torch = time.perf_counter()
 from fastdiff.runtime import load_pipeline, loader, packages, scheduler  # noqa: E402
-from fastdiff.runtime.pipeline import FastDiffPipeline  # noqa: E402
 
 t_runtime = time.perf_counter()
 print(f"import torch {t_torch - t0:.2f} s, then fastdiff.runtime {t_runtime - t_torch:.2f} s")
@@ -67,7 +66,7 @@ def timed(module, name, gpu=True):
     def wrapper(*a, **k):
         t = time.perf_counter()
         out = fn(*a, **k)
-        label = f"{name} {Path(a[0]).parent.name}" if name in ("shared_weights", "CompiledModule") else name
+        label = f"{name} {Path(a[0]).parent.name}" if name in ("shared_weights", "load_module") else name
         record(label, t, gpu)
         return out
 
@@ -81,10 +80,10 @@ for mod, name, gpu in [
     (loader, "load_tokenizer", False),
     (loader, "load_scheduler", False),  # on its own thread, beside the captures
     (loader, "shared_weights", True),
-    (loader, "CompiledModule", True),
-    (FastDiffPipeline, "_warm_up_decoder", True),
-    (FastDiffPipeline, "_warm_up_conditioning", True),  # first calls beside the UNet's weights, then the captures
-    (FastDiffPipeline, "_warm_up_denoiser", True),
+    (loader, "load_module", True),
+    (loader, "warm_up_decoder", True),
+    (loader, "warm_up_conditioning", True),  # first calls beside the UNet's weights, then the captures
+    (loader, "warm_up_denoiser", True),
     (packages.CUDAGraphModule, "_capture", True),
 ]:
     timed(mod, name, gpu)
@@ -106,27 +105,27 @@ packages.CompiledModule.__call__ = first_call_timed
 
 
 def profiled(part: str) -> None:
-    """Each call of FastDiffPipeline.<part> run under the profiler, which prints its top host-side ops."""
-    warm_up = getattr(FastDiffPipeline, part)
+    """Each call of the loader's warm-up part run under the profiler, which prints its top host-side ops."""
+    warm_up = getattr(loader, part)
     calls = 0
 
-    def wrapper(self, *a):
+    def wrapper(*a):
         nonlocal calls
         calls += 1
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            out = warm_up(self, *a)
+            out = warm_up(*a)
         table = prof.key_averages().table(
             sort_by="self_cpu_time_total", row_limit=args.profile_warmup, max_name_column_width=70
         )
         print(f"{part}, call {calls}:\n{table}")
         return out
 
-    setattr(FastDiffPipeline, part, wrapper)
+    setattr(loader, part, wrapper)
 
 
 if args.profile_warmup:  # the VAE decoder's and text encoders' first calls, then the captures and the UNet's
-    for part in ("_warm_up_decoder", "_warm_up_conditioning", "_warm_up_denoiser"):
+    for part in ("warm_up_decoder", "warm_up_conditioning", "warm_up_denoiser"):
         profiled(part)
 load_start = time.perf_counter()
 pipe = load_pipeline(args.artifact)
