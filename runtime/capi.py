@@ -17,17 +17,23 @@ import ctypes
 import functools
 import os
 import shutil
-import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import FastDiffError
 from .format import make_libstdcxx_global
-from .packages import CompiledModule, RunnerUnavailable, missing_weights
+from .packages import (
+    CompiledModule,
+    RunnerUnavailable,
+    check_constants,
+    extract_model,
+    extraction_folder,
+    load_error,
+    model_members,
+    read_package,
+)
 
 
 class _ConstantEntry(ctypes.Structure):  # AOTInductorConstantMapEntry
@@ -45,6 +51,8 @@ _SIGNATURES = {  # the library's C functions used here (torch/csrc/inductor/aoti
     "AOTInductorModelContainerGetNumConstants": [_handle, ctypes.POINTER(_size)],
     "AOTInductorModelContainerGetConstantName": [_handle, _size, _out_str],
     "AOTInductorModelContainerGetConstantOriginalFQN": [_handle, _size, _out_str],
+    "AOTInductorModelContainerGetConstantDtype": [_handle, _size, ctypes.POINTER(ctypes.c_int32)],
+    "AOTInductorModelContainerGetConstantDataSize": [_handle, _size, ctypes.POINTER(_size)],
     "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs": [
         _handle,
         ctypes.POINTER(_ConstantEntry),
@@ -84,16 +92,16 @@ def _steal_handles(handles: list[int]) -> list[torch.Tensor]:
 class PackageLibrary:
     """A package's model library, extracted into a temp folder and opened, with one model container on `device`."""
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, path: Path, data: bytes, device: torch.device) -> None:
         make_libstdcxx_global()
         index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
         self.device_index = -1 if device.type == "cpu" else index
-        self.folder = tempfile.mkdtemp(prefix="fastdiff-package-")
         self.container = _handle()
         self._library = None
+        self.folder = extraction_folder()
         library_path = None
         try:
-            library_path = _extract_library(path, self.folder)
+            library_path = _extract_library(data, path, self.folder)
             self._library = ctypes.CDLL(library_path)
             self._functions = {name: self._function(name, args) for name, args in _SIGNATURES.items()}
             device_name = "cpu" if self.device_index < 0 else f"cuda:{self.device_index}"
@@ -106,15 +114,9 @@ class PackageLibrary:
             )
         except BaseException as e:
             self.close()
-            if not isinstance(e, Exception) or isinstance(e, RunnerUnavailable):  # a Ctrl-C, or torch's loader's turn
-                raise
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if library_path:
-                detail = detail.replace(library_path, "its library")
-            raise FastDiffError(
-                f"cannot load compiled package {path}: {detail}",
-                "the artifact is damaged or was built elsewhere: run fastdiff-inspect --verify, or export again",
-            ) from None
+            if not isinstance(e, Exception) or isinstance(e, RunnerUnavailable):
+                raise  # a Ctrl-C, or torch's loader's turn
+            raise load_error(path, e, library_path) from None
 
     def _function(self, name: str, argtypes: list) -> Any:
         try:
@@ -146,15 +148,19 @@ class PackageLibrary:
         self.call(f"GetNum{what}", self.container, ctypes.byref(n))
         return n.value
 
-    def constant_names(self) -> dict[str, str]:
-        """Each constant's name in the library -> its name in the exported model (a weight file's key)."""
-        names = {}
+    def constants(self) -> dict[str, tuple[str, int, int]]:
+        """Each constant's name in the library -> its name in the exported model (a weight file's key), the dtype
+        code and the byte size the compiled code reads it as."""
+        found = {}
         for i in range(self.count("Constants")):
             name, fqn = ctypes.c_char_p(), ctypes.c_char_p()
+            dtype, nbytes = ctypes.c_int32(), _size()
             self.call("GetConstantName", self.container, i, ctypes.byref(name))
             self.call("GetConstantOriginalFQN", self.container, i, ctypes.byref(fqn))
-            names[name.value.decode()] = fqn.value.decode()
-        return names
+            self.call("GetConstantDtype", self.container, i, ctypes.byref(dtype))
+            self.call("GetConstantDataSize", self.container, i, ctypes.byref(nbytes))
+            found[name.value.decode()] = (fqn.value.decode(), dtype.value, nbytes.value)
+        return found
 
     def close(self) -> None:
         """Delete the container, unload the library and remove the extracted files, once the GPU has run the
@@ -176,21 +182,30 @@ class PackageLibrary:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _extract_library(path: Path, folder: str) -> str:
-    """Extract the package's model ("model": its library and kernel binaries, not the C++ sources it was built from)
-    into `folder`; the library's path."""
-    with zipfile.ZipFile(path) as archive:
-        members = [n for n in archive.namelist() if n.split("/")[1:4] == ["data", "aotinductor", "model"]]
-        libraries = [n for n in members if n.endswith(".so")]
-        if len(libraries) != 1:
-            raise RunnerUnavailable(f"expected one model library in the archive, found {len(libraries)}")
-        if libraries[0].removesuffix(".so") + ".json" in members:
-            # its extern kernels run through torch's proxy executor, which only torch's own loader provides
-            raise RunnerUnavailable("it calls operators outside AOTInductor's C shim (torch's proxy executor)")
-        for name in members:
-            if not name.endswith(".cpp"):
-                archive.extract(name, folder)
-    return os.path.join(folder, libraries[0])
+def _extract_library(data: bytes, path: Path, folder: str) -> str:
+    """Extract the package's model files into `folder` (packages.extract_model); the library's path."""
+    members = model_members(data, path)
+    libraries = [inner for _, inner in members if inner.endswith(".so")]
+    if len(libraries) != 1:
+        raise RunnerUnavailable(f"expected one model library in the archive, found {len(libraries)}")
+    if libraries[0].removesuffix(".so") + ".json" in {inner for _, inner in members}:
+        # its extern kernels run through torch's proxy executor, which only torch's own loader provides
+        raise RunnerUnavailable("it calls operators outside AOTInductor's C shim (torch's proxy executor)")
+    extract_model(data, path, folder)
+    return os.path.join(folder, *libraries[0].split("/"))
+
+
+def declared_constants(path: Path, data: bytes, device: torch.device) -> dict[str, tuple[int, int]] | None:
+    """What the package's library declares of its constants (model name -> dtype code, byte size), read through
+    its C interface for torch's loader, which does not tell; None where the C interface cannot read them."""
+    try:
+        library = PackageLibrary(path, data, device)
+    except RunnerUnavailable:
+        return None
+    try:
+        return {fqn: (dtype, nbytes) for fqn, dtype, nbytes in library.constants().values()}
+    finally:
+        library.close()
 
 
 class CapiModule(CompiledModule):
@@ -198,14 +213,17 @@ class CapiModule(CompiledModule):
 
     runner = "capi"
 
-    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes | None = None
+    ) -> None:
         super().__init__(path, weights, device)
         self._weight_handles: list[int] = []
         self._library = None
-        self._library = PackageLibrary(path, device)
+        self._library = PackageLibrary(path, read_package(path) if data is None else data, device)
         try:
-            names = self._library.constant_names()
-            missing_weights(path, names.values(), weights)
+            constants = self._library.constants()
+            check_constants(path, {fqn: (dtype, n) for fqn, dtype, n in constants.values()}, weights)
+            names = {name: fqn for name, (fqn, _, _) in constants.items()}
             # The container takes references of its own, which torch 2.11-2.13's libraries never release
             # (pytorch/pytorch#194480: Weights releases the memory itself); these handles are released on close.
             self._weight_handles = _new_handles([weights[fqn] for fqn in names.values()])

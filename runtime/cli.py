@@ -15,11 +15,24 @@ from pathlib import Path
 import click
 
 from .errors import FastDiffError, clean_errors, import_torch
-from .format import Manifest, check_files, parse_resolution, read_manifest, set_default_mode
+from .folder import ArtifactFolder
+from .format import Manifest, check_digest_format, parse_resolution, set_default_mode
 from .readahead import prefetch
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def _digest_option(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            check_digest_format(value.strip())
+        except FastDiffError as e:
+            raise click.BadParameter(
+                f"{e.problem} (give sha256:<64 hex digits>, as fastdiff-inspect prints it)"
+            ) from None
+        return value.strip()
+    return None
 
 
 def _finite(value: float | None) -> float | None:
@@ -118,6 +131,12 @@ def _place_new(tmp: Path, path: Path) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing image files.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--expect-digest",
+    metavar="sha256:HEX",
+    callback=lambda ctx, param, value: _digest_option(value),
+    help="Refuse any artifact but the one with this digest (as fastdiff-inspect prints it).",
+)
 @clean_errors()
 def run_main(
     artifact: Path,
@@ -132,6 +151,7 @@ def run_main(
     out: Path,
     overwrite: bool,
     quiet: bool,
+    expect_digest: str | None,
 ) -> None:
     """Generate images from an ARTIFACT folder written by fastdiff-export. Nothing is compiled."""
     import time
@@ -145,7 +165,7 @@ def run_main(
     from .loader import load_pipeline
 
     start = time.perf_counter()
-    pipe = load_pipeline(artifact, device=device, resolutions=[size] if size else None)
+    pipe = load_pipeline(artifact, device=device, resolutions=[size] if size else None, expected_digest=expect_digest)
     loaded = time.perf_counter()
     pipe.set_progress_bar_config(disable=quiet)
     seed = seed if seed is not None else torch.seed()
@@ -172,13 +192,16 @@ def run_main(
 @click.option("--verify", is_flag=True, help="Re-hash every file against the manifest (reads everything).")
 @clean_errors()
 def inspect_main(artifact: Path, verify: bool) -> None:
-    """Summarise an ARTIFACT folder: source, build, resolutions, files; check that it can load here (exit code 1 if
-    not: a file missing or of another size, or with --verify another hash, or a device, GPU or torch it cannot run
-    on)."""
-    manifest = read_manifest(artifact)
+    """Summarise an ARTIFACT folder: its digest, source, build, resolutions, files; check that it can load here (exit
+    code 1 if not: a file missing, of another size or outside the folder, or with --verify another hash, or a device,
+    GPU or torch it cannot run on)."""
+    with ArtifactFolder(artifact) as folder:
+        manifest = folder.manifest
+        problems = folder.check_files(full_hash=verify)  # presence, place and sizes as a load checks them, at least
     total = sum(f["size"] for f in manifest.files.values())
     lines = [
         f"artifact      {artifact}  (format v{manifest.format_version}, created {manifest.created})",
+        f"digest        {folder.digest}",
         f"source        {manifest.source.get('model')}"
         + "".join(f"  {k}={v}" for k, v in manifest.source.items() if k != "model" and v),
         f"family        {manifest.model.family}, default {'x'.join(map(str, manifest.model.default_resolution))}, "
@@ -196,7 +219,6 @@ def inspect_main(artifact: Path, verify: bool) -> None:
     for rel, entry in manifest.files.items():
         if rel.endswith((".pt2", ".safetensors")):
             lines.append(f"  {rel:<40} {entry['size'] / 1e6:10.1f} MB")
-    problems = check_files(artifact, manifest, full_hash=verify)  # presence and sizes as a load checks them, at least
     damaged = f"{len(problems)} of {len(manifest.files)} files do not match the manifest" if problems else None
     incompatible = _incompatibility(manifest)
     lines.append(f"loads here    {'no: ' + (damaged or incompatible.problem) if damaged or incompatible else 'yes'}")

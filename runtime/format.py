@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 import sys
 import types
 import typing
@@ -205,41 +208,93 @@ def is_artifact(root: Path) -> bool:
 
 def read_manifest(root: str | Path) -> Manifest:
     """Read and validate `root/manifest.json`, raising FastDiffError with a fix for every way it can be wrong."""
+    return parse_manifest(read_manifest_bytes(root), Path(root) / MANIFEST_NAME)
+
+
+def read_manifest_bytes(root: str | Path, dir_fd: int | None = None) -> bytes:
+    """The bytes of `root/manifest.json` (through the open folder `dir_fd` if given), checked to be there."""
     root = Path(root)
-    if not root.exists():
-        raise FastDiffError(
-            f"artifact folder {root} does not exist", "check the path, or create it with fastdiff-export"
-        )
-    if not root.is_dir():
-        raise FastDiffError(f"{root} is not a folder", "pass the artifact folder that holds manifest.json")
-    path = root / MANIFEST_NAME
-    if not path.is_file():
+    if dir_fd is None:
+        if not root.exists():
+            raise FastDiffError(
+                f"artifact folder {root} does not exist", "check the path, or create it with fastdiff-export"
+            )
+        if not root.is_dir():
+            raise FastDiffError(f"{root} is not a folder", "pass the artifact folder that holds manifest.json")
+    try:
+        fd = os.open(MANIFEST_NAME if dir_fd is not None else root / MANIFEST_NAME, os.O_RDONLY, dir_fd=dir_fd)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
         raise FastDiffError(
             f"{root} is not a fastdiff artifact: {MANIFEST_NAME} is missing",
             "pass a folder written by fastdiff-export, or export the model again",
         )
+    with os.fdopen(fd, "rb") as f:
+        return f.read(MAX_MANIFEST_BYTES + 1)
+
+
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few dozen files: anything this large is not one
+
+
+def manifest_digest(data: bytes) -> str:
+    """An artifact's digest: the sha256 of its manifest's bytes. The manifest holds every file's sha256, so the
+    digest names the artifact's exact contents: pin it where artifacts are deployed."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def artifact_digest(root: str | Path) -> str:
+    """The digest (manifest_digest) of the artifact at `root`."""
+    return manifest_digest(read_manifest_bytes(root))
+
+
+DIGEST_FORMAT = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_digest_format(digest: str) -> str:
+    """`digest` if it has an artifact digest's form (sha256:<64 hex digits>), else FastDiffError."""
+    if not isinstance(digest, str) or not DIGEST_FORMAT.fullmatch(digest):
+        raise FastDiffError(
+            f"{digest!r:.80} is not an artifact digest", "give it as fastdiff-inspect prints it: sha256:<64 hex digits>"
+        )
+    return digest
+
+
+def parse_manifest(data: bytes, path: Path) -> Manifest:
+    """The manifest in `data` (the bytes of the file at `path`, named in errors), validated."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise FastDiffError(f"{path} is larger than a manifest can be", "the artifact is damaged: export it again")
     try:
-        data = json.loads(path.read_text())
+        parsed = json.loads(data.decode())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FastDiffError(f"{path} is not valid JSON ({e})", "the artifact is damaged: export it again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(parsed, dict) or parsed.get("format") != FORMAT:
         raise FastDiffError(f"{path} is not a fastdiff manifest", "export the model again with fastdiff-export")
-    version = data.get("format_version")
+    version = parsed.get("format_version")
     if not isinstance(version, int):
         raise FastDiffError(f"{path} has no valid format_version", "the artifact is damaged: export it again")
     if version > FORMAT_VERSION:
         raise FastDiffError(
-            f"{root} uses artifact format v{version}, newer than this fastdiff reads (v{FORMAT_VERSION})",
+            f"{path.parent} uses artifact format v{version}, newer than this fastdiff reads (v{FORMAT_VERSION})",
             "upgrade fastdiff, or export the model with this version",
         )
     try:
-        manifest = Manifest.from_dict(data)
+        manifest = Manifest.from_dict(parsed)
     except KeyError as e:
         raise FastDiffError(f"{path} is incomplete: key {e} is missing", "export the model again") from None
     except (TypeError, ValueError, FastDiffError) as e:
         raise FastDiffError(f"{path} is incomplete or malformed ({e})", "export the model again") from None
     _check_consistency(manifest, path)
     return manifest
+
+
+def is_relative_inside(rel: str) -> bool:
+    """Whether `rel` is a normalised relative POSIX path that stays inside the folder it is relative to: a manifest
+    must not send a load elsewhere ("../x", "/etc/x", "a/./b", "a//b", "a\\b")."""
+    parts = rel.split("/")
+    return bool(rel) and "\\" not in rel and "\0" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
 def _check_structure(manifest: Manifest) -> list[str]:
@@ -278,6 +333,37 @@ def _check_structure(manifest: Manifest) -> list[str]:
     width_height = manifest.model.default_resolution
     if len(width_height) != 2 or min(width_height) < 1:
         problems.append(f"model.default_resolution {width_height} is not [width, height]")
+    return problems + _meaning_problems(manifest)
+
+
+def _meaning_problems(manifest: Manifest) -> list[str]:
+    """Numbers that have their types but not a meaning the runtime can use, and paths that leave the folder."""
+    problems = []
+    model = manifest.model
+    for name in ("latent_channels", "text_max_length"):
+        if getattr(model, name) < 1:
+            problems.append(f"model.{name} {getattr(model, name)} is not positive")
+    factor = model.vae_scale_factor
+    if factor < 1 or factor & (factor - 1):
+        problems.append(f"model.vae_scale_factor {factor} is not a power of two")
+    if model.pooled_dim is not None and model.pooled_dim < 1:
+        problems.append(f"model.pooled_dim {model.pooled_dim} is not positive")
+    for name in ("scaling_factor", "default_guidance_scale"):
+        if not math.isfinite(getattr(model, name)):
+            problems.append(f"model.{name} is not a finite number")
+    n = manifest.batch_size
+    expected_batch = {"unet": 2 * n, "vae_decoder": n} | {
+        f"text_encoders[{i}]": n for i in range(len(manifest.text_encoders))
+    }
+    for name, comp in _named_components(manifest):
+        if comp.max_batch != expected_batch[name]:
+            problems.append(
+                f"{name}.max_batch {comp.max_batch} does not fit batch_size {n} (expected {expected_batch[name]})"
+            )
+    paths = [*manifest.files, *manifest.stock.values(), *_referenced_files(manifest)]
+    outside = [rel for rel in paths if not is_relative_inside(rel)]
+    if outside:
+        problems.append(f"path {outside[0]!r} leaves the artifact folder")
     return problems
 
 
@@ -384,25 +470,6 @@ def describe_files(root: Path, hash_files: bool = True) -> dict[str, dict[str, A
             entry["sha256"] = sha256_file(path)
         files[path.relative_to(root).as_posix()] = entry
     return files
-
-
-def check_files(root: Path, manifest: Manifest, full_hash: bool = False) -> list[str]:
-    """Compare files on disk with the manifest: presence and size always, content hashes when `full_hash`.
-
-    Returns one line per problem; an empty list means the artifact is intact.
-    """
-    problems = []
-    for rel, entry in manifest.files.items():
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-            continue
-        size = path.stat().st_size
-        if size != entry["size"]:
-            problems.append(f"{rel}: size {size} bytes, manifest says {entry['size']} (truncated or replaced)")
-        elif full_hash and sha256_file(path) != entry["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest (corrupted or replaced)")
-    return problems
 
 
 # The files' layout ------------------------------------------------------------------------------------------------

@@ -14,15 +14,13 @@ import torch
 
 from .compat import check_compatible, on_device
 from .errors import FastDiffError
+from .folder import ArtifactFolder
 from .format import (
     PENULTIMATE_CLIP_FAMILIES,
     TEXT_PARTS,
     CompiledComponent,
-    Manifest,
     Resolution,
-    check_files,
     parse_resolution,
-    read_manifest,
     resolve_device,
     torch_dtype,
 )
@@ -35,7 +33,14 @@ from .pipeline import (
     warm_up_denoiser,
 )
 from .scheduler import load_scheduler
-from .text import CompiledTextEncoder, TextConditioner, load_stock_text_encoder, load_tokenizer
+from .text import (
+    CompiledTextEncoder,
+    TextConditioner,
+    check_vocabulary,
+    embedding_rows,
+    load_stock_text_encoder,
+    load_tokenizer,
+)
 from .weights import Weights, shared_weights
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; Python's default is 0.005
@@ -48,8 +53,13 @@ def load_pipeline(
     verify: bool = False,
     cuda_graphs: bool = True,
     warmup: bool | None = None,
+    expected_digest: str | None = None,
 ) -> FastDiffPipeline:
     """Load an artifact written by fastdiff-export.
+
+    Loading runs the artifact's compiled code: load only artifacts your own build produced, and pin their digest
+    (`expected_digest`). Whatever is pinned, the compiled packages are hashed against the manifest before any is
+    opened, every file must lie inside the folder, and the weights must be what the packages declare (dtype, size).
 
     device: where to run (default: the device kind the artifact was compiled for).
     resolutions: which exported resolutions to load (default: all of them); their packages share one copy of
@@ -60,22 +70,25 @@ def load_pipeline(
     warmup: run each compiled module at a default request's shapes before returning (FastDiffPipeline.warm_up, in
         parts: beside the UNet's weights' loading, then beside the scheduler import); default: on a GPU, where the
         first call would otherwise pay for kernel loading, algorithm selection and the CUDA-graph capture.
+    expected_digest: refuse any artifact but the one with this digest ("sha256:...", as fastdiff-inspect prints it).
     """
-    root = Path(artifact_dir)
-    manifest = read_manifest(root)
-    device = resolve_device(device, manifest)
-    check_compatible(manifest, device)
-    problems = check_files(root, manifest, full_hash=verify)
-    if problems:
-        raise FastDiffError(
-            f"artifact {root} is damaged: {'; '.join(problems[:3])}" + (" ..." if len(problems) > 3 else ""),
-            "export the model again",
-        )
-    keys = _resolution_keys(manifest.unet, resolutions)
-    # The scheduler's import runs in a thread beside the warm-up and holds the GIL for whole switch intervals each
-    # time the main thread lets go of it: a short interval keeps the main thread's many short waits short.
-    with _short_switch_interval(), on_device(device):
-        return _load(root, manifest, device, keys, cuda_graphs, warmup)
+    with ArtifactFolder(artifact_dir, expected_digest) as folder:
+        manifest = folder.manifest
+        device = resolve_device(device, manifest)
+        check_compatible(manifest, device)
+        problems = folder.check_files(full_hash=verify)
+        if problems:
+            raise FastDiffError(
+                f"artifact {folder.root} is damaged: {'; '.join(problems[:3])}" + (" ..." if len(problems) > 3 else ""),
+                "export the model again",
+            )
+        keys = _resolution_keys(manifest.unet, resolutions)
+        # The scheduler's import runs in a thread beside the warm-up and holds the GIL for whole switch intervals each
+        # time the main thread lets go of it: a short interval keeps the main thread's many short waits short.
+        with _short_switch_interval(), on_device(device):
+            pipeline = _load(folder, device, keys, cuda_graphs, warmup)
+        folder.check_unchanged()
+        return pipeline
 
 
 _loads = 0  # load_pipeline calls in progress (threads may load several artifacts at once)
@@ -102,16 +115,17 @@ def _short_switch_interval() -> Iterator[None]:
 
 
 def _load(
-    root: Path, manifest: Manifest, device: torch.device, keys: list[str], cuda_graphs: bool, warmup: bool | None
+    folder: ArtifactFolder, device: torch.device, keys: list[str], cuda_graphs: bool, warmup: bool | None
 ) -> FastDiffPipeline:
-    stock = {name: root / rel for name, rel in manifest.stock.items()}
+    manifest = folder.manifest
+    stock = {name: folder.path(rel) for name, rel in manifest.stock.items()}
     graphed = cuda_graphs and device.type == "cuda"
     if warmup is None:
         warmup = device.type == "cuda"
     warm_res = default_resolution(manifest, [parse_resolution(k) for k in keys])
     # The small components' weights first: their packages, loaded next, bind them.
     weights = {
-        c.weights: shared_weights(root / c.weights, device, c.channels_last)
+        c.weights: shared_weights(folder.path(c.weights), device, c.channels_last, digest=folder.digest)
         for c in (manifest.vae_decoder, *manifest.text_encoders)
     }
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -120,7 +134,8 @@ def _load(
     def load_unet_weights() -> Weights:
         # on the caller's device and stream (both are per thread), so that what it runs next comes after the copies
         with on_device(device), torch.cuda.stream(stream):
-            return shared_weights(root / manifest.unet.weights, device, manifest.unet.channels_last, stop)
+            path = folder.path(manifest.unet.weights)
+            return shared_weights(path, device, manifest.unet.channels_last, stop, digest=folder.digest)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdiff-weights") as pool:
         try:
@@ -128,8 +143,8 @@ def _load(
             # encoders' and VAE decoder's packages load and make their first calls, ungraphed: a CUDA graph's capture
             # fails if another thread makes CUDA calls meanwhile.
             unet_weights = pool.submit(load_unet_weights)
-            vae_decoders = _load_packages(root, manifest.vae_decoder, keys, device, weights)
-            conditioner = _load_conditioner(root, manifest, stock, device, weights)
+            vae_decoders = _load_packages(folder, manifest.vae_decoder, keys, device, weights)
+            conditioner = _load_conditioner(folder, stock, device, weights)
             if warmup:
                 warm_up_decoder(vae_decoders[warm_res.key], manifest, warm_res, device)
                 warm_up_conditioning(conditioner, manifest, warm_res, device)
@@ -137,7 +152,7 @@ def _load(
         except BaseException:
             stop.set()  # an error or Ctrl-C does not wait for the rest of the UNet's weights
             raise
-    unets = _load_packages(root, manifest.unet, keys, device, weights)
+    unets = _load_packages(folder, manifest.unet, keys, device, weights)
     if graphed:
         unets = {key: CUDAGraphModule(module) for key, module in unets.items()}
         # a CLIP encoder's call is many small kernels for little GPU work: one launch as a graph
@@ -160,28 +175,34 @@ def _load(
             scheduler=scheduler.result(),
             unets=unets,
             vae_decoders=vae_decoders,
+            digest=folder.digest,
         )
 
 
 def _load_conditioner(
-    root: Path,
-    manifest: Manifest,
+    folder: ArtifactFolder,
     stock: dict[str, Path],
     device: torch.device,
     weights: dict[str, Weights],
 ) -> TextConditioner:
+    manifest = folder.manifest
     parts = TEXT_PARTS[manifest.model.family]
     if manifest.text_encoders:
-        encoders = []
+        encoders, rows = [], []
         for c in manifest.text_encoders:
-            module = next(iter(_load_packages(root, c, list(c.packages), device, weights).values()))
+            module = next(iter(_load_packages(folder, c, list(c.packages), device, weights).values()))
             encoders.append(CompiledTextEncoder(module, masked="attention_mask" in c.inputs))
+            rows.append(embedding_rows(weights[c.weights], folder.root / c.weights))
     else:
         dtype = torch_dtype(manifest.dtype)
         penultimate = manifest.model.family in PENULTIMATE_CLIP_FAMILIES
-        encoders = [load_stock_text_encoder(stock[encoder], dtype, device, penultimate) for _, encoder in parts]
+        stock_encoders = [load_stock_text_encoder(stock[encoder], dtype, device, penultimate) for _, encoder in parts]
+        encoders, rows = [e for e, _ in stock_encoders], [r for _, r in stock_encoders]
+    tokenizers = [load_tokenizer(stock[tokenizer], manifest.model.text_max_length) for tokenizer, _ in parts]
+    for tokenizer, embedded, (name, _) in zip(tokenizers, rows, parts, strict=True):
+        check_vocabulary(tokenizer, embedded, folder.root / manifest.stock[name])
     return TextConditioner(
-        tokenizers=[load_tokenizer(stock[tokenizer], manifest.model.text_max_length) for tokenizer, _ in parts],
+        tokenizers=tokenizers,
         encoders=encoders,
         force_zeros_for_empty_prompt=manifest.model.force_zeros_for_empty_prompt,
         device=device,
@@ -212,10 +233,19 @@ def _resolution_keys(component: CompiledComponent, wanted: Iterable | None) -> l
 
 
 def _load_packages(
-    root: Path, component: CompiledComponent, keys: list[str], device: torch.device, weights: dict[str, Weights]
+    folder: ArtifactFolder,
+    component: CompiledComponent,
+    keys: list[str],
+    device: torch.device,
+    weights: dict[str, Weights],
 ) -> dict[str, CompiledModule]:
-    """The component's packages for `keys`, bound to its loaded weights (`weights`: by weight file)."""
-    modules = {key: load_module(root / component.packages[key], weights[component.weights], device) for key in keys}
+    """The component's packages for `keys` (each hashed against the manifest first), bound to its loaded weights
+    (`weights`: by weight file)."""
+    modules = {}
+    for key in keys:
+        rel = component.packages[key]
+        data = folder.read_verified(rel)
+        modules[key] = load_module(folder.root / rel, weights[component.weights], device, data)
     for key, module in modules.items():
         if module.num_inputs != len(component.inputs):
             raise FastDiffError(

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import logging
 import os
+import re
+import shutil
+import tempfile
 import threading
 import weakref
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,43 @@ def missing_weights(path: Path, names: Iterable[str], weights: Mapping[str, torc
             f"{path} needs {len(missing)} weights that the weight file lacks (e.g. {missing[0]})",
             "the artifact's files do not belong together: export the model again",
         )
+
+
+# c10::ScalarType codes, as a package's library reports its constants' dtypes (AOTInductor's aoti_torch_dtype_*)
+SCALAR_TYPES = {
+    0: torch.uint8,
+    1: torch.int8,
+    2: torch.int16,
+    3: torch.int32,
+    4: torch.int64,
+    5: torch.float16,
+    6: torch.float32,
+    7: torch.float64,
+    11: torch.bool,
+    15: torch.bfloat16,
+    23: torch.float8_e5m2,
+    24: torch.float8_e4m3fn,
+}
+
+
+CONSTANT_ALIGNMENT = 64  # a package declares its constants' byte sizes rounded up to this (AOTInductor's alignment)
+
+
+def check_constants(path: Path, declared: Mapping[str, tuple[int, int]], weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights that are not what the compiled code reads: each constant the package declares (name -> its
+    dtype code and byte size) must be bound to a tensor of that dtype and size, or the code would misread it or read
+    past it."""
+    missing_weights(path, declared, weights)
+    for name, (code, nbytes) in declared.items():
+        tensor = weights[name]
+        dtype = SCALAR_TYPES.get(code)
+        got = tensor.numel() * tensor.element_size()
+        if dtype != tensor.dtype or -(-got // CONSTANT_ALIGNMENT) * CONSTANT_ALIGNMENT != nbytes:
+            wanted = f"{dtype or f'dtype code {code}'} of {nbytes} bytes (aligned to {CONSTANT_ALIGNMENT})"
+            raise FastDiffError(
+                f"{path} takes weight {name} as {wanted}; the weight file holds {tensor.dtype} of {got} bytes",
+                "the artifact's files do not belong together: export the model again",
+            )
 
 
 # Modules still loaded at exit are closed before the interpreter's teardown: Python does not promise to destroy every
@@ -102,22 +144,35 @@ class TorchModule(CompiledModule):
 
     runner = "torch"
 
-    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes | None = None
+    ) -> None:
         super().__init__(path, weights, device)
         from torch._inductor.package import load_package
         from torch.utils import _pytree
 
+        from . import capi
+
         make_libstdcxx_global()
         self._model = None
+        data = read_package(path) if data is None else data
+        model_members(data, path)  # no member that torch's own extraction could write outside its folder
+        self.folder = extraction_folder()
         try:
+            package = os.path.join(self.folder, "package.pt2")  # the bytes that were checked, not the path's
+            with open(package, "xb") as f:
+                f.write(data)
             with _device_of(self.device_index):  # the loader makes the package's device current
-                self._model = load_package(str(path), run_single_threaded=True, device_index=self.device_index)
+                self._model = load_package(package, run_single_threaded=True, device_index=self.device_index)
         except Exception as e:
-            raise FastDiffError(
-                f"cannot load compiled package {path}: {_first_line(e)}",
-                "the artifact is damaged or was built elsewhere: run fastdiff-inspect --verify, or export again",
-            ) from None
+            self.close()
+            raise load_error(path, e) from None
+        except BaseException:
+            self.close()
+            raise
         names = self._model.get_constant_fqns()
+        declared = capi.declared_constants(path, data, device)
+        check_constants(path, declared if declared is not None else {}, weights)
         missing_weights(path, names, weights)
         self._model.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
         self.num_inputs = _pytree.treespec_loads(self._model.loader.get_call_spec()[0]).num_leaves
@@ -133,6 +188,8 @@ class TorchModule(CompiledModule):
                 with torch.cuda.device(self.device_index), contextlib.suppress(RuntimeError):
                     torch.cuda.synchronize()  # its kernels' code goes with it
             self._model = None
+            if getattr(self, "folder", None):
+                shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _device_of(index: int) -> contextlib.AbstractContextManager:
@@ -141,6 +198,143 @@ def _device_of(index: int) -> contextlib.AbstractContextManager:
 
 def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def load_error(path: Path, error: Exception, library: str | None = None) -> FastDiffError:
+    """The FastDiffError for a package that failed to load: the temp folder's fault (full, read-only) or the
+    package's (its library's path, in a temp folder, called "its library")."""
+    if isinstance(error, FastDiffError):
+        return error
+    if isinstance(error, OSError) and error.errno is not None:
+        return FastDiffError(
+            f"cannot extract compiled package {path} into {tempfile.gettempdir()}: {error.strerror or error}",
+            "free space there, or point TMPDIR to a writable folder with room",
+        )
+    detail = _first_line(error)
+    return FastDiffError(
+        f"cannot load compiled package {path}: {detail.replace(library, 'its library') if library else detail}",
+        "the artifact is damaged or was built elsewhere: run fastdiff-inspect --verify, or export again",
+    )
+
+
+# Extraction ---------------------------------------------------------------------------------------------------------
+
+MODEL_FOLDER = ("data", "aotinductor", "model")  # where a package's model library and kernels lie, under its name
+MAX_EXTRACTED_BYTES = 4 << 30  # a package is tens of megabytes; more is not one
+EXTRACTION_PREFIX = "fastdiff-package-"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def read_package(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise FastDiffError(
+            f"cannot read compiled package {path}: {e.strerror or e}", "export the model again"
+        ) from None
+
+
+def model_members(data: bytes, path: Path) -> list[tuple[zipfile.ZipInfo, str]]:
+    """The package's model files (its library, its kernels' binaries and metadata; not the C++ sources it was built
+    from) as (member, path under the model folder). Refused: an archive that is not one, a member whose name would
+    leave the folder it is extracted into, a model file whose name is not a plain file name, and more bytes than a
+    package holds."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise FastDiffError(
+            f"compiled package {path} is not a package archive ({e})", "export the model again"
+        ) from None
+    members, total = [], 0
+    for info in archive.infolist():
+        parts = info.filename.rstrip("/").split("/")
+        if info.filename.startswith("/") or "\\" in info.filename or any(p in ("", ".", "..") for p in parts):
+            raise FastDiffError(
+                f"compiled package {path} holds a member named {info.filename!r:.200}, which leaves its folder",
+                "the artifact is damaged or was tampered with: export the model again",
+            )
+        if tuple(parts[1:4]) != MODEL_FOLDER or info.is_dir() or info.filename.endswith(".cpp"):
+            continue
+        inner = parts[4:]
+        if not inner or not all(_SAFE_NAME.fullmatch(p) for p in inner):
+            raise FastDiffError(
+                f"compiled package {path} holds a model file named {info.filename!r:.200}",
+                "the artifact is damaged or was tampered with: export the model again",
+            )
+        total += info.file_size
+        members.append((info, "/".join(inner)))
+    if total > MAX_EXTRACTED_BYTES:
+        raise FastDiffError(f"compiled package {path} unpacks to {total} bytes, more than a package holds")
+    return members
+
+
+def extract_model(data: bytes, path: Path, folder: str) -> list[str]:
+    """The package's model files, written into `folder` under their checked names (never following a name that is
+    there already); their paths."""
+    written, total = [], 0
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info, inner in model_members(data, path):
+            target = os.path.join(folder, *inner.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with archive.open(info) as source, open(target, "xb") as out:
+                while block := source.read(1 << 20):
+                    total += len(block)
+                    if total > MAX_EXTRACTED_BYTES:
+                        raise FastDiffError(f"compiled package {path} unpacks to more bytes than a package holds")
+                    out.write(block)
+            written.append(target)
+    return written
+
+
+_stale_removed = False
+
+
+def extraction_folder() -> str:
+    """A new folder of the temp folder for one package's files, named after this process (its pid and start time)
+    so that a later load removes what a killed process left there."""
+    global _stale_removed
+    if not _stale_removed:
+        _stale_removed = True
+        remove_stale_extractions(tempfile.gettempdir())
+    pid = os.getpid()
+    return tempfile.mkdtemp(prefix=f"{EXTRACTION_PREFIX}{pid}-{process_start(pid)}-")
+
+
+def process_start(pid: int) -> int:
+    """When process `pid` started (clock ticks since boot, Linux), telling it from a later process of the same pid;
+    0 where that is not known; -1 if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except FileNotFoundError:
+        return -1 if Path("/proc/self/stat").exists() else (0 if _alive(pid) else -1)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_extractions(tmp: str) -> None:
+    """Remove the extraction folders in `tmp` of processes that are gone (killed before they could clean up)."""
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        fields = name[len(EXTRACTION_PREFIX) :].split("-") if name.startswith(EXTRACTION_PREFIX) else []
+        if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
+            continue  # not named by this scheme: not ours to judge
+        started = process_start(int(fields[0]))
+        if started == -1 or (started and started != int(fields[1])):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
 
 
 def chosen_runner() -> str | None:
@@ -155,17 +349,21 @@ def chosen_runner() -> str | None:
     return name
 
 
-def load_module(path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> CompiledModule:
-    """The package at `path`, bound to `weights`, on `device`, through the runner chosen (see the module's doc)."""
+def load_module(
+    path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes | None = None
+) -> CompiledModule:
+    """The package at `path` (or its bytes `data`, as the loader read and verified them; `path` then names it),
+    bound to `weights`, on `device`, through the runner chosen (see the module's doc)."""
     from . import capi
 
+    data = read_package(path) if data is None else data
     runner = chosen_runner()
     if runner == "torch":
-        return TorchModule(path, weights, device)
+        return TorchModule(path, weights, device, data)
     problem = capi.self_check()
     if problem is None:
         try:
-            return capi.CapiModule(path, weights, device)
+            return capi.CapiModule(path, weights, device, data)
         except RunnerUnavailable as e:
             problem = f"{path}: {e}"
     if runner == "capi":
@@ -173,7 +371,7 @@ def load_module(path: Path, weights: Mapping[str, torch.Tensor], device: torch.d
             f"the C-interface package runner cannot run here: {problem}", f"unset {RUNNER_VARIABLE}, or set it to torch"
         )
     log.info("package runner: torch's loader (the C interface cannot run it: %s)", problem)
-    return TorchModule(path, weights, device)
+    return TorchModule(path, weights, device, data)
 
 
 class CUDAGraphModule:

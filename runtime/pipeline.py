@@ -2,8 +2,8 @@
 
 Mirrors the family's diffusers pipeline (StableDiffusionXLPipeline, StableDiffusionPipeline, PixArtAlphaPipeline)
 step for step (same initial latents from the same generator, same guidance arithmetic, same scheduler calls), so that
-swapping one for the other changes nothing but speed. A pipeline serves one call at a time: the scheduler's state
-and the CUDA graphs' input buffers are its own, so threads that share one must take turns (a lock).
+swapping one for the other changes nothing but speed. A pipeline serves one call at a time: threads that share one
+take turns (a lock), and each gets what it would get alone.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import numbers
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +38,12 @@ PHASES = ("encode_prompt", "denoise", "decode", "to_image")
 
 
 def _on_own_device(method: Callable) -> Callable:
-    """Run the method with the pipeline's GPU current (see compat.on_device)."""
+    """Run the method with the pipeline's GPU current (see compat.on_device), one call at a time: the scheduler's
+    state and the CUDA graphs' input buffers are the pipeline's own, so callers on other threads wait their turn."""
 
     @functools.wraps(method)
     def wrapper(self: FastDiffPipeline, *args: Any, **kwargs: Any) -> Any:
-        with on_device(self.device):
+        with self._turn, on_device(self.device):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -64,8 +66,10 @@ class FastDiffPipeline:
         scheduler: Any,
         unets: dict[str, CompiledModule | CUDAGraphModule],
         vae_decoders: dict[str, CompiledModule],
+        digest: str | None = None,
     ) -> None:
         self.manifest = manifest
+        self.digest = digest  # the artifact's (format.manifest_digest), as loaded
         self.device = device
         self.dtype = torch_dtype(manifest.dtype)
         self.vae_dtype = torch_dtype(manifest.vae_decoder.dtype)
@@ -76,6 +80,7 @@ class FastDiffPipeline:
         self._progress: dict[str, Any] = {}
         self._interrupt = False
         self._num_timesteps = 0
+        self._turn = threading.RLock()  # reentrant: a step callback may call the pipeline's methods
 
     @property
     def interrupt(self) -> bool:
@@ -171,6 +176,12 @@ class FastDiffPipeline:
             return FastDiffPipelineOutput(images=latents)
         with record_function("fastdiff::decode"):
             out = torch.cat([vae(latents[chunk].to(self.vae_dtype)) for chunk, _ in chunks])
+        if not bool(torch.isfinite(out).all()):  # one wait, after the loop: the images cross to the host next anyway
+            raise FastDiffError(
+                "the generation gave NaN or infinite values (a black image)",
+                "check the artifact with fastdiff-inspect --verify; in fp16, a VAE that overflows needs its fp16-fix "
+                "(--vae madebyollin/sdxl-vae-fp16-fix for SDXL) or a bf16 export",
+            )
         with record_function("fastdiff::to_image"):
             return FastDiffPipelineOutput(images=_images(out, output_type))
 

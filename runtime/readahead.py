@@ -8,6 +8,7 @@ the standard library and the runtime's torch-free modules (the manifest's among 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,13 +44,13 @@ def files_to_prefetch(
     every_package = {rel for c in (unet, vae, *encoders) for rel in c.packages.values()}
     rest = [rel for rel in manifest.files if rel not in every_package and rel not in weights]
     listed = weights + small_packages + rest + packages_of(unet)
-    ordered = [rel for rel in dict.fromkeys(listed) if _inside(rel) and rel in manifest.files]
-    return [path for path in (root / rel for rel in ordered) if path.is_file()]
+    ordered = [rel for rel in dict.fromkeys(listed) if rel in manifest.files]  # read_manifest refused "../x"
+    return [path for path in (root / rel for rel in ordered) if _inside(root, path) and path.is_file()]
 
 
-def _inside(rel: str) -> bool:
-    """A path in the artifact folder: a damaged manifest must not send the reads elsewhere (/dev/zero, a FIFO)."""
-    return not Path(rel).is_absolute() and ".." not in Path(rel).parts
+def _inside(root: Path, path: Path) -> bool:
+    """`path` resolves inside the artifact folder: a link must not send the reads elsewhere (/dev/zero, a FIFO)."""
+    return os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
 
 
 def prefetch(

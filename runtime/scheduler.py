@@ -26,6 +26,11 @@ def load_scheduler(path: Path):
         name = config["_class_name"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FastDiffError(f"cannot read the scheduler config in {path}: {e}", "export the model again") from None
+    if not isinstance(name, str) or not name.isidentifier() or not name.endswith("Scheduler"):
+        raise FastDiffError(
+            f"the scheduler config in {path} names {name!r:.80} as its class, which is no diffusers scheduler",
+            "export the model again",
+        )
     scheduler_class = import_scheduler_class(name, needs_scipy=bool(config.get("use_beta_sigmas")))
     # Built as from_pretrained builds it, from the class's own keys, with the other keys kept in its config (for a
     # swap to another scheduler class), but without importing every compatible scheduler class to sort the keys (13
@@ -100,6 +105,8 @@ def _import_scheduler_class(name: str, needs_scipy: bool) -> type:
             f"the artifact's scheduler {name} is not in the installed diffusers {diffusers.__version__}",
             "install the diffusers version the artifact was exported with (fastdiff-inspect shows it)",
         )
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.schedulers.SchedulerMixin)):
+        raise FastDiffError(f"{name} in diffusers is not a scheduler class", "export the model again")
     return scheduler_class
 
 

@@ -41,9 +41,34 @@ def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
     return tokenizer
 
 
-def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device, penultimate: bool) -> TextEncoder:
-    """A transformers text encoder saved with save_pretrained, of the class its config names. A CLIP encoder returns
-    its penultimate layer's hidden states if `penultimate` (SDXL), else its final ones (SD 1.x)."""
+def check_vocabulary(tokenizer: Tokenizer, embedding_rows: int, path: Path) -> None:
+    """Refuse a tokenizer that can yield ids its text encoder has no embedding for: the encoder's lookup would read
+    out of bounds (a process abort on the CPU, a device-side assert that ends the CUDA context on a GPU)."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > embedding_rows:
+        raise FastDiffError(
+            f"tokenizer {path} has {size} tokens; its text encoder embeds only {embedding_rows}",
+            "the artifact's files do not belong together: export the model again",
+        )
+
+
+EMBEDDING_SUFFIXES = ("token_embedding.weight", "embed_tokens.weight", "shared.weight")  # CLIP's; T5's (two names)
+
+
+def embedding_rows(weights: dict[str, torch.Tensor], path: Path) -> int:
+    """How many token ids a compiled text encoder embeds: the rows of its token embedding among its weights."""
+    rows = {t.shape[0] for name, t in weights.items() if name.endswith(EMBEDDING_SUFFIXES) and t.dim() == 2}
+    if len(rows) != 1:
+        raise FastDiffError(f"cannot tell the vocabulary of text encoder {path}", "export the model again")
+    return rows.pop()
+
+
+def load_stock_text_encoder(
+    path: Path, dtype: torch.dtype, device: torch.device, penultimate: bool
+) -> tuple[TextEncoder, int]:
+    """A transformers text encoder saved with save_pretrained, of the class its config names, and how many token ids
+    it embeds. A CLIP encoder returns its penultimate layer's hidden states if `penultimate` (SDXL), else its final
+    ones (SD 1.x)."""
     import transformers  # only artifacts exported with stock text encoders need it
 
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -66,7 +91,8 @@ def load_stock_text_encoder(path: Path, dtype: torch.dtype, device: torch.device
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return (out.hidden_states[-2] if penultimate else out.last_hidden_state), pooled
 
-    return encode_t5 if arch == "T5EncoderModel" else encode_clip
+    rows = model.get_input_embeddings().num_embeddings
+    return (encode_t5 if arch == "T5EncoderModel" else encode_clip), rows
 
 
 @dataclass(frozen=True)

@@ -87,14 +87,20 @@ _live_lock = threading.Lock()
 
 
 def shared_weights(
-    path: Path, device: torch.device, channels_last: Iterable[str] = (), stop: threading.Event | None = None
+    path: Path,
+    device: torch.device,
+    channels_last: Iterable[str] = (),
+    stop: threading.Event | None = None,
+    digest: str | None = None,
 ) -> Weights:
-    """load_weights, unless a live pipeline of this process already holds this file, unchanged, on `device`.
-    Callers keep the returned Weights alive for as long as they use its tensors."""
+    """load_weights, unless a live pipeline of this process already holds this file, unchanged, on `device`: the
+    same file (device and inode, size, modification time) of an artifact with the same manifest `digest`. Callers
+    keep the returned Weights alive for as long as they use its tensors."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    stat = path.stat()
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, str(device), tuple(channels_last))
+    stat = os.stat(path)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = (identity, digest, str(device), tuple(channels_last))
     with _live_lock:
         weights = _live.get(key)
         if weights is None:

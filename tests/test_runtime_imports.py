@@ -348,10 +348,10 @@ def test_a_failed_load_stops_the_unet_weights(tiny_artifact: Path, monkeypatch: 
     stopped = []
     shared_weights, load_module = loader_module.shared_weights, loader_module.load_module
 
-    def weights_spy(path, device, channels_last=(), stop=None):
+    def weights_spy(path, device, channels_last=(), stop=None, **kwargs):
         if Path(path).parent.name == "unet":
             stopped.append(stop.wait(timeout=30))
-        return shared_weights(path, device, channels_last, stop)
+        return shared_weights(path, device, channels_last, stop, **kwargs)
 
     def failing_package(path, *args, **kwargs):
         if Path(path).parent.name == "text_encoder_2":

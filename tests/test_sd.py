@@ -64,7 +64,7 @@ def test_stock_text_encoder_gives_the_final_hidden_states(sd_pipelines, sd_check
     from fastdiff.runtime.text import load_stock_text_encoder
 
     _, reference = sd_pipelines
-    encode = load_stock_text_encoder(sd_checkpoint / "text_encoder", torch.float32, torch.device("cpu"), False)
+    encode, _ = load_stock_text_encoder(sd_checkpoint / "text_encoder", torch.float32, torch.device("cpu"), False)
     ids = reference.tokenizer(
         ["a cat"], padding="max_length", max_length=reference.tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
