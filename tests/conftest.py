@@ -80,7 +80,7 @@ pipe = load_pipeline(sys.argv[1], device=sys.argv[2])
 pipe.set_progress_bar_config(disable=True)
 pipe("a cat", num_inference_steps=2, output_type="latent")
 maps = open("/proc/self/maps").read().split()
-print(json.dumps(sorted({os.path.dirname(p) for p in maps if "/data/aotinductor/" in p and p.endswith(".so")})))
+print(json.dumps(sorted({os.path.dirname(p) for p in maps if "/fastdiff-package-" in p and p.endswith(".so")})))
 """
 
 

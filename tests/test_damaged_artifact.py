@@ -246,12 +246,18 @@ def test_missing_package(tiny_artifact: Path, tmp_path: Path) -> None:
 
 
 def test_damaged_package(tiny_artifact: Path, tmp_path: Path) -> None:
-    """A .pt2 that is not a zip archive (manifest updated to match): the loader's error, not a crash."""
+    """A .pt2 that is not a zip archive (manifest updated to match): the loader's error, not a crash; not updated:
+    refused before it is opened, at every load."""
+    from fastdiff.runtime.format import sha256_file
+
     art = copy_artifact(tiny_artifact, tmp_path)
     package = art / "vae_decoder" / "64x64.pt2"
     package.write_bytes(b"not a zip archive" * 100)
     edit_manifest(art, lambda d: d["files"]["vae_decoder/64x64.pt2"].update(size=package.stat().st_size))
-    assert_clean_error(run(art, tmp_path, "--res", "64"), "cannot load compiled package")
+    assert_clean_error(run(art, tmp_path, "--res", "64"), "64x64.pt2 does not match the sha256 in its manifest")
+    entry = {"size": package.stat().st_size, "sha256": sha256_file(package)}
+    edit_manifest(art, lambda d: d["files"]["vae_decoder/64x64.pt2"].update(entry))
+    assert_clean_error(run(art, tmp_path, "--res", "64"), "64x64.pt2 is not a package archive")
 
 
 def rewritten_package(source: Path, out: Path, replace: dict[str, bytes | None], add: str | None = None) -> Path:

@@ -170,7 +170,7 @@ def test_torch_loader_takes_over_where_the_c_interface_cannot_run(
         reason = "torch 9.9 has no torch._C._aoti.x"
     else:
 
-        def unavailable(path, folder):
+        def unavailable(*args):
             raise RunnerUnavailable("it calls operators outside AOTInductor's C shim")
 
         monkeypatch.setattr(capi_module, "_extract_library", unavailable)

@@ -165,9 +165,9 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
         record["reads"].append(Path(path))
         return load_weights(path, *args, **kwargs)
 
-    def recording_load_module(path, weights, device):
+    def recording_load_module(path, weights, device, data=None):
         record["packages"].append((Path(path), weights))
-        return load_module(path, weights, device)
+        return load_module(path, weights, device, data)
 
     monkeypatch.setattr(loader_module, "shared_weights", recording_shared_weights)
     monkeypatch.setattr(weights_module, "load_weights", recording_load_weights)
@@ -260,7 +260,7 @@ def test_pipelines_share_weights(tiny_artifact: Path, tmp_path: Path, recorded: 
     unet_file = art / "unet" / "weights.safetensors"
     os.utime(unet_file, ns=(unet_file.stat().st_atime_ns, unet_file.stat().st_mtime_ns + 10**9))
     load_pipeline(art, device="cpu", resolutions=["64"])
-    assert recorded["reads"][4:] == [unet_file]
+    assert [os.path.samefile(read, unet_file) for read in recorded["reads"][4:]] == [True]
 
     del first, second, full, pipe, unet_first, unet_second, first_weights, second_weights
     recorded["weights"].clear()
@@ -549,21 +549,27 @@ def test_prefetch_reads_what_a_load_reads_in_its_order_without_torch(tiny_artifa
 
 
 def test_prefetch_reads_nothing_outside_the_artifact(tiny_artifact: Path, tmp_path: Path) -> None:
-    """A damaged manifest (paths out of the folder, a device, values of the wrong type) reads nothing it names outside
-    the artifact, and raises nothing: the load reports the damage."""
+    """A damaged manifest (paths out of the folder, values of the wrong type) reads nothing and raises nothing: the
+    load reports the damage. A file that links out of the folder is not read."""
     from fastdiff.runtime.readahead import files_to_prefetch
 
     art = Path(shutil.copytree(tiny_artifact, tmp_path / "art"))
     manifest = json.loads((art / "manifest.json").read_text())
     (tmp_path / "outside").write_bytes(b"x")
     entry = {"size": 1, "sha256": "0" * 64}
-    manifest["files"].update({"/dev/zero": entry, "../outside": entry, str(tmp_path / "outside"): entry})
-    (art / "manifest.json").write_text(json.dumps(manifest))
-    listed = files_to_prefetch(art)
-    assert listed and all(path.resolve().is_relative_to(art.resolve()) for path in listed)
-    manifest["unet"]["weights"] = ["unet/weights.safetensors"]
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    for outside in ("/dev/zero", "../outside", str(tmp_path / "outside")):
+        (art / "manifest.json").write_text(json.dumps({**manifest, "files": {**manifest["files"], outside: entry}}))
+        assert files_to_prefetch(art) == []
+        with pytest.raises(FastDiffError, match="leaves the artifact folder"):
+            load_pipeline(art, device="cpu")
+    (art / "manifest.json").write_text(json.dumps({**manifest, "unet": {**manifest["unet"], "weights": ["x"]}}))
     assert files_to_prefetch(art) == []
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    weights = art / "unet" / "weights.safetensors"
+    weights.rename(tmp_path / "unet.safetensors")
+    weights.symlink_to(tmp_path / "unet.safetensors")
+    listed = files_to_prefetch(art)
+    assert listed and weights not in listed and all(p.resolve().is_relative_to(art.resolve()) for p in listed)
 
 
 def test_the_exporter_imports_only_the_format_module_of_the_runtime() -> None:
