@@ -5,7 +5,10 @@ without one; the GPU machine runs this file (bench/gpu_session.sh, step gpu-test
 from __future__ import annotations
 
 import gc
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +146,56 @@ def test_a_pipeline_on_another_gpu_runs_there(cuda_pipelines) -> None:
     kwargs["generator"] = torch.Generator().manual_seed(3)
     here = mine("a photo of a cat", **kwargs).images
     torch.testing.assert_close(there.cpu(), here.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_loader_replays_cuda_graphs_too(cuda_pipelines, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback runner (torch's public loader) loads the same artifact for CUDA-graph replay and gives what the
+    C interface gives."""
+    from fastdiff.runtime.packages import RUNNER_VARIABLE
+
+    mine, _ = cuda_pipelines
+    monkeypatch.setenv(RUNNER_VARIABLE, "torch")
+    other = load_pipeline(mine.unets["64x64"].module.path.parents[1], device="cuda")
+    other.set_progress_bar_config(disable=True)
+    assert other.unets["64x64"].module.runner == "torch" and len(other.unets["64x64"].graphs) == 1
+    kwargs = {"num_inference_steps": 4, "output_type": "latent"}
+    theirs = other("a photo of a cat", generator=torch.Generator().manual_seed(3), **kwargs).images
+    here = mine("a photo of a cat", generator=torch.Generator().manual_seed(3), **kwargs).images
+    torch.testing.assert_close(theirs, here, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_beyond_the_vocabulary_never_reach_the_gpu(cuda_pipelines, tmp_path: Path) -> None:
+    """A tokenizer that could yield ids past the encoder's embedding (a device-side assert would end the process's
+    CUDA context) is refused at load, before any GPU call."""
+    from tokenizers import Tokenizer
+
+    mine, _ = cuda_pipelines
+    art = Path(shutil.copytree(mine.unets["64x64"].module.path.parents[1], tmp_path / "art"))
+    tokenizer = Tokenizer.from_file(str(art / "tokenizer" / "tokenizer.json"))
+    tokenizer.add_tokens([f"<extra{i}>" for i in range(8)])
+    tokenizer.save(str(art / "tokenizer" / "tokenizer.json"))
+    from fastdiff.runtime.format import MANIFEST_NAME, describe_files
+
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    manifest["files"] = describe_files(art)
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    proc = run_cli("fastdiff-run", str(art), "-p", "<extra7>", "--steps", "1", "--out", str(tmp_path / "a.png"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "its text encoder embeds only" in proc.stderr
+
+
+def test_out_of_gpu_memory_is_one_clear_error(cuda_pipelines, tmp_path: Path) -> None:
+    """A GPU too full for the artifact: one error line, exit 2, no image."""
+    mine, _ = cuda_pipelines
+    art = mine.unets["64x64"].module.path.parents[1]
+    code = (
+        "import sys, torch; torch.cuda.set_per_process_memory_fraction(1e-6); "
+        "from fastdiff.runtime.cli import run_main; sys.argv[0] = 'fastdiff-run'; run_main()"
+    )
+    out = tmp_path / "a.png"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(art), "-p", "a cat", "--steps", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "out of memory on the device" in proc.stderr and not out.exists()
