@@ -140,7 +140,11 @@ class Batcher:
                         job.future.set_exception(e)
             else:
                 for job, images in zip(batch, results, strict=True):
-                    if not (job.future.done() or job.cancelled):
+                    if job.future.done() or job.cancelled:
+                        continue
+                    if self._stopping:  # interrupted: its images are not denoised to the end
+                        job.future.set_exception(Stopped())
+                    else:
                         job.future.set_result(images)
             finally:
                 seconds = time.monotonic() - start

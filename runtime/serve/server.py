@@ -4,7 +4,9 @@ uvicorn's Server stops at the first SIGTERM or SIGINT: it closes its sockets, wa
 re-raises the signal, so the process dies of it. A replica should instead drain: the readiness probe fails first (so
 the load balancer stops sending), new requests get 503, the requests already queued or running finish, and the process
 exits 0. DrainingServer overrides uvicorn's signal handler (Server.handle_exit, which Server.capture_signals installs
-for the run) to do that, and stops at once on a second signal or when the drain outlasts its timeout.
+for the run) to do that. A second signal, or a drain that outlasts its timeout, stops at once: queued requests get
+503, the running batch stops at its next step and its requests get 503, and the process exits 1 (a third signal does
+not wait for those answers).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import uvicorn
 from .service import ImageService
 
 log = logging.getLogger("fastdiff.serve")
+
+STOP_GRACE_S = 5.0  # how long a forced stop waits for the running batch to stop at its next step
 
 
 class DrainingServer(uvicorn.Server):
@@ -55,9 +59,18 @@ class DrainingServer(uvicorn.Server):
             self._force()
 
     def _force(self) -> None:
+        if self.forced:  # a third signal: no more waiting
+            self.should_exit = self.force_exit = True
+            return
         self.forced = True
-        self.service.stop()  # queued requests fail, the running batch stops at its next step
-        self.should_exit = self.force_exit = True
+        self.service.stop()  # queued requests get 503 now, the running batch's once it stops at its next step
+        asyncio.create_task(self._exit_when_stopped())
+
+    async def _exit_when_stopped(self) -> None:
+        """Exit once the running batch has stopped and its requests have their 503 (a step, and the decode)."""
+        if not await self.service.wait_idle(STOP_GRACE_S):
+            self.force_exit = True  # uvicorn then waits for no connection
+        self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         if self.service.state == "failed":  # the model could not load: nothing to serve

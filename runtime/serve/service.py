@@ -66,6 +66,11 @@ class ImageService:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    @property
+    def healthy(self) -> bool:
+        """Loaded, and its dispatch loop still running (it ends only on a bug: then the replica should go)."""
+        return self.state != "failed" and not (self._dispatch is not None and self._dispatch.done())
+
     async def start(self) -> None:
         """Load and warm up on the worker thread (the event loop goes on answering), then take requests."""
         self.state = "loading"
@@ -113,7 +118,8 @@ class ImageService:
             self.batcher.cancel(job, "disconnected")
             raise
         except Stopped:
-            raise ApiError(503, "The server stopped before the request ran", "server_error", None, "stopped") from None
+            message = "The server stopped before the request finished"
+            raise ApiError(503, message, "server_error", None, "stopped") from None
         fmt = request.output_format
         encoded = await asyncio.get_running_loop().run_in_executor(
             self._encoders, encode_images, images, fmt, request.output_compression
@@ -129,8 +135,13 @@ class ImageService:
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking requests, finish those queued and running; whether they finished within `timeout` s."""
-        self.state = "draining"
+        if self.state != "stopped":
+            self.state = "draining"
         self.metrics.ready.set(0)
+        return await self.wait_idle(timeout)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Whether no request is queued or running within `timeout` s."""
         if self.batcher is None:
             return True
         try:
