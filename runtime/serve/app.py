@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -114,10 +113,6 @@ def create_app(
         kind = "not_found" if e.status_code == 404 else "invalid_request_error"
         error = ApiError(e.status_code, f"{e.detail}: {request.method} {request.url.path}", kind)
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(ApiError(400, str(e.errors()[:1])).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
