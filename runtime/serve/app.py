@@ -51,7 +51,6 @@ def create_app(
             await service.close()
 
     app = FastAPI(title="fastdiff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
 
     def authorize(request: Request) -> None:
         if api_key is None:
