@@ -251,14 +251,13 @@ def test_sigterm_drains(tiny_artifact: Path, tmp_path: Path) -> None:
     """SIGTERM: /readyz 503 at once, new requests 503, the running and the queued request finish, exit 0."""
     with serving(tiny_artifact, tmp_path / "server.log", "--max-steps", "100000") as server:
         with ThreadPoolExecutor(2) as pool:
-            body = {"prompt": "a cat", "num_inference_steps": 60, "size": "64x64"}
+            body = {"prompt": "a cat", "num_inference_steps": 500, "size": "64x64"}  # seconds each
             running = pool.submit(post, server, body, None)
-            time.sleep(0.3)
+            wait_for(lambda: metric(server, "fastdiff_batch_images_count") == 1)
             queued = pool.submit(post, server, {**body, "size": "96x64"}, None)
-            time.sleep(0.3)
+            wait_for(lambda: metric(server, "fastdiff_queue_depth") == 1)
             sigterm(server)
-            time.sleep(0.3)
-            assert httpx.get(f"{server.url}/readyz").status_code == 503
+            wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, timeout=5)
             refused = post(server, {"prompt": "a cat"}, None)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
             assert running.result().status_code == 200 and queued.result().status_code == 200
@@ -269,9 +268,9 @@ def test_second_sigterm_exits_at_once(tiny_artifact: Path, tmp_path: Path) -> No
     with serving(tiny_artifact, tmp_path / "server.log", "--max-steps", "100000") as server:
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(post, server, {"prompt": "a cat", **LONG}, None)
-            time.sleep(0.5)
+            wait_for(lambda: metric(server, "fastdiff_batch_images_count") == 1)
             sigterm(server)
-            time.sleep(0.3)
+            wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, timeout=5)
             start = time.monotonic()
             sigterm(server)
             assert server.proc.wait(15) == 1
