@@ -1,0 +1,161 @@
+"""The FastAPI application over an ImageService: the OpenAI Images API, probes, metrics, errors in OpenAI's shape.
+
+Routes: POST /v1/images/generations, GET /v1/models (both behind the API key, if one is set); GET /healthz (the
+process answers), GET /readyz (200 once the model is loaded and warmed up, 503 before and while draining), GET
+/metrics (Prometheus' text format). Probes and metrics take no key: orchestrators and scrapers call them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api import ApiError, parse_request
+from .service import ImageService
+
+log = logging.getLogger("fastdiff.serve")
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer; recorded, never sent
+
+
+class ClientGone(Exception):
+    pass
+
+
+def create_app(
+    service: ImageService,
+    api_key: str | None = None,
+    model_name: str = "fastdiff",
+    start_service: bool = True,
+    headers: dict[str, str] | None = None,
+) -> FastAPI:
+    """The application. start_service: the app's lifespan loads the model in the background (fastdiff-serve); a
+    Ray Serve replica loads it in its constructor instead. headers: added to every generation's response."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_start(service)) if start_service else None
+        yield
+        if loading is not None:
+            loading.cancel()
+            await service.close()
+
+    app = FastAPI(title="fastdiff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            message = "Missing API key" if not given else "Incorrect API key provided"
+            raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> Response:
+        arrived = time.monotonic()
+        status = 500
+        try:
+            authorize(request)
+            image_request = parse_request(await _json(request))
+            result = await _unless_client_leaves(request, service.generate(image_request))
+            status = 200
+            service.metrics.latency.observe(time.monotonic() - arrived)
+            return JSONResponse(result, headers={"x-fastdiff-seed": str(result["seed"]), **(headers or {})})
+        except ApiError as e:
+            status = e.status
+            raise
+        except (ClientGone, asyncio.CancelledError):
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            service.metrics.requests.labels(str(status)).inc()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fastdiff"}]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        return JSONResponse({"status": service.state}, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = service.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # no one reads it
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        error = ApiError(e.status_code, f"{e.detail}: {request.method} {request.url.path}", kind)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=e)  # the traceback goes to the log, never to the client
+        error = ApiError(500, f"The server failed to generate the image ({type(e).__name__})", "server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    return app
+
+
+async def _start(service: ImageService) -> None:
+    try:
+        await service.start()
+    except Exception as e:  # the server's owner (fastdiff-serve) sees service.state == "failed" and exits
+        log.error("error: cannot load the model: %s", e)
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: the next ASGI message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """The work's result; if the client disconnects first, the work is cancelled (its request leaves the queue)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    return task.result()
