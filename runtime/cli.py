@@ -23,7 +23,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-def _digest_option(value: str | None) -> str | None:
+def expected_digest_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--expect-digest's check (fastdiff-run's, fastdiff-serve's): sha256:<64 hex digits>, or a usage error."""
     if value is not None:
         try:
             check_digest_format(value.strip())
@@ -134,7 +135,7 @@ def _place_new(tmp: Path, path: Path) -> None:
 @click.option(
     "--expect-digest",
     metavar="sha256:HEX",
-    callback=lambda ctx, param, value: _digest_option(value),
+    callback=expected_digest_option,
     help="Refuse any artifact but the one with this digest (as fastdiff-inspect prints it).",
 )
 @clean_errors()

@@ -290,6 +290,16 @@ def test_a_model_that_cannot_load_ends_the_server(tiny_artifact: Path, tmp_path:
     assert re.search(r"^error: .*cuda", proc.stderr, re.M | re.I), proc.stderr[-2000:]
 
 
+def test_another_artifact_than_the_pinned_one_ends_the_server(tiny_artifact: Path) -> None:
+    """--expect-digest: an artifact with another digest is never loaded; the server exits 2 naming both digests."""
+    other = "sha256:" + "1" * 64
+    proc = subprocess.run(
+        serve_command(tiny_artifact, 0, "--expect-digest", other), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(rf"^error: .*not the expected {other}", proc.stderr, re.M), proc.stderr[-2000:]
+
+
 def test_bad_command_lines(tiny_artifact: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 

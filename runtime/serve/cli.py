@@ -7,26 +7,16 @@ Exit codes: 0 after a drain, 1 after a forced stop, 2 on bad input or a model th
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import sys
 from pathlib import Path
 
 import click
 
+from ..cli import CONTEXT, expected_digest_option
 from ..errors import FastDiffError, clean_errors, import_torch
 from ..format import read_manifest
 from ..readahead import prefetch
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def _digest(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not DIGEST.fullmatch(value):
-        raise click.BadParameter("expected sha256: and 64 lowercase hex digits")
-    return value
 
 
 @click.command(context_settings=CONTEXT)
@@ -70,7 +60,7 @@ def _digest(ctx: click.Context, param: click.Parameter, value: str | None) -> st
 @click.option("--model-name", help="The model's name in GET /v1/models (default: the artifact folder's name).")
 @click.option(
     "--expect-digest",
-    callback=_digest,
+    callback=expected_digest_option,
     metavar="sha256:HEX",
     help="Refuse to load an artifact whose digest is not this one.",
 )
@@ -107,16 +97,11 @@ def main(
     import_torch()
     import uvicorn
 
-    from ..loader import load_pipeline
     from .app import create_app
     from .model import load_fastdiff
     from .server import DrainingServer
     from .service import ImageService
 
-    if expect_digest and "expected_digest" not in inspect.signature(load_pipeline).parameters:
-        raise FastDiffError(
-            "this fastdiff cannot pin an artifact's digest", "upgrade fastdiff, or drop --expect-digest"
-        )
     name = model_name or artifact.name
     service = ImageService(
         lambda: load_fastdiff(artifact, device, expect_digest, name),

@@ -80,7 +80,6 @@ def load_fastdiff(
     """Load an artifact and warm it up (also on a CPU: readiness means the first request is as fast as the next)."""
     from ..loader import load_pipeline
 
-    pinned = {"expected_digest": expected_digest} if expected_digest else {}  # only where asked: see cli.py
-    pipe = load_pipeline(artifact, device=device, warmup=True, **pinned)
+    pipe = load_pipeline(artifact, device=device, warmup=True, expected_digest=expected_digest)
     pipe.set_progress_bar_config(disable=True)
     return fastdiff_model(pipe, name or Path(artifact).name)
