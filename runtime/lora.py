@@ -291,20 +291,20 @@ class LoraAdapters:
     def _write(self, target: Target, weighted: list[tuple[Update, float]]) -> None:
         weights = self.parts[target.part].weights
         tensor = weights[target.tensor]
-        base = self._base[target.part, target.tensor]
         if target.scale is None:
-            merged = base.to(tensor.device, torch.float32, non_blocking=True, copy=True)  # never the base itself
+            # copied in its own dtype and widened on the device (a copy that converts would convert on the host);
+            # a copy, never the base itself, even where both are on the CPU
+            merged = self._base[target.part, target.tensor].to(tensor.device, non_blocking=True, copy=True).float()
             for update, weight in weighted:
                 _add(merged, update, weight)
             tensor.copy_(merged)
             return
         scale = weights[target.scale]
-        base_scale = self._base[target.part, target.scale].to(tensor.device, non_blocking=True)
-        merged = dequantize(base.to(tensor.device, non_blocking=True), base_scale)
+        self._restore(target)  # per-row quantization: rows no update touches now keep their base, exactly
+        merged = dequantize(tensor, scale)
         for update, weight in weighted:
             _add(merged, update, weight)
         dtype = self.parts[target.part].dtype
-        # per-row quantization: only the rows an update touched are quantized again, the others keep their base
         for start, stop in sorted({u.rows or (0, tensor.shape[0]) for u, _ in weighted}):
             requantize(tensor[start:stop], scale[start:stop], merged[start:stop].to(dtype))
 

@@ -385,6 +385,38 @@ def test_merge_into_a_linear_made_of_a_1x1_conv_and_a_channels_last_conv() -> No
     )
 
 
+def test_quantized_rows_follow_the_active_adapters() -> None:
+    """A fused, int8-quantized to_qkv: only the rows of the layers an active adapter updates are quantized again,
+    from their dequantized base; switching to an adapter of other rows gives the first rows their base back, bit for
+    bit."""
+    torch.manual_seed(0)
+    qdata, scale = quantize_int8(torch.randn(96, 32))
+    name = "unet.a.attn1.to_qkv.parametrizations.weight.original"
+    weights = {f"{name}0": qdata.clone(), f"{name}1": scale.clone()}
+    adapters = LoraAdapters({"unet": Part(weights, torch.float32)}, (), "sd", torch.device("cpu"))
+    loras = {
+        proj: {
+            f"unet.a.attn1.{proj}.lora_A.weight": torch.randn(2, 32),
+            f"unet.a.attn1.{proj}.lora_B.weight": torch.randn(32, 2),
+        }
+        for proj in ("to_q", "to_k")
+    }
+
+    def expected(rows: slice, lora: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = (v for k, v in sorted(lora.items(), reverse=True))  # lora_B, lora_A
+        return quantize_int8(dequantize(qdata[rows], scale[rows]) + up @ down)
+
+    adapters.load(loras["to_q"], adapter_name="q")
+    assert torch.equal(weights[f"{name}0"][:32], expected(slice(0, 32), loras["to_q"])[0])
+    assert torch.equal(weights[f"{name}0"][32:], qdata[32:]) and torch.equal(weights[f"{name}1"][32:], scale[32:])
+    adapters.load(loras["to_k"], adapter_name="k")
+    k_qdata, k_scale = expected(slice(32, 64), loras["to_k"])
+    assert torch.equal(weights[f"{name}0"][32:64], k_qdata) and torch.equal(weights[f"{name}1"][32:64], k_scale)
+    assert torch.equal(weights[f"{name}0"][:32], qdata[:32]) and torch.equal(weights[f"{name}1"][:32], scale[:32])
+    adapters.unload()
+    assert torch.equal(weights[f"{name}0"], qdata) and torch.equal(weights[f"{name}1"], scale)
+
+
 @pytest.fixture(scope="module")
 def sd_lora(tmp_path_factory: pytest.TempPathFactory, sd_checkpoint: Path) -> Path:
     from diffusers import StableDiffusionPipeline
