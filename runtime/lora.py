@@ -83,7 +83,7 @@ class HostCopies:
         self.nbytes = 0
         self._copies: dict[tuple[str, str], torch.Tensor] = {}
         self._buffers: list[torch.Tensor] = []
-        self._release = weakref.finalize(self, _release_buffers, self._buffers, self.pinned)
+        self._release = weakref.finalize(self, _release_buffers, self._buffers, device if self.pinned else None)
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._copies
@@ -119,9 +119,10 @@ def _register(buffer: torch.Tensor) -> bool:
     return int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0
 
 
-def _release_buffers(buffers: list[torch.Tensor], pinned: bool) -> None:
-    if pinned and buffers:
-        torch.cuda.synchronize()  # copies out of them may still be queued
+def _release_buffers(buffers: list[torch.Tensor], device: torch.device | None) -> None:
+    """Unregister the page-locked buffers (`device`: the GPU whose copies use them; None: not page-locked)."""
+    if device is not None and buffers:
+        torch.cuda.synchronize(device)  # copies out of them may still be queued
         for buffer in buffers:
             torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
     buffers.clear()
