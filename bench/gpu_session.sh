@@ -20,6 +20,9 @@
 #   seed-fill          SDXL's cache-filling recipe compile alone (its tuning packed into $R/seed-tuning.tgz)
 #   ssd-1b, sd15, pixart  the family's bf16 artifact against FAMILY_BASELINES (SD 1.5 at 512², the others at 1024²)
 #   attention-probe    every SDPA backend on PixArt-α's and SDXL's own attention calls (probe-attention-FAMILY.md)
+#   sdxl-lora          a LoRA switch on SDXL (bench/lora_switch.py: the bf16 artifact, and the fp8 one with sdxl-fp8,
+#                      against diffusers eager + fuse_lora and torch.compile's reload and hotswap), then the SDXL
+#                      artifacts' packages reused by fastdiff-export --packages-from, timed (packages-from.txt)
 #   a VARIANTS name    an export with other options (below), timed alone: speed, quality, profile
 # Every export is bf16 and unquantized unless its variant says otherwise.
 #
@@ -34,7 +37,7 @@
 set -u
 R=${R:-/tmp/r}
 STEPS=${STEPS:-gpu-tests sdxl sdxl-coldstart sdxl-compile-cold sd15 pixart}
-GPU_TESTS=${GPU_TESTS:-tests/test_weights.py tests/test_gpu.py}
+GPU_TESTS=${GPU_TESTS:-tests/test_weights.py tests/test_gpu.py tests/test_lora_gpu.py}
 STACK_EVERY=${STACK_EVERY:-60}
 EXPORT_DEADLINE=${EXPORT_DEADLINE:-1500}
 SDXL_BASELINES=${SDXL_BASELINES-eager,compile}  # speed.py --baselines for the sdxl step
@@ -156,7 +159,8 @@ fi
 
 stamp "exports, all at once"
 pids=()
-{ want sdxl || want sdxl-coldstart || want sdxl-seed || want sdxl-cudnn-benchmark; } && { prepare sdxl-random sdxl-bf16 &
+{ want sdxl || want sdxl-coldstart || want sdxl-seed || want sdxl-cudnn-benchmark || want sdxl-lora; } && {
+  prepare sdxl-random sdxl-bf16 &
   pids+=($!); }
 (( ${#fills[@]} )) && [[ -z $SEED_GPU ]] && { seed_fill & pids+=($!); }
 { want ssd-1b || want ssd-1b-seed; } && { prepare ssd-1b-random ssd-1b-bf16 & pids+=($!); }
@@ -239,6 +243,24 @@ if want sdxl-cudnn-benchmark && exported sdxl-bf16; then
   python3 bench/speed.py --model "$(model sdxl-bf16)" "${sdxl_artifacts[@]}" --baselines "" --cudnn-benchmark \
     --profile --no-reference --out "$R/speed-sdxl-cudnn-benchmark" > "$R/speed-sdxl-cudnn-benchmark.log" 2>&1
   grep -A4 "^| variant" "$R/speed-sdxl-cudnn-benchmark.md"
+fi
+if want sdxl-lora && exported sdxl-bf16; then
+  stamp "sdxl: LoRA switch, fastdiff against diffusers eager and torch.compile"
+  lora_fp8=()
+  want sdxl-fp8 && [[ -f /tmp/art/sdxl-fp8/manifest.json ]] && lora_fp8=(--fp8-artifact /tmp/art/sdxl-fp8)
+  python3 bench/lora_switch.py --model "$(model sdxl-bf16)" --artifact /tmp/art/sdxl-bf16 "${lora_fp8[@]}" \
+    --out "$R/lora-switch" > "$R/lora-switch.log" 2>&1
+  cat "$R/lora-switch.md"
+  for name in sdxl-bf16 ${lora_fp8:+sdxl-fp8}; do  # a fine-tune's artifact from the SDXL artifact's packages
+    stamp "sdxl: fastdiff-export --packages-from $name"
+    begin=$EPOCHREALTIME
+    python3 -c "import sys; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()" \
+      sdxl-random --packages-from "/tmp/art/$name" --out "/tmp/art/$name-reused" --overwrite \
+      > "$R/packages-from-$name.log" 2>&1
+    status=$? took=$(python3 -c "print(f'{$EPOCHREALTIME - $begin:.1f}')")
+    echo "$name: --packages-from ${took} s (exit $status); its full export:" \
+      "$(grep -h "done in" "$R/export-$name.log" | tr '\n' ' ')" | tee -a "$R/packages-from.txt"
+  done
 fi
 want ssd-1b && exported ssd-1b-bf16 && { stamp "ssd-1b: speed"; speed ssd-1b-bf16 "$FAMILY_BASELINES"; }
 want sd15 && exported sd15-bf16 && { stamp "sd15: speed"; speed sd15-bf16 "$FAMILY_BASELINES" --res 512; }

@@ -137,6 +137,14 @@ def auto_quantization(model: str, revision: str | None, dtype: str, capability: 
     "--variant", help="Load MODEL's weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --out once the new one is complete.")
+@click.option(
+    "--packages-from",
+    metavar="ART",
+    help="Reuse the compiled packages of the artifact ART (of a checkpoint of MODEL's architecture) instead of "
+    "compiling: MODEL's weights go through ART's passes and quantization, and only they, the tokenizers, the "
+    "scheduler and the manifest are written (a fine-tune in seconds to a minute). ART fixes the options that shape "
+    "the packages (--res, --dtype, --passes, --quantize, ...).",
+)
 @clean_errors(interrupted=INTERRUPTED)
 def main(
     model: str,
@@ -157,6 +165,7 @@ def main(
     vae: str | None,
     variant: str | None,
     overwrite: bool,
+    packages_from: str | None,
 ) -> None:
     """Export MODEL (a preset, a hub id or a local diffusers folder: SDXL, SD 1.x or PixArt-α) to compiled denoiser
     (UNet or PixArt transformer), VAE-decoder and text-encoder packages.
@@ -164,6 +173,9 @@ def main(
     One AOTInductor package is written per component and resolution; the weights sit beside them in one
     safetensors file per component, with the tokenizers, the scheduler config and a manifest.
     """
+    if packages_from is not None:
+        _export_reusing(model, packages_from, out, device, overwrite, revision, vae, variant)
+        return
     from .compile import parse_inductor_config  # torch's Inductor: not needed for --help
     from .options import ExportOptions, check_options, default_component_configs
 
@@ -221,3 +233,47 @@ def main(
     from .export import export_artifact  # imports diffusers' and transformers' models (seconds)
 
     export_artifact(options)
+
+
+# The options that shape the compiled packages: --packages-from takes them from the artifact whose packages it reuses.
+PACKAGE_OPTIONS = (
+    "resolutions",
+    "dtype",
+    "batch_size",
+    "passes",
+    "quantize",
+    "quantize_linears",
+    "max_autotune",
+    "inductor_config",
+    "seed_flags",
+    "text_encoders",
+    "attention",
+)
+
+
+def _export_reusing(
+    model: str,
+    art: str,
+    out: str | None,
+    device: str | None,
+    overwrite: bool,
+    revision: str | None,
+    vae: str | None,
+    variant: str | None,
+) -> None:
+    """fastdiff-export MODEL --packages-from ART (exporter/reuse.py)."""
+    context = click.get_current_context()
+    for name in PACKAGE_OPTIONS:
+        if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            flag = next(o for p in context.command.params if p.name == name for o in p.opts)
+            raise FastDiffError(
+                f"{flag} cannot be combined with --packages-from: {art}'s packages fix it", f"leave {flag} out"
+            )
+    check_model(model)
+    if vae is not None:
+        check_vae(vae)
+    from .reuse import export_reusing, reuse_options, source_artifact  # imports diffusers' models (seconds)
+
+    manifest = source_artifact(art)
+    options = reuse_options(model, art, manifest, device, out, overwrite, revision, vae, variant)
+    export_reusing(options, art, manifest)

@@ -101,8 +101,10 @@ def check_int8_rows(program: torch.export.ExportedProgram, device: torch.device,
             )
 
 
-# Settings the artifact format depends on: a package holds code only; the runtime binds the weights at load.
-PACKAGE_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+# Settings the artifact format depends on: a package holds code only; the runtime binds the weights at load. Every
+# weight: Inductor would otherwise compile scalars and vectors of up to 8 values into the code (SDXL's UNet conv_out
+# bias, the VAE decoder's conv_out bias), where a fine-tune's values (fastdiff-export --packages-from) could not reach.
+PACKAGE_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 
 # With max-autotune (the VAE decoder's default on Hopper) Inductor writes every autotuned GEMM's and convolution's
 # benchmark table and statistics to stderr, dozens of them between the export's progress lines. Off unless the user
@@ -175,18 +177,29 @@ def plain_constants(program: torch.export.ExportedProgram, names: list[str]) -> 
     `<module>.parametrizations.<attr>.original<i>`; they are flattened the same way here, so the safetensors file
     and the runtime need no torchao.
     """
-    sources = {**program.state_dict, **program.constants}
+    return named_constants({**program.state_dict, **program.constants}, names)
+
+
+def named_constants(sources: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """The plain tensors named `names` (as a package names its constants) among `sources` (a module's parameters and
+    buffers by name), tensor subclasses flattened as plain_constants flattens them."""
     out = {}
     for name in names:
         if name in sources and not _is_subclass(sources[name]):
             out[name] = sources[name].detach()
             continue
-        match = _PARAMETRIZED.match(name)
-        owner = match and ".".join(filter(None, match.group(1, 2)))
-        if not owner or owner not in sources:
+        owner = parametrized_owner(name)
+        if owner is None or owner not in sources:
             raise FastDiffError(f"the compiled package needs constant {name!r}, which the model does not have")
-        out[name] = _flatten(sources[owner])[int(match.group(3))].detach()
+        out[name] = _flatten(sources[owner])[int(_PARAMETRIZED.match(name).group(3))].detach()
     return out
+
+
+def parametrized_owner(name: str) -> str | None:
+    """The tensor subclass whose inner tensor `name` is (`<module>.parametrizations.<attr>.original<i>` ->
+    `<module>.<attr>`), or None."""
+    match = _PARAMETRIZED.match(name)
+    return ".".join(filter(None, match.group(1, 2))) if match else None
 
 
 def _is_subclass(t: torch.Tensor) -> bool:

@@ -66,7 +66,7 @@ def export_artifact(options: ExportOptions) -> Path:
                 options.model, torch_dtype(options.dtype), options.revision, options.vae, options.variant
             )
         pipe = source.pipe
-        facts = _model_facts(source)
+        facts = model_facts(source)
         compiled = {"unet", "vae_decoder", *(e for _, e in TEXT_PARTS[source.family] if options.compile_text_encoders)}
         if unused := sorted(set(options.component_inductor_overrides) - compiled):
             raise FastDiffError(
@@ -75,20 +75,11 @@ def export_artifact(options: ExportOptions) -> Path:
             )
         for res in options.resolutions:
             _check_divisible(res, facts, getattr(source.denoiser.config, "patch_size", None) or 1)
-        vae_dtype = _vae_dtype(pipe, torch_dtype(options.dtype))
-        vae_passes = options.vae_passes
-        if vae_passes is None:
-            vae_passes = [p for p in options.passes if p not in QUANTIZATION_PASSES]
+        vae_dtype, vae_passes = vae_dtype_of(pipe, options.dtype), vae_passes_of(options)
         with phase(f"applying passes {', '.join(options.passes) or '(none)'}"):
-            unet = _step_wrapper(source)(
-                apply_passes(source.denoiser.to(options.device), options.passes, options.quantize_linears)
-            ).eval()
-            vae = pipe.vae.to(options.device)
-            if {p.dtype for p in vae.parameters()} != {vae_dtype}:  # diffusers warns at any .to(dtype), even a no-op
-                vae = vae.to(vae_dtype)
-            vae = VAEDecode(apply_passes(vae, vae_passes)).eval()
+            unet, vae = denoiser_and_decoder(source, options)
 
-        n, dev, dtype = options.batch_size, options.device, torch_dtype(options.dtype)
+        n, dev = options.batch_size, options.device
         unet_cases = {res.key: _unet_inputs(source, facts, res, options) for res in options.resolutions}
         vae_cases = {
             res.key: (torch.randn(n, *facts.latent_shape(res), device=dev, dtype=vae_dtype),)
@@ -105,17 +96,16 @@ def export_artifact(options: ExportOptions) -> Path:
         if options.compile_text_encoders:
             ids = torch.zeros(n, facts.text_max_length, dtype=torch.long, device=dev)
             for _, name in TEXT_PARTS[source.family]:
-                model = getattr(pipe, name).to(dev, dtype)
+                encoder = text_encoder(source, name, options)
                 if source.family == "pixart":
-                    encoder, inputs, example = T5TextEncode(model), T5_ENCODER_INPUTS, (ids, torch.ones_like(ids))
+                    inputs, example = T5_ENCODER_INPUTS, (ids, torch.ones_like(ids))
                 else:
-                    encoder = CLIPTextEncode(model, penultimate=source.family in PENULTIMATE_CLIP_FAMILIES)
                     inputs, example = TEXT_ENCODER_INPUTS, (ids,)
                 cases = {str(facts.text_max_length): example}
                 text_encoders.append(_export_component(writer, name, encoder, cases, inputs, n, options, attention))
 
         with phase("writing tokenizers, scheduler" + ("" if text_encoders else " and stock text encoders")):
-            stock = _save_stock(writer, pipe, facts, with_text_encoders=not text_encoders)
+            stock = save_stock(writer, pipe, facts, with_text_encoders=not text_encoders)
 
         manifest = Manifest(
             source=source.record,
@@ -130,7 +120,7 @@ def export_artifact(options: ExportOptions) -> Path:
                 "attention": attention,
             },
             device=device_record(options.device),
-            versions=_versions(options),
+            versions=export_versions(options),
             model=facts,
             unet=components["unet"],
             vae_decoder=components["vae_decoder"],
@@ -149,6 +139,34 @@ def _inductor_record(options: ExportOptions) -> dict[str, Any]:
     if options.component_inductor_overrides:
         record["inductor_by_component"] = {c: options.inductor_configs(c) for c in options.component_inductor_overrides}
     return record
+
+
+def vae_passes_of(options: ExportOptions) -> list[str]:
+    """The VAE decoder's passes: as asked, else the denoiser's without quantization."""
+    if options.vae_passes is not None:
+        return options.vae_passes
+    return [p for p in options.passes if p not in QUANTIZATION_PASSES]
+
+
+def denoiser_and_decoder(source: Source, options: ExportOptions) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The denoiser step and the VAE decoder as the export compiles them: after the passes, on the export device."""
+    pipe = source.pipe
+    unet = step_wrapper(source)(
+        apply_passes(source.denoiser.to(options.device), options.passes, options.quantize_linears)
+    ).eval()
+    vae_dtype = vae_dtype_of(pipe, options.dtype)
+    vae = pipe.vae.to(options.device)
+    if {p.dtype for p in vae.parameters()} != {vae_dtype}:  # diffusers warns at any .to(dtype), even a no-op
+        vae = vae.to(vae_dtype)
+    return unet, VAEDecode(apply_passes(vae, vae_passes_of(options))).eval()
+
+
+def text_encoder(source: Source, name: str, options: ExportOptions) -> torch.nn.Module:
+    """The text encoder `name` (a TEXT_PARTS encoder) as the export compiles it."""
+    model = getattr(source.pipe, name).to(options.device, torch_dtype(options.dtype))
+    if source.family == "pixart":
+        return T5TextEncode(model)
+    return CLIPTextEncode(model, penultimate=source.family in PENULTIMATE_CLIP_FAMILIES)
 
 
 def _export_component(
@@ -202,7 +220,7 @@ def _batch_dims(names: list[str], max_batch: int, skip: set[str] = frozenset()) 
     return {name: None if name in skip else {0: batch} for name in names}
 
 
-def _step_wrapper(source: Source) -> type[torch.nn.Module]:
+def step_wrapper(source: Source) -> type[torch.nn.Module]:
     if source.family == "pixart":
         # As diffusers' pipeline decides: the 1024² models (sample size 128) take the micro-conditioning.
         return PixArtMicroConditionedStep if source.denoiser.config.sample_size == 128 else PixArtStep
@@ -226,7 +244,7 @@ def _unet_inputs(
         return (*inputs, torch.randn(n, facts.pooled_dim, device=dev, dtype=dtype), micro["time_ids"])
     if facts.family == "pixart":
         mask = torch.ones(n, facts.text_max_length, dtype=torch.long, device=dev)
-        if _step_wrapper(source) is PixArtStep:
+        if step_wrapper(source) is PixArtStep:
             return (*inputs, mask)
         return (*inputs, mask, micro["resolution"], micro["aspect_ratio"])
     return inputs
@@ -245,8 +263,10 @@ def _check_divisible(res: Resolution, facts: ModelFacts, patch_size: int) -> Non
         )
 
 
-def _vae_dtype(pipe, dtype: torch.dtype) -> torch.dtype:
-    # As diffusers does: a VAE that overflows in fp16 (force_upcast) decodes in fp32.
+def vae_dtype_of(pipe, dtype: str) -> torch.dtype:
+    """The VAE decoder's precision for an export in `dtype`: as diffusers does, a VAE that overflows in fp16
+    (force_upcast) decodes in fp32."""
+    dtype = torch_dtype(dtype)
     return torch.float32 if dtype == torch.float16 and pipe.vae.config.force_upcast else dtype
 
 
@@ -254,7 +274,7 @@ def _vae_dtype(pipe, dtype: torch.dtype) -> torch.dtype:
 PIXART_TEXT_LENGTH = 120
 
 
-def _model_facts(source: Source) -> ModelFacts:
+def model_facts(source: Source) -> ModelFacts:
     pipe = source.pipe
     vae_config = pipe.vae.config
     scale = 2 ** (len(vae_config.block_out_channels) - 1)
@@ -279,7 +299,7 @@ def _model_facts(source: Source) -> ModelFacts:
     )
 
 
-def _save_stock(writer: ArtifactWriter, pipe, facts: ModelFacts, with_text_encoders: bool) -> dict[str, str]:
+def save_stock(writer: ArtifactWriter, pipe, facts: ModelFacts, with_text_encoders: bool) -> dict[str, str]:
     """Tokenizers (as tokenizer.json with the padding and truncation built in, so the runtime needs only the
     `tokenizers` library), the scheduler config, and, unless they were compiled, the stock text encoders."""
     names = ["scheduler"]
@@ -305,7 +325,7 @@ def _save_padded_tokenizer_json(tokenizer, max_length: int, path: Path) -> None:
     backend.save(str(path))
 
 
-def _versions(options: ExportOptions) -> dict[str, str | None]:
+def export_versions(options: ExportOptions) -> dict[str, str | None]:
     def version(dist: str) -> str | None:
         try:
             return importlib.metadata.version(dist)

@@ -166,7 +166,7 @@ def _check_named(
         return
     if not linears:
         raise FastDiffError("--quantize-linears names no linear", "give name suffixes, e.g. ff.net.0.proj,attn1.to_qkv")
-    unused = _fused_away(model)
+    unused = fused_away(model)
     live = {fqn: m for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn not in unused}
     for name in linears:
         matches = [fqn for fqn in live if named(fqn, [name])]
@@ -184,7 +184,7 @@ def _check_named(
             )
 
 
-def _fused_away(model: nn.Module) -> set[str]:
+def fused_away(model: nn.Module) -> set[str]:
     """Linears that diffusers' fuse_projections replaced (to_q, to_k, to_v by to_qkv; to_k, to_v by to_kv; the added
     projections by to_added_qkv) and keeps as unused modules."""
     replaced = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}

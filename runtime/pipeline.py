@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import numbers
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,6 +200,65 @@ class FastDiffPipeline:
         warm_up_decoder(self.vae_decoders[res.key], self.manifest, res, self.device)
         chunks = warm_up_conditioning(self.conditioner, self.manifest, res, self.device)
         warm_up_denoiser(self.unets[res.key], self.manifest, res, self.device, chunks)
+
+    # LoRAs, with diffusers' names (runtime/lora.py does the work; docs/finetunes-and-loras.md).
+
+    @_on_own_device
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        scale: float = 1.0,
+        *,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+    ) -> str:
+        """Load a LoRA (a file, a folder, a hub id or a state dict, in the formats diffusers' load_lora_weights reads
+        for the family: diffusers/PEFT, kohya/A1111) for the denoiser and the compiled text encoders, and make it the
+        one active adapter, at weight `scale` (as diffusers does: set_adapters combines adapters). Returns its name
+        (default: default_N).
+
+        Unlike diffusers, nothing is injected: the adapter is merged into the bound weights in place, from a pristine
+        copy of the base kept on the host, so the compiled code and CUDA graphs run unchanged, at the same speed.
+        A LoRA whose layer the artifact lacks, or of another shape, is refused by name and changes nothing.
+        Pipelines of this process over the same artifact and device share the weights, and so the adapters. Call it
+        between generations, not during one."""
+        return self._lora_adapters().load(
+            pretrained_model_name_or_path_or_dict,
+            adapter_name,
+            scale,
+            weight_name=weight_name,
+            subfolder=subfolder,
+            revision=revision,
+        )
+
+    @_on_own_device
+    def set_adapters(
+        self,
+        adapter_names: str | list[str],
+        adapter_weights: float | dict[str, float] | list[float | dict[str, float] | None] | None = None,
+    ) -> None:
+        """Merge exactly these loaded adapters: W = W_base + sum of weight * scaling * B @ A over them (the weight per
+        adapter, 1.0 by default, or a dict by part such as {"unet": 0.8, "text_encoder": 1.0}); [] leaves the base.
+        Exact: every switch starts from the pristine base."""
+        self._lora_adapters().set_adapters(adapter_names, adapter_weights)
+
+    @_on_own_device
+    def unload_lora_weights(self) -> None:
+        """Drop every adapter: the base weights are back, bit for bit, and the host copies freed."""
+        self._lora_adapters().unload()
+
+    def get_active_adapters(self) -> list[str]:
+        """The adapters merged now (diffusers' name for it)."""
+        return list(self._lora_adapters().active)
+
+    def _lora_adapters(self) -> Any:
+        if getattr(self, "_loras", None) is None:
+            from .lora import shared_adapters  # diffusers' LoRA conversions load with a LoRA, not with the pipeline
+
+            self._loras = shared_adapters(self)
+        return self._loras
 
     def _denoise(
         self,
