@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,12 @@ from .format import (
     MANIFEST_NAME,
     Manifest,
     check_digest_format,
-    is_relative_inside,
+    check_files,
+    confined_path,
     manifest_digest,
     parse_manifest,
     read_manifest_bytes,
-    sha256_file,
 )
-
-HASH_THREADS = 4  # hashlib lets go of the GIL: files hash in parallel, at the disk's speed rather than one core's
 
 
 class ArtifactFolder:
@@ -37,6 +34,8 @@ class ArtifactFolder:
 
     def __init__(self, root: str | Path, expected_digest: str | None = None) -> None:
         self.root = Path(root)
+        self._verifier: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, Future[bytes]] = {}
         if expected_digest is not None:
             check_digest_format(expected_digest)
         read_manifest_bytes(self.root)  # the folder and its manifest are there (a clear error if not)
@@ -60,21 +59,22 @@ class ArtifactFolder:
 
     def path(self, rel: str) -> Path:
         """The path of the artifact's file `rel` (one its manifest lists), through the folder's handle; refused if
-        a link in it leads out of the folder."""
-        if not is_relative_inside(rel):
-            raise FastDiffError(f"artifact {self.root}: path {rel!r} leaves the folder", "export the model again")
-        path = self.base / rel
-        inside = os.path.realpath(self.base)
-        if not os.path.realpath(path).startswith(inside + os.sep):
-            raise FastDiffError(
-                f"artifact {self.root}: {rel} links to {os.path.realpath(path)}, outside the artifact folder",
-                "replace the link with the file itself, or export the model again",
-            )
-        return path
+        it leaves the folder."""
+        return confined_path(self.base, rel, self.root)
+
+    def verify_ahead(self, rels: list[str]) -> None:
+        """Read and hash these files (the packages a load opens) in order on a thread, beside the rest of the load;
+        read_verified then takes what it did."""
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="fastdiff-verify")
+        self._ahead = {rel: self._verifier.submit(self._read_checked, rel) for rel in rels}
 
     def read_verified(self, rel: str) -> bytes:
         """The whole file `rel`, checked against its size and sha256 in the manifest (for the packages: the code
         that is opened is the code that was hashed)."""
+        ahead = self._ahead.pop(rel, None)
+        return ahead.result() if ahead is not None else self._read_checked(rel)
+
+    def _read_checked(self, rel: str) -> bytes:
         entry = self.manifest.files.get(rel)
         if entry is None:
             raise FastDiffError(f"artifact {self.root}: {rel} is not listed in its manifest", "export the model again")
@@ -91,34 +91,8 @@ class ArtifactFolder:
         return data
 
     def check_files(self, full_hash: bool = False) -> list[str]:
-        """Every listed file present inside the folder as a regular file of its recorded size; with `full_hash`,
-        its content hashed too (files in parallel). One line per problem."""
-        problems, to_hash = [], []
-        for rel, entry in self.manifest.files.items():
-            try:
-                path = self.path(rel)
-            except FastDiffError as e:
-                problems.append(f"{rel}: {e.problem.split(': ', 1)[-1]}")
-                continue
-            try:
-                info = os.stat(path)
-            except OSError:
-                problems.append(f"{rel}: missing")
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                problems.append(f"{rel}: not a regular file")
-            elif info.st_size != entry["size"]:
-                problems.append(
-                    f"{rel}: size {info.st_size} bytes, manifest says {entry['size']} (truncated or replaced)"
-                )
-            elif full_hash:
-                to_hash.append((rel, path, entry))
-        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="fastdiff-hash") as pool:
-            digests = pool.map(lambda job: sha256_file(job[1]), to_hash)
-            for (rel, _, entry), digest in zip(to_hash, digests, strict=True):
-                if digest != entry["sha256"]:
-                    problems.append(f"{rel}: sha256 differs from the manifest (corrupted or replaced)")
-        return problems
+        """format.check_files through the folder's handle."""
+        return check_files(self.base, self.manifest, full_hash, self.root)
 
     def check_unchanged(self) -> None:
         """Refuse a load whose folder's manifest changed while it ran (files rewritten in place)."""
@@ -128,6 +102,8 @@ class ArtifactFolder:
             )
 
     def close(self) -> None:
+        if getattr(self, "_verifier", None) is not None:
+            self._verifier.shutdown(wait=True, cancel_futures=True)
         fd, self._fd = getattr(self, "_fd", -1), -1
         if fd >= 0:
             os.close(fd)

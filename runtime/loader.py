@@ -123,6 +123,11 @@ def _load(
     if warmup is None:
         warmup = device.type == "cuda"
     warm_res = default_resolution(manifest, [parse_resolution(k) for k in keys])
+    # The packages are hashed before they are opened, on a thread beside the weights, in the order they are opened.
+    components = (manifest.vae_decoder, *manifest.text_encoders, manifest.unet)
+    folder.verify_ahead(
+        [rel for c in components for key, rel in c.packages.items() if c in manifest.text_encoders or key in keys]
+    )
     # The small components' weights first: their packages, loaded next, bind them.
     weights = {
         c.weights: shared_weights(folder.path(c.weights), device, c.channels_last, digest=folder.digest)

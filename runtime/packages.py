@@ -74,7 +74,7 @@ SCALAR_TYPES = {
 }
 
 
-CONSTANT_ALIGNMENT = 64  # a package declares its constants' byte sizes rounded up to this (AOTInductor's alignment)
+CONSTANT_ALIGNMENT = 64  # a CPU package declares its constants' byte sizes rounded up to this; a CUDA package, exact
 
 
 def check_constants(path: Path, declared: Mapping[str, tuple[int, int]], weights: Mapping[str, torch.Tensor]) -> None:
@@ -86,8 +86,8 @@ def check_constants(path: Path, declared: Mapping[str, tuple[int, int]], weights
         tensor = weights[name]
         dtype = SCALAR_TYPES.get(code)
         got = tensor.numel() * tensor.element_size()
-        if dtype != tensor.dtype or -(-got // CONSTANT_ALIGNMENT) * CONSTANT_ALIGNMENT != nbytes:
-            wanted = f"{dtype or f'dtype code {code}'} of {nbytes} bytes (aligned to {CONSTANT_ALIGNMENT})"
+        if dtype != tensor.dtype or nbytes not in (got, -(-got // CONSTANT_ALIGNMENT) * CONSTANT_ALIGNMENT):
+            wanted = f"{dtype or f'dtype code {code}'} of {nbytes} bytes"
             raise FastDiffError(
                 f"{path} takes weight {name} as {wanted}; the weight file holds {tensor.dtype} of {got} bytes",
                 "the artifact's files do not belong together: export the model again",

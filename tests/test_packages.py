@@ -205,3 +205,18 @@ def test_every_family_generates_the_same_through_torch_loader(
             generator = torch.Generator().manual_seed(1)
             images.append(pipe("a photo of a cat", num_inference_steps=2, generator=generator, output_type="np").images)
         torch.testing.assert_close(torch.as_tensor(images[0]), torch.as_tensor(images[1]), rtol=0, atol=0)
+
+
+def test_weights_are_checked_against_what_the_code_declares() -> None:
+    """A package declares each constant's dtype and byte size: exact (CUDA packages) or rounded up to the alignment
+    (CPU packages). A weight of another dtype or size is refused by name."""
+    from fastdiff.runtime.packages import check_constants
+
+    weights = {"w": torch.zeros(3, dtype=torch.float32)}  # 12 bytes
+    check_constants(Path("p.pt2"), {"w": (6, 12)}, weights)
+    check_constants(Path("p.pt2"), {"w": (6, 64)}, weights)
+    for declared, phrase in (((6, 16), "float32 of 16 bytes"), ((15, 12), "bfloat16 of 12 bytes"), ((99, 12), "99")):
+        with pytest.raises(FastDiffError, match=f"p.pt2 takes weight w as .*{phrase}"):
+            check_constants(Path("p.pt2"), {"w": declared}, weights)
+    with pytest.raises(FastDiffError, match="needs 1 weights that the weight file lacks"):
+        check_constants(Path("p.pt2"), {"v": (6, 12)}, weights)
