@@ -44,7 +44,7 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    model: str | None = None  # a LoRA's id (GET /v1/models) selects it; any other is accepted and serves the base
+    model: str | None = None  # a LoRA's id (GET /v1/models) selects it; any other: accepted, no effect
     n: int = Field(1, strict=True)
     size: str | None = None  # "WxH", one of the artifact's; None or "auto": the model's default
     response_format: Literal["b64_json", "url"] | None = None  # "url" is refused: the server keeps no images
