@@ -314,6 +314,20 @@ def tiny_pipeline(tiny_artifact: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
+    """Two random LoRAs of the tiny SDXL model (its UNet and text encoders), by adapter name: the server's."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionXLPipeline
+    from lora_helpers import UNET_TARGETS, make_lora
+
+    root = tmp_path_factory.mktemp("tiny-loras")
+    return {
+        name: make_lora(StableDiffusionXLPipeline, tiny_checkpoint, root / name, seed, UNET_TARGETS, r=4, lora_alpha=8)
+        for name, seed in (("pixel", 1), ("ink", 2))
+    }
+
+
+@pytest.fixture(scope="session")
 def reference_pipeline(tiny_checkpoint: Path):
     """diffusers' own StableDiffusionXLPipeline on the same checkpoint, with the same passes (SDPA, fused QKV)."""
     from diffusers import StableDiffusionXLPipeline

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +86,25 @@ def alone(pipe, prompt: str, seed: int, n: int = 1, steps: int = 4, **kwargs) ->
     generator = torch.Generator().manual_seed(seed)
     images = pipe(prompt, num_inference_steps=steps, generator=generator, num_images_per_prompt=n, **kwargs).images
     return [np.asarray(image) for image in images]
+
+
+@contextmanager
+def loras_loaded(pipe, loras: Mapping[str, Path]) -> Iterator[None]:
+    """The LoRAs loaded into the pipeline as adapters of their names, the base merged; unloaded afterwards (pipelines
+    of this process over the same artifact share its weights)."""
+    try:
+        for name, path in loras.items():
+            pipe.load_lora_weights(path, adapter_name=name)
+        pipe.set_adapters([])
+        yield
+    finally:
+        pipe.unload_lora_weights()
+
+
+def merged(pipe, lora: str | None, scale: float = 1.0):
+    """The pipeline with the LoRA `lora` merged at `scale` (None: the base), as a request for it is served."""
+    pipe.set_adapters([] if lora is None else [lora], None if lora is None else [scale])
+    return pipe
 
 
 def assert_same_image(got: np.ndarray, expected: np.ndarray) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from test_lora import UNET_TARGETS, assert_unchanged, latents, make_lora, relative, snapshot
+from lora_helpers import UNET_TARGETS, make_lora
+from test_lora import assert_unchanged, latents, relative, snapshot
 
 from fastdiff.runtime import load_pipeline
 from fastdiff.runtime.lora import bound_weights

@@ -1,8 +1,8 @@
 """The Ray Serve application on a local Ray instance: two CPU replicas over the tiny artifact behind Serve's HTTP
 proxy on 127.0.0.1, called through the official `openai` client: concurrent requests spread over both replicas, each
-image what the pipeline gives alone; a replica killed while requests are in flight is replaced, and every request is
-answered once with its own image (the client retries a request whose replica died: the seed makes the retry give the
-same bytes). The application is built from the example Serve config file in docs/."""
+image what the pipeline gives alone (with its LoRA merged, for one); a replica killed while requests are in flight is
+replaced, and every request is answered once with its own image (the client retries a request whose replica died: the
+seed makes the retry give the same bytes). The application is built from the example Serve config file in docs/."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from serve_helpers import alone, assert_same_image, decode, free_port
+from serve_helpers import alone, assert_same_image, decode, free_port, loras_loaded, merged
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -26,8 +26,9 @@ CONFIG = Path(__file__).parents[1] / "docs" / "serve-config.yaml"
 
 
 @pytest.fixture(scope="module")
-def ray_app(tiny_artifact: Path):
-    """The docs' config file's application, its args pointed at the tiny artifact on the CPU with two replicas."""
+def ray_app(tiny_artifact: Path, tiny_loras: dict[str, Path]):
+    """The docs' config file's application, its args pointed at the tiny artifact on the CPU with two replicas and a
+    LoRA."""
     from ray.serve.schema import ServeDeploySchema
 
     from fastdiff.runtime.serve.ray_app import AppArgs, app
@@ -36,6 +37,7 @@ def ray_app(tiny_artifact: Path):
     (application,) = config.applications
     assert application.import_path == "fastdiff.runtime.serve.ray_app:app"
     args = {**application.args, "artifact": str(tiny_artifact), "device": "cpu", "num_replicas": 2, "num_cpus": 0.5}
+    args["loras"] = {"pixel": str(tiny_loras["pixel"])}
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -47,23 +49,25 @@ def ray_app(tiny_artifact: Path):
         ray.shutdown()
 
 
-def test_two_replicas_serve_concurrent_requests(ray_app, tiny_pipeline) -> None:
+def test_two_replicas_serve_concurrent_requests(ray_app, tiny_pipeline, tiny_loras: dict[str, Path]) -> None:
     url, _ = ray_app
     assert httpx.get(f"{url}/readyz").status_code == 200
-    requests = [("a photo of a cat", seed) for seed in range(8)]
+    requests = [("a photo of a cat", seed, "tiny") for seed in range(8)] + [("a photo of a cat", 3, "pixel")]
 
-    def one(request: tuple[str, int]):
+    def one(request: tuple[str, int, str]):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         raw = client.images.with_raw_response.generate(
-            prompt=request[0], size="64x64", extra_body={"seed": request[1], "num_inference_steps": 4}
+            model=request[2], prompt=request[0], size="64x64", extra_body={"seed": request[1], "num_inference_steps": 4}
         )
         return raw.headers["x-fastdiff-replica"], decode(raw.parse().data[0].b64_json)
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(9) as pool:
         answers = list(pool.map(one, requests))
     assert len({replica for replica, _ in answers}) == 2
-    for (prompt, seed), (_, image) in zip(requests, answers, strict=True):
-        assert_same_image(image, alone(tiny_pipeline, prompt, seed)[0])
+    with loras_loaded(tiny_pipeline, {"pixel": tiny_loras["pixel"]}):
+        for (prompt, seed, model), (_, image) in zip(requests, answers, strict=True):
+            lora = None if model == "tiny" else model
+            assert_same_image(image, alone(merged(tiny_pipeline, lora), prompt, seed)[0])
 
 
 def replicas(handle) -> dict[str, int]:

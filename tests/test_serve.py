@@ -1,6 +1,6 @@
 """fastdiff-serve end to end: a real server process on 127.0.0.1 over the tiny CPU artifact, called through the
-official `openai` client and httpx: images, seeds, auth, refusals, concurrent clients batched, metrics, deadlines,
-a full queue, disconnects, and SIGTERM's drain."""
+official `openai` client and httpx: images, seeds, LoRAs, auth, refusals, concurrent clients batched, metrics,
+deadlines, a full queue, disconnects, and SIGTERM's drain."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serve_helpers import alone, assert_same_image, decode, serve_command, serving, sigterm
+import torch
+from safetensors.torch import save_file
+from serve_helpers import alone, assert_same_image, decode, loras_loaded, merged, serve_command, serving, sigterm
 
 KEY = "test-key"
 # batch-wait: concurrent test clients start within it, so their requests share calls
@@ -27,9 +29,14 @@ LONG = {"num_inference_steps": 100000}  # many minutes: a request that ends earl
 PROMPT = "a photo of a cat"
 
 
+def lora_args(loras: dict[str, Path]) -> list[str]:
+    return [arg for name, path in loras.items() for arg in ("--lora", f"{name}={path}")]
+
+
 @pytest.fixture(scope="module")
-def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serving(tiny_artifact, tmp_path_factory.mktemp("serve") / "server.log", *MAIN_ARGS) as server:
+def server(tiny_artifact: Path, tiny_loras: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with serving(tiny_artifact, log, *MAIN_ARGS, *lora_args(tiny_loras)) as server:
         yield server
 
 
@@ -44,10 +51,10 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def generate(client: openai.OpenAI, prompt: str, seed: int | None, n: int = 1, **extra):
+def generate(client: openai.OpenAI, prompt: str, seed: int | None, n: int = 1, model: str = "tiny", **extra):
     body = {"num_inference_steps": 4, **extra} | ({} if seed is None else {"seed": seed})
     return client.images.generate(
-        model="tiny", prompt=prompt, n=n, size="64x64", response_format="b64_json", extra_body=body
+        model=model, prompt=prompt, n=n, size="64x64", response_format="b64_json", extra_body=body
     )
 
 
@@ -95,7 +102,40 @@ def test_probes_and_models(server) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert [m["id"] for m in models["data"]] == ["tiny"]  # the artifact folder's name (conftest's session export)
+    # the artifact folder's name (conftest's session export), then the LoRAs as models of their own
+    assert [(m["id"], m["parent"]) for m in models["data"]] == [("tiny", None), ("pixel", "tiny"), ("ink", "tiny")]
+
+
+def test_loras_by_name_each_image_the_pipelines_with_it_merged(
+    server, client, tiny_pipeline, tiny_loras: dict[str, Path]
+) -> None:
+    """Requests one after another for the base and the LoRAs (by `lora`, or the LoRA's id as `model`): each image is
+    the pipeline's with that LoRA merged, the base's bytes again right after a LoRA; the server merges a LoRA only
+    when the request's differs from the merged one."""
+    fields = {"num_inference_steps": 2}
+    base = generate(client, PROMPT, 21, **fields)  # the base merged, whatever earlier tests left
+    switches = metric(server, "fastdiff_lora_switches_total")
+    pixel_images = metric(server, "fastdiff_images_total", '{model="pixel"}')
+    asks = [  # (the model, fastdiff's fields), the LoRA and weight it selects
+        (("tiny", {"lora": "pixel"}), ("pixel", 1.0)),
+        (("pixel", {}), ("pixel", 1.0)),  # the same LoRA: no switch
+        (("tiny", {}), (None, 1.0)),
+        (("tiny", {"lora": "ink", "lora_scale": 0.5}), ("ink", 0.5)),
+        (("ink", {"lora": "ink"}), ("ink", 1.0)),  # another weight: a switch
+        (("dall-e-3", {}), (None, 1.0)),  # neither the model's id nor a LoRA's: the base, as before LoRAs
+    ]
+    answers = [
+        decode(generate(client, PROMPT, 21, model=model, **fields, **extra).data[0].b64_json)
+        for (model, extra), _ in asks
+    ]
+    assert metric(server, "fastdiff_lora_switches_total") - switches == 5
+    assert metric(server, "fastdiff_images_total", '{model="pixel"}') - pixel_images == 2
+    with loras_loaded(tiny_pipeline, tiny_loras):
+        expected = {ask: alone(merged(tiny_pipeline, *ask), PROMPT, 21, steps=2)[0] for ask in {a for _, a in asks}}
+    for got, (_, ask) in zip(answers, asks, strict=True):
+        assert_same_image(got, expected[ask])
+    assert np.abs(answers[0].astype(int) - answers[2]).max() > 1  # the LoRA changes the image
+    assert np.array_equal(answers[2], decode(base.data[0].b64_json))  # the base, exactly, after a LoRA
 
 
 def test_auth(server) -> None:
@@ -124,6 +164,10 @@ def test_auth(server) -> None:
         ({"prompt": "a cat", "output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
         ({"prompt": "a cat", "steps": 4}, "steps", "Unrecognized request argument"),
         ({"size": "64x64"}, "prompt", "Missing required parameter"),
+        ({"prompt": "a cat", "lora": "nope"}, "lora", "lora 'nope' is not loaded; loaded: pixel, ink"),
+        ({"prompt": "a cat", "model": "pixel", "lora": "ink"}, "lora", "name different LoRAs"),
+        ({"prompt": "a cat", "lora_scale": 0.5}, "lora_scale", "needs a LoRA"),
+        ({"prompt": "a cat", "lora": "ink", "lora_scale": "strong"}, "lora_scale", "valid number"),
     ],
 )
 def test_bad_requests_get_400_in_openais_shape(server, body: dict, param: str, phrase: str) -> None:
@@ -239,7 +283,9 @@ def test_metrics(server) -> None:
         "fastdiff_request_seconds_count",
         "fastdiff_queue_wait_seconds_count",
         "fastdiff_batch_images_count",
-        "fastdiff_images_total",
+        'fastdiff_images_total{model="tiny"}',
+        'fastdiff_images_total{model="ink"}',
+        "fastdiff_lora_switches_total",
     ):
         assert re.search(rf"^{re.escape(name)} [1-9]", text, re.M), name
     assert metric(server, "fastdiff_load_seconds") > 0
@@ -300,6 +346,24 @@ def test_another_artifact_than_the_pinned_one_ends_the_server(tiny_artifact: Pat
     assert re.search(rf"^error: .*not the expected {other}", proc.stderr, re.M), proc.stderr[-2000:]
 
 
+def test_a_lora_the_artifact_refuses_ends_the_server(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A --lora file that is no LoRA: the load refuses it after the model's; the server exits 2 naming it."""
+    save_file({"unet.conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    command = serve_command(tiny_artifact, 0, "--lora", f"bad={tmp_path / 'bad.safetensors'}")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"^error: LoRA bad=.*bad\.safetensors: .*not a LoRA", proc.stderr, re.M), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_lora_named_as_the_model_is_refused(tiny_artifact: Path, tiny_loras: dict[str, Path]) -> None:
+    from fastdiff.runtime import FastDiffError
+    from fastdiff.runtime.serve.model import load_fastdiff
+
+    with pytest.raises(FastDiffError, match="the LoRA name 'tiny' is the model's own"):
+        load_fastdiff(tiny_artifact, "cpu", loras={"tiny": tiny_loras["pixel"]})
+
+
 def test_bad_command_lines(tiny_artifact: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -313,6 +377,19 @@ def test_bad_command_lines(tiny_artifact: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2 and "sha256:" in result.stderr
         result = CliRunner().invoke(main, [str(tiny_artifact), "--default-steps", "50", "--max-steps", "40"])
         assert result.exit_code == 2 and "above --max-steps" in result.stderr
+        lora = tmp_path / "lora.safetensors"
+        lora.touch()
+        for loras, phrase in (
+            (["pixel"], "--lora 'pixel' is not NAME=FILE"),
+            (["=lora.safetensors"], "is not NAME=FILE"),
+            (["pixel="], "is not NAME=FILE"),
+            ([f"pixel={lora}", f"pixel={lora}"], "--lora names 'pixel' twice"),
+            ([f"pixel={tmp_path / 'nowhere.safetensors'}"], "nowhere.safetensors: no such file"),
+        ):
+            result = CliRunner().invoke(main, [str(tiny_artifact), *(a for v in loras for a in ("--lora", v))])
+            assert result.exit_code == 2, result.output
+            assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+            assert phrase in result.stderr, result.stderr
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -1,6 +1,7 @@
 """Dynamic batching and the server's states, in process (ImageService over the tiny artifact; HTTP through httpx's
 ASGI transport where a route is under test): which requests share a pipeline call, that each gets the images it gets
-alone, that a scheduler drawing its own noise runs requests alone, and readiness before, during and after the load."""
+alone, that requests for other LoRAs never share a call and each is served with its LoRA merged, that a scheduler
+drawing its own noise runs requests alone, and readiness before, during and after the load."""
 
 from __future__ import annotations
 
@@ -12,24 +13,30 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import alone, assert_same_image, decode
+from serve_helpers import alone, assert_same_image, decode, loras_loaded, merged
 
 from fastdiff.runtime.serve.api import ImageRequest
 from fastdiff.runtime.serve.app import create_app
+from fastdiff.runtime.serve.metrics import ServeMetrics
 from fastdiff.runtime.serve.model import ServedModel, load_fastdiff, scheduler_draws_noise
 from fastdiff.runtime.serve.service import ImageService
 
 
 class Recording:
-    """The pipeline, recording the prompts of each call."""
+    """The pipeline, recording the prompts of each call (and the adapters merged for it, in `adapters`)."""
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.calls: list[list[str]] = []
+        self.adapters: list[list[str]] = []
 
     def __call__(self, prompt, **kwargs):
         self.calls.append([prompt] if isinstance(prompt, str) else list(prompt))
+        self.adapters.append(self.pipe.get_active_adapters())
         return self.pipe(prompt, **kwargs)
+
+    def set_adapters(self, *args) -> None:
+        self.pipe.set_adapters(*args)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,8 @@ def model(tiny_artifact: Path) -> ServedModel:
     return load_fastdiff(tiny_artifact, device="cpu")
 
 
-def serve_all(model: ServedModel, requests: list[ImageRequest], **options) -> tuple[list[dict], list[list[str]]]:
-    """The requests sent at once, in order; their answers and the pipeline calls that made them."""
+def serve_all(model: ServedModel, requests: list[ImageRequest], **options) -> tuple[list[dict], Recording]:
+    """The requests sent at once, in order; their answers, and the pipeline calls that made them."""
     recording = Recording(model.pipe)
     service = ImageService(lambda: dataclasses.replace(model, pipe=recording), **options)
 
@@ -49,7 +56,7 @@ def serve_all(model: ServedModel, requests: list[ImageRequest], **options) -> tu
         finally:
             await service.close()
 
-    return asyncio.run(run()), recording.calls
+    return asyncio.run(run()), recording
 
 
 def test_requests_that_can_share_a_call_do_and_each_gets_its_own_images(model: ServedModel, tiny_pipeline) -> None:
@@ -65,8 +72,8 @@ def test_requests_that_can_share_a_call_do_and_each_gets_its_own_images(model: S
         ImageRequest(prompt="a blue sky", seed=7, num_inference_steps=4, guidance_scale=2.0),  # other guidance
         ImageRequest(prompt="a tall tree", seed=8, num_inference_steps=4, size="96x64"),  # other size
     ]
-    answers, calls = serve_all(model, requests, batch_wait_s=0.5)
-    assert calls == [
+    answers, recording = serve_all(model, requests, batch_wait_s=0.5)
+    assert recording.calls == [
         ["a photo of a cat", "a green field"],
         ["a photo of a cat", "a blue sky"],
         ["a red bus", "a red bus"],
@@ -94,6 +101,43 @@ def test_requests_that_can_share_a_call_do_and_each_gets_its_own_images(model: S
     assert np.abs(first.astype(int) - fourth).max() > 1  # the comparison tells batch-mates apart
 
 
+def test_requests_for_other_loras_never_share_a_call(model: ServedModel, tiny_loras: dict[str, Path]) -> None:
+    """Calls group requests of one LoRA at one weight (`lora`, or the LoRA's id as `model`); before a call the worker
+    merges its LoRA only if another is merged, and each request gets the pipeline's images with its LoRA merged, the
+    base's without one, also right after a LoRA's call."""
+    requests = [
+        ImageRequest(prompt="a photo of a cat", seed=1, num_inference_steps=4),
+        ImageRequest(prompt="a red bus", seed=2, num_inference_steps=4, lora="pixel"),
+        ImageRequest(prompt="a blue sky", seed=3, num_inference_steps=4, lora="ink"),
+        ImageRequest(prompt="a tall tree", seed=4, num_inference_steps=4, lora="pixel", lora_scale=0.5),
+        ImageRequest(prompt="a green field", seed=5, num_inference_steps=4, model="pixel"),  # joins the second
+        ImageRequest(prompt="a dog", seed=6, num_inference_steps=4, model="dall-e-3"),  # not a LoRA: joins the first
+        ImageRequest(prompt="a photo of a cat", seed=7, num_inference_steps=4),  # the first's call is full
+    ]
+    metrics = ServeMetrics()
+    with loras_loaded(model.pipe, tiny_loras):
+        lora_model = dataclasses.replace(model, loras=tuple(tiny_loras))
+        answers, recording = serve_all(lora_model, requests, batch_wait_s=0.5, metrics=metrics)
+        assert recording.calls == [
+            ["a photo of a cat", "a dog"],
+            ["a red bus", "a green field"],
+            ["a blue sky"],
+            ["a tall tree"],
+            ["a photo of a cat"],
+        ]
+        assert recording.adapters == [[], ["pixel"], ["ink"], ["pixel"], []]
+        assert metrics.registry.get_sample_value("fastdiff_lora_switches_total") == 4  # none before the base's call
+        lora_of = [(None, 1.0), ("pixel", 1.0), ("ink", 1.0), ("pixel", 0.5), ("pixel", 1.0), (None, 1.0), (None, 1.0)]
+        for request, answer, (lora, scale) in zip(requests, answers, lora_of, strict=True):
+            got = decode(answer["data"][0]["b64_json"])
+            assert_same_image(got, alone(merged(model.pipe, lora, scale), request.prompt, request.seed)[0])
+            if lora is not None:  # the LoRA changes the image: the comparison above tells LoRAs apart
+                base = alone(merged(model.pipe, None), request.prompt, request.seed)[0]
+                assert np.abs(got.astype(int) - base).max() > 1
+    images = metrics.registry.get_sample_value
+    assert [images("fastdiff_images_total", {"model": m}) for m in (model.name, "pixel", "ink")] == [3, 3, 1]
+
+
 def test_a_scheduler_that_draws_noise_runs_each_request_alone(tiny_artifact: Path) -> None:
     """Euler ancestral adds noise from the generator at each step: requests then run one per call, with their own
     generator, and get the pipeline's images for their seed exactly."""
@@ -104,8 +148,8 @@ def test_a_scheduler_that_draws_noise_runs_each_request_alone(tiny_artifact: Pat
     model = dataclasses.replace(model, rows_independent=not scheduler_draws_noise(model.pipe.scheduler))
     assert not model.rows_independent
     requests = [ImageRequest(prompt=p, seed=s, num_inference_steps=4) for p, s in (("a cat", 1), ("a dog", 2))]
-    answers, calls = serve_all(model, requests, batch_wait_s=0.5)
-    assert calls == [["a cat"], ["a dog"]]
+    answers, recording = serve_all(model, requests, batch_wait_s=0.5)
+    assert recording.calls == [["a cat"], ["a dog"]]
     for request, answer in zip(requests, answers, strict=True):
         expected = alone(model.pipe, request.prompt, request.seed)[0]
         assert np.array_equal(decode(answer["data"][0]["b64_json"]), expected)

@@ -44,7 +44,7 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    model: str | None = None  # accepted and not checked: the server serves one model (GET /v1/models names it)
+    model: str | None = None  # a LoRA's id (GET /v1/models) selects it; any other: accepted, no effect
     n: int = Field(1, strict=True)
     size: str | None = None  # "WxH", one of the artifact's; None or "auto": the model's default
     response_format: Literal["b64_json", "url"] | None = None  # "url" is refused: the server keeps no images
@@ -59,6 +59,8 @@ class ImageRequest(BaseModel):
     num_inference_steps: int | None = Field(None, strict=True)
     guidance_scale: float | None = Field(None, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
+    lora: str | None = None  # a loaded LoRA's name (fastdiff-serve --lora NAME=FILE); None: the base
+    lora_scale: float | None = Field(None, allow_inf_nan=False)  # the LoRA's weight; default 1.0
 
 
 def validation_error(error: ValidationError) -> ApiError:

@@ -83,8 +83,13 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
+        """The model, then each LoRA as a model of its own whose `parent` is the model (as vLLM lists LoRAs)."""
         authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fastdiff"}]}
+        base = {"id": model_name, "object": "model", "created": 0, "owned_by": "fastdiff", "parent": None}
+        return {
+            "object": "list",
+            "data": [base, *({**base, "id": name, "parent": model_name} for name in service.loras)],
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

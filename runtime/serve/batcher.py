@@ -1,7 +1,8 @@
 """Requests -> batches -> one pipeline call at a time, on one worker thread.
 
 Requests wait in one first-come queue. When the worker is free, the oldest request's batch key (resolution, steps,
-guidance scale, whether a negative prompt is given: the pipeline's loop takes one of each per call) picks the batch:
+guidance scale, whether a negative prompt is given: the pipeline's loop takes one of each per call; and the LoRA, which
+is merged into the weights for the whole call) picks the batch:
 it and the next requests of the same key, in arrival order, up to the model's compiled batch of images (a request of
 n images counts n). The oldest request waits at most `batch_wait_s` for company while the worker is idle; while the
 worker is busy, requests gather anyway. Each request brings its own initial noise, drawn as the pipeline draws it
@@ -27,7 +28,7 @@ import torch
 
 from ..format import Resolution
 from .metrics import ServeMetrics
-from .model import ServedModel
+from .model import Adapter, ServedModel
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class BatchKey:
     steps: int
     guidance_scale: float
     negative: bool  # SDXL conditions on zeros without a negative prompt, and on the encoded prompt with one
+    adapter: Adapter | None  # the LoRA and weight merged for the call (None: the base)
 
 
 @dataclass(eq=False)
@@ -133,6 +135,10 @@ class Batcher:
             self.metrics.batch_requests.observe(len(batch))
             self.metrics.batch_images.observe(sum(job.n for job in batch))
             try:
+                adapter = batch[0].key.adapter
+                if adapter != self.model.merged:  # merging costs about a copy of the touched weights: only on a change
+                    await loop.run_in_executor(self.worker, self.model.use_adapter, adapter)
+                    self.metrics.lora_switches.inc()
                 results = await loop.run_in_executor(self.worker, run_batch, self.model, batch, self._interrupt(batch))
             except Exception as e:  # the pipeline failed: every request of the batch gets the error
                 for job in batch:

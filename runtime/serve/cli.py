@@ -1,7 +1,8 @@
 """`fastdiff-serve ARTIFACT`: the image API over one artifact, on uvicorn, with a graceful drain on SIGTERM.
 
-Checks its arguments and the artifact's manifest before the seconds of imports, starts reading the artifact from disk
-beside them (prefetch), then runs uvicorn (server.DrainingServer), which loads the model in the background.
+Checks its arguments (the --lora files exist) and the artifact's manifest before the seconds of imports, starts reading
+the artifact from disk beside them (prefetch), then runs uvicorn (server.DrainingServer), which loads the model and its
+LoRAs in the background.
 Exit codes: 0 after a drain, 1 after a forced stop, 2 on bad input or a model that cannot load.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -65,6 +67,14 @@ from ..readahead import prefetch
     help="Refuse to load an artifact whose digest is not this one.",
 )
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="Load a LoRA (a file, or a folder of one) at start-up as NAME, which a request selects with `lora` or as "
+    "`model`; repeatable.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -85,6 +95,7 @@ def main(
     max_steps: int,
     model_name: str | None,
     expect_digest: str | None,
+    loras: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Serve ARTIFACT (written by fastdiff-export) over the OpenAI Images API: POST /v1/images/generations, GET
@@ -92,6 +103,7 @@ def main(
     loaded and warmed up."""
     if default_steps > max_steps:
         raise FastDiffError(f"--default-steps {default_steps} is above --max-steps {max_steps}", "lower one of them")
+    lora_files = parse_loras(loras)
     read_manifest(artifact)  # not an artifact: refused before the seconds of imports below
     prefetch(artifact)
     import_torch()
@@ -104,7 +116,7 @@ def main(
 
     name = model_name or artifact.name
     service = ImageService(
-        lambda: load_fastdiff(artifact, device, expect_digest, name),
+        lambda: load_fastdiff(artifact, device, expect_digest, name, lora_files),
         max_queue=max_queue,
         batch_wait_s=batch_wait_ms / 1000,
         request_timeout_s=request_timeout,
@@ -122,3 +134,20 @@ def main(
     if server.forced:
         click.echo("error: stopped before the requests in flight finished", err=True)
         sys.exit(1)
+
+
+def parse_loras(values: Sequence[str]) -> dict[str, Path]:
+    """--lora NAME=FILE values -> {NAME: FILE}, refusing a value without a name or a file, a name given twice, and a
+    file that does not exist (here, not seconds later in the load)."""
+    loras: dict[str, Path] = {}
+    for value in values:
+        name, equals, file = value.partition("=")
+        if not (equals and name and file):
+            raise FastDiffError(f"--lora {value!r} is not NAME=FILE (e.g. --lora pixel=loras/pixel.safetensors)")
+        if name in loras:
+            raise FastDiffError(f"--lora names {name!r} twice ({loras[name]} and {file})")
+        path = Path(file).expanduser()
+        if not path.exists():
+            raise FastDiffError(f"--lora {name}={file}: no such file")
+        loras[name] = path
+    return loras

@@ -45,7 +45,17 @@ class ServeMetrics:
         self.batch_seconds = Histogram(
             "fastdiff_batch_seconds", "Time of one pipeline call", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.images = Counter("fastdiff_images", "Images generated and returned", registry=r)
+        self.images = Counter(
+            "fastdiff_images",
+            "Images generated and returned, by model id (the base's or a LoRA's)",
+            ["model"],
+            registry=r,
+        )
+        self.lora_switches = Counter(
+            "fastdiff_lora_switches",
+            "Adapter switches before a pipeline call (a LoRA merged, or the base back)",
+            registry=r,
+        )
         self.dropped = Counter(
             "fastdiff_dropped_requests",
             "Requests dropped before or during their batch, by reason",

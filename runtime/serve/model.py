@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import FastDiffError
 from ..format import Resolution
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A loaded LoRA as a request asks for it: its name, at a weight."""
+
+    name: str
+    scale: float = 1.0
 
 
 @dataclass
@@ -27,6 +36,18 @@ class ServedModel:
     device: torch.device
     dtype: torch.dtype
     rows_independent: bool  # the scheduler draws no noise of its own: each image depends only on its own inputs
+    loras: tuple[str, ...] = ()  # the adapters loaded, by name: what a request's `lora` may ask for
+    merged: Adapter | None = None  # the adapter merged into the weights now (None: the base)
+
+    def use_adapter(self, adapter: Adapter | None) -> None:
+        """On the worker thread, between calls: merge `adapter` (None: the base) in place of the one merged now. Exact
+        either way: every merge starts from the pristine base (runtime/lora.py)."""
+        self.merged = None  # a merge that fails leaves the base (lora.py restores it)
+        if adapter is None:
+            self.pipe.set_adapters([])
+        else:
+            self.pipe.set_adapters([adapter.name], [adapter.scale])
+        self.merged = adapter
 
     def initial_noise(self, seed: int, n: int, res: Resolution) -> torch.Tensor:
         """A request's initial latents, drawn as the pipeline draws them alone for `generator=Generator().manual_seed(
@@ -55,8 +76,8 @@ def scheduler_draws_noise(scheduler: Any) -> bool:
     return not torch.equal(outputs[0], outputs[1])
 
 
-def fastdiff_model(pipe: Any, name: str) -> ServedModel:
-    """A loaded FastDiffPipeline, served."""
+def fastdiff_model(pipe: Any, name: str, loras: tuple[str, ...] = ()) -> ServedModel:
+    """A loaded FastDiffPipeline (with the adapters `loras` loaded, the base merged), served."""
     from ..pipeline import default_resolution
 
     manifest = pipe.manifest
@@ -71,15 +92,32 @@ def fastdiff_model(pipe: Any, name: str) -> ServedModel:
         device=pipe.device,
         dtype=pipe.dtype,
         rows_independent=not scheduler_draws_noise(pipe.scheduler),
+        loras=loras,
     )
 
 
 def load_fastdiff(
-    artifact: str | Path, device: str | None = None, expected_digest: str | None = None, name: str | None = None
+    artifact: str | Path,
+    device: str | None = None,
+    expected_digest: str | None = None,
+    name: str | None = None,
+    loras: Mapping[str, str | Path] | None = None,
 ) -> ServedModel:
-    """Load an artifact and warm it up (also on a CPU: readiness means the first request is as fast as the next)."""
+    """Load an artifact and warm it up (also on a CPU: readiness means the first request is as fast as the next), then
+    each of `loras` (adapter name -> LoRA file or folder) as that adapter; the base is merged at the end."""
     from ..loader import load_pipeline
 
+    name = name or Path(artifact).name
+    loras = dict(loras or {})
+    if name in loras:  # GET /v1/models lists the base and the adapters by these ids, and `model` may name either
+        raise FastDiffError(f"the LoRA name {name!r} is the model's own", "give the LoRA or the model another name")
     pipe = load_pipeline(artifact, device=device, warmup=True, expected_digest=expected_digest)
     pipe.set_progress_bar_config(disable=True)
-    return fastdiff_model(pipe, name or Path(artifact).name)
+    for adapter, source in loras.items():
+        try:
+            pipe.load_lora_weights(source, adapter_name=adapter)
+        except FastDiffError as e:
+            raise FastDiffError(f"LoRA {adapter}={source}: {e.problem}", e.fix) from None
+    if loras:  # each load merged its adapter: the base until a request asks for one
+        pipe.set_adapters([])
+    return fastdiff_model(pipe, name, tuple(loras))

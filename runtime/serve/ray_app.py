@@ -40,6 +40,7 @@ class AppArgs(BaseModel):
     batch_wait_ms: float = Field(10.0, ge=0)
     request_timeout_s: float = Field(300.0, gt=0)
     expected_digest: str | None = None
+    loras: dict[str, str] = Field(default_factory=dict)  # LoRA name -> file, at that path on every node (--lora)
     num_replicas: int | None = Field(None, ge=1)  # a fixed count; without it, autoscaling between these:
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
@@ -68,11 +69,12 @@ class FastDiffDeployment:
         batch_wait_ms: float = 10.0,
         request_timeout_s: float = 300.0,
         expected_digest: str | None = None,
+        loras: dict[str, str] | None = None,
     ) -> None:
         self.model_name = model_name or Path(artifact).name
         self.api_key = api_key or os.environ.get("FASTDIFF_API_KEY")
         self.service = ImageService(
-            lambda: load_fastdiff(artifact, device, expected_digest, self.model_name),
+            lambda: load_fastdiff(artifact, device, expected_digest, self.model_name, loras),
             max_queue=max_queue,
             batch_wait_s=batch_wait_ms / 1000,
             request_timeout_s=request_timeout_s,
@@ -123,4 +125,5 @@ def app(args: AppArgs) -> Application:
         batch_wait_ms=args.batch_wait_ms,
         request_timeout_s=args.request_timeout_s,
         expected_digest=args.expected_digest,
+        loras=args.loras,
     )

@@ -20,7 +20,7 @@ from ..format import Resolution
 from .api import OUTPUT_FORMATS, ApiError, ImageRequest
 from .batcher import Batcher, BatchKey, Job, QueueFull, Stopped
 from .metrics import ServeMetrics
-from .model import ServedModel
+from .model import Adapter, ServedModel
 
 log = logging.getLogger("fastdiff.serve")
 
@@ -65,6 +65,11 @@ class ImageService:
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        """The LoRAs a request may ask for, once the model is loaded."""
+        return self.model.loras if self.model is not None else ()
 
     @property
     def healthy(self) -> bool:
@@ -124,7 +129,8 @@ class ImageService:
         encoded = await asyncio.get_running_loop().run_in_executor(
             self._encoders, encode_images, images, fmt, request.output_compression
         )
-        self.metrics.images.inc(len(encoded))
+        adapter = job.key.adapter
+        self.metrics.images.labels(adapter.name if adapter else self.model.name).inc(len(encoded))
         return {
             "created": int(time.time()),
             "data": [{"b64_json": image} for image in encoded],
@@ -183,13 +189,31 @@ class ImageService:
             raise ApiError(400, message, param="guidance_scale")
         negative = request.negative_prompt
         return Job(
-            key=BatchKey(res, steps, float(guidance), negative is not None),
+            key=BatchKey(res, steps, float(guidance), negative is not None, self._adapter(request)),
             prompt=request.prompt,
             negative_prompt=negative,
             n=request.n,
             seed=secrets.randbelow(RANDOM_SEEDS) if request.seed is None else request.seed,
             future=asyncio.get_running_loop().create_future(),
         )
+
+    def _adapter(self, request: ImageRequest) -> Adapter | None:
+        """The LoRA the request asks for, by `lora` or by giving its id as `model`; None: the base."""
+        loras = self.loras
+        if request.lora is not None and request.lora not in loras:
+            loaded = ", ".join(loras) or "none"
+            raise ApiError(400, f"lora {request.lora!r} is not loaded; loaded: {loaded}", param="lora")
+        named = request.model if request.model in loras else None
+        if request.lora is not None and named is not None and named != request.lora:
+            message = f"model {request.model!r} and lora {request.lora!r} name different LoRAs"
+            raise ApiError(400, message, param="lora")
+        name = request.lora or named
+        if name is None:
+            if request.lora_scale is not None:
+                message = "lora_scale needs a LoRA: give lora, or a LoRA's id as model"
+                raise ApiError(400, message, param="lora_scale")
+            return None
+        return Adapter(name, 1.0 if request.lora_scale is None else request.lora_scale)
 
     def _resolution(self, size: str | None) -> Resolution:
         model = self.model
