@@ -14,7 +14,7 @@ import torch
 from torch._functorch._aot_autograd.subclass_parametrization import UnwrapTensorSubclass
 from torch.utils._sympy.value_ranges import bound_sympy
 
-from fastdiff.runtime.format import FastDiffError, make_libstdcxx_global
+from fastdiff.runtime.format import FastDiffError, device_index, make_libstdcxx_global
 
 # The seed's Inductor flags ("Diffusion, Fast"; it used them with max-autotune), as one switchable set.
 SEED_INDUCTOR_FLAGS = {
@@ -163,8 +163,7 @@ def package_constant_names(path: Path, device: torch.device) -> list[str]:
     from torch._inductor.package import load_package
 
     make_libstdcxx_global()
-    index = -1 if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
-    return load_package(str(path), run_single_threaded=True, device_index=index).get_constant_fqns()
+    return load_package(str(path), run_single_threaded=True, device_index=device_index(device)).get_constant_fqns()
 
 
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original(\d+)$")

@@ -28,6 +28,7 @@ from fastdiff.runtime.format import (
     check_files,
     read_manifest,
     resolve_device,
+    sha256_file,
     torch_dtype,
     weights_path,
 )
@@ -161,6 +162,10 @@ def export_reusing(options: ExportOptions, art: str | os.PathLike, manifest: Man
             stock=stock,
         )
         with phase("hashing files and writing the manifest"):
+            for component in (new.unet, new.vae_decoder, *new.text_encoders):
+                for rel in component.packages.values():  # the bytes ART's manifest vouches for, nothing changed since
+                    if sha256_file(writer.path(rel)) != manifest.files[rel]["sha256"]:
+                        raise FastDiffError(f"{art}/{rel} does not match the sha256 in its manifest", FULL_EXPORT)
             path = writer.commit(new)
     log(f"artifact written to {path} (packages from {art})")
     return path

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .format import make_libstdcxx_global
+from .errors import FastDiffError
+from .format import device_index, make_libstdcxx_global
 from .packages import (
     CompiledModule,
     RunnerUnavailable,
@@ -32,7 +33,6 @@ from .packages import (
     extraction_folder,
     load_error,
     model_members,
-    read_package,
 )
 
 
@@ -92,16 +92,17 @@ def _steal_handles(handles: list[int]) -> list[torch.Tensor]:
 class PackageLibrary:
     """A package's model library, extracted into a temp folder and opened, with one model container on `device`."""
 
-    def __init__(self, path: Path, data: bytes, device: torch.device) -> None:
+    def __init__(self, path: Path, data: bytes, device: torch.device, runnable: bool = True) -> None:
+        """`runnable`: refuse (RunnerUnavailable) a library this runner could open but not run (extern kernels); off
+        where only its declarations are read."""
         make_libstdcxx_global()
-        index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
-        self.device_index = -1 if device.type == "cpu" else index
+        self.device_index = device_index(device)
         self.container = _handle()
         self._library = None
         self.folder = extraction_folder()
         library_path = None
         try:
-            library_path = _extract_library(data, path, self.folder)
+            library_path = _extract_library(data, path, self.folder, runnable)
             self._library = ctypes.CDLL(library_path)
             self._functions = {name: self._function(name, args) for name, args in _SIGNATURES.items()}
             device_name = "cpu" if self.device_index < 0 else f"cuda:{self.device_index}"
@@ -182,26 +183,30 @@ class PackageLibrary:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _extract_library(data: bytes, path: Path, folder: str) -> str:
+def _extract_library(data: bytes, path: Path, folder: str, runnable: bool = True) -> str:
     """Extract the package's model files into `folder` (packages.extract_model); the library's path."""
     members = model_members(data, path)
     libraries = [inner for _, inner in members if inner.endswith(".so")]
     if len(libraries) != 1:
         raise RunnerUnavailable(f"expected one model library in the archive, found {len(libraries)}")
-    if libraries[0].removesuffix(".so") + ".json" in {inner for _, inner in members}:
+    if runnable and libraries[0].removesuffix(".so") + ".json" in {inner for _, inner in members}:
         # its extern kernels run through torch's proxy executor, which only torch's own loader provides
         raise RunnerUnavailable("it calls operators outside AOTInductor's C shim (torch's proxy executor)")
     extract_model(data, path, folder)
     return os.path.join(folder, *libraries[0].split("/"))
 
 
-def declared_constants(path: Path, data: bytes, device: torch.device) -> dict[str, tuple[int, int]] | None:
-    """What the package's library declares of its constants (model name -> dtype code, byte size), read through
-    its C interface for torch's loader, which does not tell; None where the C interface cannot read them."""
+def declared_constants(path: Path, data: bytes, device: torch.device) -> dict[str, tuple[int, int]]:
+    """What the package's library declares of its constants (model name -> dtype code, byte size), read through its
+    C interface for torch's loader, which does not tell. A package whose declarations cannot be read is refused:
+    its weights could not be checked."""
     try:
-        library = PackageLibrary(path, data, device)
-    except RunnerUnavailable:
-        return None
+        library = PackageLibrary(path, data, device, runnable=False)
+    except RunnerUnavailable as e:
+        raise FastDiffError(
+            f"cannot read what compiled package {path} declares of its weights ({e}), so they cannot be checked",
+            "the artifact is damaged or was built by another torch: export the model again",
+        ) from None
     try:
         return {fqn: (dtype, nbytes) for fqn, dtype, nbytes in library.constants().values()}
     finally:
@@ -213,13 +218,11 @@ class CapiModule(CompiledModule):
 
     runner = "capi"
 
-    def __init__(
-        self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes | None = None
-    ) -> None:
+    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes) -> None:
         super().__init__(path, weights, device)
         self._weight_handles: list[int] = []
         self._library = None
-        self._library = PackageLibrary(path, read_package(path) if data is None else data, device)
+        self._library = PackageLibrary(path, data, device)
         try:
             constants = self._library.constants()
             check_constants(path, {fqn: (dtype, n) for fqn, dtype, n in constants.values()}, weights)

@@ -223,7 +223,9 @@ def read_manifest_bytes(root: str | Path, dir_fd: int | None = None) -> bytes:
         if not root.is_dir():
             raise FastDiffError(f"{root} is not a folder", "pass the artifact folder that holds manifest.json")
     try:
-        fd = os.open(MANIFEST_NAME if dir_fd is not None else root / MANIFEST_NAME, os.O_RDONLY, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO named manifest.json is refused below instead of blocking the open
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(MANIFEST_NAME if dir_fd is not None else root / MANIFEST_NAME, flags, dir_fd=dir_fd)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         fd = None
     if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -620,6 +622,16 @@ def device_record(device: torch.device) -> dict[str, Any]:
     else:
         record |= {"name": "cpu", "capability": None}
     return record
+
+
+def device_index(device: torch.device) -> int:
+    """How a package names its device: the CUDA device's index (the current one for a plain "cuda"), -1 for the
+    CPU."""
+    import torch
+
+    if device.type == "cpu":
+        return -1
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def resolve_device(device: str | torch.device | None, manifest: Manifest | None = None) -> torch.device:

@@ -124,9 +124,9 @@ def _load(
         warmup = device.type == "cuda"
     warm_res = default_resolution(manifest, [parse_resolution(k) for k in keys])
     # The packages are hashed before they are opened, on a thread beside the weights, in the order they are opened.
-    components = (manifest.vae_decoder, *manifest.text_encoders, manifest.unet)
+    encoders = [rel for c in manifest.text_encoders for rel in c.packages.values()]
     folder.verify_ahead(
-        [rel for c in components for key, rel in c.packages.items() if c in manifest.text_encoders or key in keys]
+        [manifest.vae_decoder.packages[k] for k in keys] + encoders + [manifest.unet.packages[k] for k in keys]
     )
     # The small components' weights first: their packages, loaded next, bind them.
     weights = {
@@ -181,6 +181,7 @@ def _load(
             unets=unets,
             vae_decoders=vae_decoders,
             digest=folder.digest,
+            turn=weights[manifest.unet.weights].turn,
         )
 
 

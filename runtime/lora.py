@@ -11,7 +11,7 @@ convolution through its NHWC storage, and a quantized linear (int8 or fp8) quant
 plus the update, the way the export quantized it (requantize.py).
 
 Memory: the pristine copies of the tensors that loaded adapters touch live on the host (page-locked on a GPU), one
-host byte per byte of those tensors (SDXL, every attention and feed-forward linear of the UNet in bf16: 4.3 GB); the
+host byte per byte of those tensors (SDXL, every attention and feed-forward linear of the UNet in bf16: 4.4 GB); the
 adapters' factors live on the device. Pipelines of one process over the same artifact share its weights, and so
 share one set of adapters.
 """
@@ -380,17 +380,16 @@ def bound_weights(module: Any) -> Mapping[str, torch.Tensor]:
     return module.weights
 
 
-_shared: weakref.WeakValueDictionary[int, LoraAdapters] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
 
 def shared_adapters(pipe: Any) -> LoraAdapters:
-    """The adapters of the pipeline's bound weights, the same object for every pipeline that shares them. Keyed by
-    the UNet weights' identity, which is unique while the adapters (which hold those weights) live."""
+    """The adapters of the pipeline's bound weights, the same object for every pipeline that shares them. The UNet's
+    weights hold it: merged adapters and their pristine copies live exactly as long as the weights they changed."""
     manifest = pipe.manifest
     unet_weights = bound_weights(next(iter(pipe.unets.values())))
     with _shared_lock:
-        adapters = _shared.get(id(unet_weights))
+        adapters = getattr(unet_weights, "lora_adapters", None)
         if adapters is None:
             parts = {"unet": Part(unet_weights, torch_dtype(manifest.unet.dtype))}
             names = [encoder for _, encoder in TEXT_PARTS[manifest.model.family]]
@@ -399,6 +398,5 @@ def shared_adapters(pipe: Any) -> LoraAdapters:
                 for name, component, encoder in compiled:
                     parts[name] = Part(bound_weights(encoder), torch_dtype(component.dtype))
             stock = [name for name in names if name not in parts]
-            adapters = LoraAdapters(parts, stock, manifest.model.family, pipe.device)
-            _shared[id(unet_weights)] = adapters
+            adapters = unet_weights.lora_adapters = LoraAdapters(parts, stock, manifest.model.family, pipe.device)
     return adapters

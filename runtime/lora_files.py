@@ -255,13 +255,15 @@ def _layers(
     common_alpha = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else None
     layers = {}
     for module, factors in pairs.items():
-        if set(factors) != {"A", "B"} or factors["A"].shape[0] != factors["B"].shape[1]:
+        shapes_fit = set(factors) == {"A", "B"} and all(f.dim() in (2, 4) for f in factors.values())
+        if not shapes_fit or factors["A"].shape[0] != factors["B"].shape[1]:
             raise FastDiffError(
-                f"LoRA layer {part}.{module} lacks one of its two factors, or their ranks differ", "the LoRA is damaged"
+                f"LoRA layer {part}.{module} lacks one of its two factors, or their shapes or ranks do not fit",
+                "the LoRA is damaged",
             )
         rank = factors["A"].shape[0]
         if config is not None:  # diffusers' adapter metadata: the LoraConfig the LoRA was made with
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank), part)
             scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         elif alphas:  # kohya's: a module's own alpha, else the most common one (diffusers' LoraConfig.lora_alpha)
             scaling = alphas.get(module, common_alpha) / rank
@@ -282,9 +284,13 @@ def _kind(key: str) -> str:
     return "not a LoRA factor"
 
 
-def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
-    """PEFT's get_pattern_key: the first pattern that matches the module name at a module boundary."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+def _pattern_value(patterns: Any, module: str, default: Any, part: str) -> float:
+    """PEFT's get_pattern_key: the first pattern that matches the module name at a module boundary. Refused: metadata
+    that is not what PEFT writes (a pattern that is no regular expression, an alpha that is no number)."""
+    try:
+        value = next((v for pattern, v in patterns.items() if re.match(rf"(.*\.)?({pattern})$", module)), default)
+    except (AttributeError, TypeError, re.error) as e:
+        raise FastDiffError(f"the LoRA's metadata for {part} is malformed ({e})", "the LoRA is damaged") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FastDiffError(f"the LoRA's metadata for {part} gives alpha {value!r:.40}", "the LoRA is damaged")
+    return value

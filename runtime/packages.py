@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .errors import FastDiffError
-from .format import make_libstdcxx_global
+from .format import device_index, make_libstdcxx_global
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ _loaded: weakref.WeakSet[CompiledModule] = weakref.WeakSet()
 @atexit.register
 def _release_loaded() -> None:
     for module in list(_loaded):
-        module.close()
+        with contextlib.suppress(Exception):  # one that fails to close leaves the others' folders to clean
+            module.close()
 
 
 class CompiledModule:
@@ -115,8 +116,7 @@ class CompiledModule:
     def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
         self.path = path
         self.weights = weights  # user-managed: the package uses these tensors in place
-        index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
-        self.device_index = -1 if device.type == "cpu" else index  # -1: the CPU
+        self.device_index = device_index(device)  # -1: the CPU
         self._lock = threading.Lock()
         _loaded.add(self)
 
@@ -144,9 +144,7 @@ class TorchModule(CompiledModule):
 
     runner = "torch"
 
-    def __init__(
-        self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes | None = None
-    ) -> None:
+    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes) -> None:
         super().__init__(path, weights, device)
         from torch._inductor.package import load_package
         from torch.utils import _pytree
@@ -155,7 +153,6 @@ class TorchModule(CompiledModule):
 
         make_libstdcxx_global()
         self._model = None
-        data = read_package(path) if data is None else data
         model_members(data, path)  # no member that torch's own extraction could write outside its folder
         self.folder = extraction_folder()
         try:
@@ -164,18 +161,16 @@ class TorchModule(CompiledModule):
                 f.write(data)
             with _device_of(self.device_index):  # the loader makes the package's device current
                 self._model = load_package(package, run_single_threaded=True, device_index=self.device_index)
-        except Exception as e:
+            check_constants(path, capi.declared_constants(path, data, device), weights)
+            names = self._model.get_constant_fqns()
+            missing_weights(path, names, weights)
+            self._model.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
+            self.num_inputs = _pytree.treespec_loads(self._model.loader.get_call_spec()[0]).num_leaves
+        except BaseException as e:
             self.close()
-            raise load_error(path, e) from None
-        except BaseException:
-            self.close()
+            if isinstance(e, Exception):
+                raise load_error(path, e) from None
             raise
-        names = self._model.get_constant_fqns()
-        declared = capi.declared_constants(path, data, device)
-        check_constants(path, declared if declared is not None else {}, weights)
-        missing_weights(path, names, weights)
-        self._model.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
-        self.num_inputs = _pytree.treespec_loads(self._model.loader.get_call_spec()[0]).num_leaves
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         if self._model is None:

@@ -68,6 +68,7 @@ class FastDiffPipeline:
         unets: dict[str, CompiledModule | CUDAGraphModule],
         vae_decoders: dict[str, CompiledModule],
         digest: str | None = None,
+        turn: threading.RLock | None = None,
     ) -> None:
         self.manifest = manifest
         self.digest = digest  # the artifact's (format.manifest_digest), as loaded
@@ -81,7 +82,9 @@ class FastDiffPipeline:
         self._progress: dict[str, Any] = {}
         self._interrupt = False
         self._num_timesteps = 0
-        self._turn = threading.RLock()  # reentrant: a step callback may call the pipeline's methods
+        # One call at a time, shared with the other pipelines that bind the same weights (`turn`, their lock);
+        # reentrant: a step callback may call the pipeline's methods.
+        self._turn = turn or threading.RLock()
 
     @property
     def interrupt(self) -> bool:

@@ -8,13 +8,12 @@ the standard library and the runtime's torch-free modules (the manifest's among 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import FastDiffError
-from .format import CompiledComponent, Resolution, parse_resolution, read_manifest
+from .format import CompiledComponent, Resolution, confined_path, parse_resolution, read_manifest
 
 CHUNK = 64 << 20  # bytes per read: few enough reads that the thread rarely waits for the GIL
 
@@ -44,13 +43,17 @@ def files_to_prefetch(
     every_package = {rel for c in (unet, vae, *encoders) for rel in c.packages.values()}
     rest = [rel for rel in manifest.files if rel not in every_package and rel not in weights]
     listed = weights + small_packages + rest + packages_of(unet)
-    ordered = [rel for rel in dict.fromkeys(listed) if rel in manifest.files]  # read_manifest refused "../x"
-    return [path for path in (root / rel for rel in ordered) if _inside(root, path) and path.is_file()]
+    ordered = [rel for rel in dict.fromkeys(listed) if rel in manifest.files]
+    return [path for rel in ordered if (path := _inside(root, rel)) is not None and path.is_file()]
 
 
-def _inside(root: Path, path: Path) -> bool:
-    """`path` resolves inside the artifact folder: a link must not send the reads elsewhere (/dev/zero, a FIFO)."""
-    return os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+def _inside(root: Path, rel: str) -> Path | None:
+    """root/rel if it resolves inside the artifact folder: a link must not send the reads elsewhere (/dev/zero, a
+    FIFO); the load reports it."""
+    try:
+        return confined_path(root, rel)
+    except FastDiffError:
+        return None
 
 
 def prefetch(

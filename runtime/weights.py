@@ -72,6 +72,8 @@ class Weights(dict):
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         super().__init__(tensors)
+        # Pipelines that bind these tensors take turns: a LoRA merge through one rewrites them under the others.
+        self.turn = threading.RLock()
         storages = {s.data_ptr(): s for s in (t.untyped_storage() for t in tensors.values())}
         resizable = [s for ptr, s in storages.items() if ptr and s.resizable()]
         weakref.finalize(self, release_storages, resizable).atexit = False  # the process's end frees everything
@@ -84,6 +86,7 @@ def release_storages(storages: list[torch.UntypedStorage]) -> None:
 
 _live: weakref.WeakValueDictionary[tuple, Weights] = weakref.WeakValueDictionary()
 _live_lock = threading.Lock()
+_loading: dict[tuple, threading.Lock] = {}  # a lock per file being loaded
 
 
 def shared_weights(
@@ -103,8 +106,20 @@ def shared_weights(
     key = (identity, digest, str(device), tuple(channels_last))
     with _live_lock:
         weights = _live.get(key)
+        if weights is not None:
+            return weights
+        loading = _loading.setdefault(key, threading.Lock())
+    with loading:  # one load of a file at a time; loads of other files (another artifact, another GPU) go on
+        with _live_lock:
+            weights = _live.get(key)
         if weights is None:
-            weights = _live[key] = Weights(load_weights(path, device, channels_last, stop))
+            try:
+                weights = Weights(load_weights(path, device, channels_last, stop))
+                with _live_lock:
+                    _live[key] = weights
+            finally:
+                with _live_lock:
+                    _loading.pop(key, None)
     return weights
 
 

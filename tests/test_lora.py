@@ -186,6 +186,23 @@ def _reshaped(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _one_dimensional(path: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.startswith("unet.") and "lora_B" in k)
+    tensors[key] = tensors[key].flatten()
+    return tensors
+
+
+def _with_metadata(path: Path, tmp: Path, metadata: dict) -> Path:
+    from safetensors.torch import save_file
+
+    from fastdiff.runtime.lora_files import METADATA_KEY
+
+    out = tmp / "metadata.safetensors"
+    save_file(load_file(path), out, metadata={METADATA_KEY: json.dumps(metadata)})
+    return out
+
+
 BAD_LORAS = {
     "missing file": (lambda loras, tmp: tmp / "nowhere" / "lora.safetensors", "does not exist"),
     "damaged file": (lambda loras, tmp: _write(tmp / "bad.safetensors", b"\0" * 64), "cannot read LoRA file"),
@@ -200,6 +217,15 @@ BAD_LORAS = {
         "LoRA layer unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_z: this artifact's unet has no",
     ),
     "another shape": (lambda loras, tmp: _reshaped(loras["a"]), "attn2.to_k updates a weight of shape [64, 48]"),
+    "a one-dimensional factor": (lambda loras, tmp: _one_dimensional(loras["a"]), "shapes or ranks do not fit"),
+    "a pattern that is no regular expression": (
+        lambda loras, tmp: _with_metadata(loras["unet"], tmp, {"unet.alpha_pattern": {"(": 8}, "unet.r": 4}),
+        "the LoRA's metadata for unet is malformed",
+    ),
+    "an alpha that is no number": (
+        lambda loras, tmp: _with_metadata(loras["unet"], tmp, {"unet.lora_alpha": "eight", "unet.r": 4}),
+        "the LoRA's metadata for unet gives alpha 'eight'",
+    ),
     "DoRA": (
         lambda loras, tmp: (
             load_file(loras["unet"]) | {"unet.mid_block.attentions.0.proj_in.lora_magnitude_vector": torch.ones(64)}

@@ -37,7 +37,8 @@ def unet_inputs(tiny_pipeline) -> tuple[CompiledModule, tuple[torch.Tensor, ...]
 def unet_call(request, tiny_artifact: Path, unet_inputs) -> tuple[CompiledModule, tuple[torch.Tensor, ...]]:
     """The same package loaded by each runner, bound to the same weights."""
     loaded, inputs = unet_inputs
-    module = RUNNERS[request.param](tiny_artifact / "unet" / "64x64.pt2", loaded.weights, CPU)
+    path = tiny_artifact / "unet" / "64x64.pt2"
+    module = RUNNERS[request.param](path, loaded.weights, CPU, path.read_bytes())
     yield module, inputs
     module.close()
 
@@ -125,7 +126,8 @@ def test_a_call_with_the_wrong_inputs_raises(unet_call, monkeypatch: pytest.Monk
 @pytest.mark.parametrize("runner", sorted(RUNNERS))
 def test_closed_module_is_unloaded(tiny_artifact: Path, unet_inputs, runner: str) -> None:
     loaded, inputs = unet_inputs
-    module = RUNNERS[runner](tiny_artifact / "unet" / "64x64.pt2", loaded.weights, CPU)
+    path = tiny_artifact / "unet" / "64x64.pt2"
+    module = RUNNERS[runner](path, loaded.weights, CPU, path.read_bytes())
     if runner == "capi":
         folder = Path(module._library.folder)
         assert next(folder.rglob("*.so"))  # extracted while loaded

@@ -93,6 +93,16 @@ def _damaged(tiny_artifact: Path, exports: Path) -> Path:
     return art
 
 
+def _package_changed(tiny_artifact: Path, exports: Path) -> Path:
+    """A package changed in place at its size, the manifest left as it was: no new manifest may vouch for it."""
+    art = Path(shutil.copytree(tiny_artifact, exports.parent / "changed"))
+    package = art / "vae_decoder" / "64x64.pt2"
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    package.write_bytes(bytes(data))
+    return art
+
+
 def _older(tiny_artifact: Path, exports: Path) -> Path:
     """The artifact as an older fastdiff wrote it: Inductor compiled the UNet's 4-value conv_out bias into the code,
     so the weight file lacks it."""
@@ -127,6 +137,10 @@ REFUSALS = {  # case -> (MODEL and ART from the tiny artifact, the distilled che
     "a damaged artifact": (
         lambda art, distilled, exports: ("tiny-sdxl", _damaged(art, exports)),
         "is damaged: unet/64x64.pt2: missing",
+    ),
+    "a package changed since its export": (
+        lambda art, distilled, exports: ("tiny-sdxl", _package_changed(art, exports)),
+        "vae_decoder/64x64.pt2 does not match the sha256 in its manifest",
     ),
 }
 

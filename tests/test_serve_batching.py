@@ -208,3 +208,33 @@ def test_readiness_follows_the_load_and_the_drain(model: ServedModel) -> None:
         await service.close()
 
     asyncio.run(run())
+
+
+def test_a_forced_stop_while_a_batch_waits_for_company_fails_its_requests() -> None:
+    """A request waiting (--batch-wait-ms) for others to share its call when a forced stop empties the queue: it fails
+    with Stopped, and the dispatch loop goes on (it once tried to take the gone request off the queue and died)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from fastdiff.runtime.format import Resolution
+    from fastdiff.runtime.serve.batcher import Batcher, BatchKey, Job, Stopped
+
+    res = Resolution(64, 64)
+    idle = ServedModel(None, "m", [res], res, 4, 5.0, lambda r: (4, 8, 8), torch.device("cpu"), torch.float32, True)
+
+    async def scenario() -> None:
+        batcher = Batcher(idle, ThreadPoolExecutor(1), ServeMetrics(), max_queue=8, batch_wait_s=0.3)
+        loop = asyncio.get_running_loop()
+        job = Job(BatchKey(res, 2, 5.0, False, None), "a cat", None, 1, 0, loop.create_future())
+        dispatch = asyncio.create_task(batcher.run())
+        batcher.submit(job)
+        await asyncio.sleep(0.05)  # the dispatch loop now waits for company
+        batcher.stop()
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(job.future, 5)
+        await asyncio.sleep(0.5)  # past the wait for company
+        assert not dispatch.done(), dispatch.exception() if dispatch.done() else ""
+        dispatch.cancel()
+
+    asyncio.run(scenario())

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import FastDiffError
 from .api import ApiError, parse_request
 from .service import ImageService
 
@@ -120,8 +121,12 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
-        log.error("request failed", exc_info=e)  # the traceback goes to the log, never to the client
-        error = ApiError(500, f"The server failed to generate the image ({type(e).__name__})", "server_error")
+        if isinstance(e, FastDiffError):  # the pipeline's own word (a non-finite image, say): said, no traceback
+            log.error("request failed: %s", e.problem)
+            error = ApiError(500, f"The server failed to generate the image: {e.problem}", "server_error")
+        else:
+            log.error("request failed", exc_info=e)  # the traceback goes to the log, never to the client
+            error = ApiError(500, f"The server failed to generate the image ({type(e).__name__})", "server_error")
         return JSONResponse(error.body(), status_code=500)
 
     return app
@@ -131,7 +136,7 @@ async def _start(service: ImageService) -> None:
     try:
         await service.start()
     except Exception as e:  # the server's owner (fastdiff-serve) sees service.state == "failed" and exits
-        log.error("error: cannot load the model: %s", e)
+        log.error("cannot load the model: %s", e)  # fastdiff-serve then ends with the one `error:` line
 
 
 async def _json(request: Request) -> Any:

@@ -118,6 +118,7 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(Stopped())
         self._queue.clear()
+        self._changed.set()  # a batch waiting for company finds its requests gone
         self._gauges()
         self._note_idle()
 
@@ -174,7 +175,7 @@ class Batcher:
                 await asyncio.wait_for(self._changed.wait(), wait)
             except asyncio.TimeoutError:  # TimeoutError's alias from Python 3.11 on
                 pass
-            if first.cancelled:
+            if first.cancelled or first not in self._queue:  # dropped, or failed by a forced stop
                 return None
         for job in batch:
             self._queue.remove(job)
