@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The runtime's checks on a GPU, from the built wheels in .whl/ (and a previous build in .whl-old/): the GPU test
-# files beside an SDXL export (sdxl-random, 1024², --batch-size 4, the exporter's defaults but VAE max-autotune),
-# then, one at a time while the tests go on: SDXL's load with this build's always-on artifact checks against the
-# previous build's (and this build's load timeline), throughput and latency, the serving load test (fastdiff-serve
-# against its own offline pipeline), a LoRA switch; the tests' result last (TESTS_DEADLINE s at most).
+# files beside an SDXL export (sdxl-random, 1024², --batch-size 4, the exporter's defaults but VAE max-autotune);
+# then, on an otherwise idle GPU: SDXL's load with this build's always-on artifact checks against the previous
+# build's (and this build's load timeline), a fine-tune's export with --packages-from, the serving load test
+# (fastdiff-serve and a diffusers server against the pipeline's offline numbers), replica start, a LoRA switch.
 #   mkdir -p /tmp/r && (setsid nohup bash bench/gpu_checks.sh > /tmp/r/log 2>&1 < /dev/null &)
 set -u
 R=${R:-/tmp/r}
@@ -12,21 +12,22 @@ mkdir -p "$R" /tmp/art
 export PYTHONUNBUFFERED=1 FASTDIFF_CACHE=/tmp/cache HF_HUB_OFFLINE=1
 stamp() { echo "=== $(date +%T) $*"; }
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --target "$1" "${@:2}" || exit 1; }
+export_cli() { python3 -c "import sys; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()" "$@"; }
 install /tmp/site .whl/*.whl
 install /tmp/site-old .whl-old/*.whl
 export PYTHONPATH=/tmp/site
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, diffusers; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__)'
 
-timeout "${TESTS_DEADLINE:-900}" python3 -m pytest -q -p no:cacheprovider -x \
+timeout "${TESTS_DEADLINE:-480}" python3 -m pytest -q -p no:cacheprovider -rs \
   tests/test_gpu.py tests/test_weights.py tests/test_lora_gpu.py > "$R/gpu-tests.log" 2>&1 &
 tests=$!
 stamp "export sdxl-random"
-python3 -c "import sys; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()" sdxl-random \
-  --res 1024 --batch-size 4 --no-max-autotune --out "$ART" > "$R/export.log" 2>&1
+export_cli sdxl-random --res 1024 --batch-size 4 --no-max-autotune --out "$ART" > "$R/export.log" 2>&1
 grep -h "done in\|error" "$R/export.log" | tail -12
 [[ -f $ART/manifest.json ]] || { stamp "no artifact"; exit 1; }
 MODEL=$(python3 -c "from fastdiff.exporter.presets import PRESETS; print(PRESETS['sdxl-random'].build())" 2>/dev/null | tail -1)
+stamp "GPU tests (the measurements wait for them: an idle GPU)"; wait "$tests"; echo "rc $?"; tail -4 "$R/gpu-tests.log"
 
 stamp "load: this build against the previous one, alternating, fresh processes, page cache warm"
 LOAD='import sys, time, torch; torch.zeros(1, device="cuda"); torch.cuda.synchronize()
@@ -39,15 +40,29 @@ for run in 1 2 3 4; do
     echo "$build $(PYTHONPATH=$path python3 -c "$LOAD" "$ART" 2>>"$R/load.err")" | tee -a "$R/load.txt"
   done
 done
-python3 bench/probe_load.py "$ART" > "$R/probe-load.txt" 2>&1; tail -25 "$R/probe-load.txt"
-stamp "throughput"
-python3 bench/throughput.py --artifact "$ART" --batches 1,2,4 --steps 20 --runs 3 --warmup 1 --out "$R/throughput-20"
-python3 bench/throughput.py --artifact "$ART" --batches 1 --steps 30 --runs 3 --warmup 1 --out "$R/throughput-30"
+python3 bench/probe_load.py "$ART" > "$R/probe-load.txt" 2>&1; tail -32 "$R/probe-load.txt"
+
+stamp "fine-tune: --packages-from (the same random checkpoint, given as a folder)"
+start=$(date +%s%N)
+export_cli "$MODEL" --packages-from "$ART" --out /tmp/art/finetune > "$R/packages-from.log" 2>&1
+echo "packages-from: rc $?, $(( ($(date +%s%N) - start) / 1000000 )) ms" | tee -a "$R/packages-from.log"
+tail -4 "$R/packages-from.log"
+python3 - /tmp/art/finetune "$ART" <<'PY' 2>&1 | tail -2
+import sys, torch
+from fastdiff.runtime import load_pipeline
+def latents(path):
+    return load_pipeline(path)("a fox", num_inference_steps=4, generator=torch.Generator("cuda").manual_seed(1),
+                               output_type="latent").images
+a, b = (latents(p) for p in sys.argv[1:])
+print("fine-tune artifact's latents equal the source artifact's:", torch.equal(a, b))
+PY
+
 stamp "serving"
-python3 bench/serve_compare.py --artifact "$ART" --res 1024x1024 --steps 20 --concurrency 1,8 --requests 16 \
-  --out "$R/serve-load" > "$R/serve-load.log" 2>&1; tail -12 "$R/serve-load.log"
+python3 bench/serve_compare.py --artifact "$ART" --model "$MODEL" --res 1024x1024 --steps 20 --concurrency 1,8 \
+  --requests 16 --out "$R/serve-load" > "$R/serve-load.log" 2>&1; tail -16 "$R/serve-load.log"
+python3 bench/serve_start.py --artifact "$ART" --model "$MODEL" --res 1024 --runs 2 --out "$R/serve-start" \
+  > "$R/serve-start.log" 2>&1; tail -8 "$R/serve-start.log"
 stamp "LoRA"
-python3 bench/lora_switch.py --model "$MODEL" --artifact "$ART" --baselines "" --out "$R/lora-switch" \
-  > "$R/lora-switch.log" 2>&1; tail -15 "$R/lora-switch.log"
-stamp "GPU tests"; wait "$tests"; tail -5 "$R/gpu-tests.log"
+python3 bench/lora_switch.py --model "$MODEL" --artifact "$ART" --baselines "${LORA_BASELINES:-eager,compile}" \
+  --out "$R/lora-switch" > "$R/lora-switch.log" 2>&1; tail -20 "$R/lora-switch.log"
 stamp "ALL DONE"

@@ -22,7 +22,7 @@ t0 = time.perf_counter()
 import torch  # noqa: E402
 
 t_torch = time.perf_counter()
-from fastdiff.runtime import load_pipeline, loader, packages, scheduler  # noqa: E402
+from fastdiff.runtime import capi, folder, load_pipeline, loader, packages, scheduler  # noqa: E402
 
 t_runtime = time.perf_counter()
 print(f"import torch {t_torch - t0:.2f} s, then fastdiff.runtime {t_runtime - t_torch:.2f} s")
@@ -66,7 +66,12 @@ def timed(module, name, gpu=True):
     def wrapper(*a, **k):
         t = time.perf_counter()
         out = fn(*a, **k)
-        label = f"{name} {Path(a[0]).parent.name}" if name in ("shared_weights", "load_module") else name
+        if name in ("shared_weights", "load_module"):
+            label = f"{name} {Path(a[0]).parent.name}"
+        elif name in ("_read_checked", "check_constants"):  # a package read and hashed; its weights checked
+            label = f"{name} {a[1] if name == '_read_checked' else Path(a[0]).parent.name}"
+        else:
+            label = name
         record(label, t, gpu)
         return out
 
@@ -74,8 +79,13 @@ def timed(module, name, gpu=True):
 
 
 for mod, name, gpu in [
-    (loader, "read_manifest", False),
-    (loader, "check_files", False),
+    (folder.ArtifactFolder, "__init__", False),  # the folder opened, its manifest read and parsed
+    (folder.ArtifactFolder, "check_files", False),
+    (folder.ArtifactFolder, "_read_checked", False),  # the packages' hashes, on their own thread
+    (folder.ArtifactFolder, "check_unchanged", False),
+    (loader, "check_compatible", False),
+    (loader, "check_vocabulary", False),
+    (capi, "check_constants", False),
     (loader, "load_stock_text_encoder", True),
     (loader, "load_tokenizer", False),
     (loader, "load_scheduler", False),  # on its own thread, beside the captures

@@ -482,7 +482,11 @@ def confined_path(root: Path, rel: str, shown: Path | None = None) -> Path:
     if not is_relative_inside(rel):
         raise FastDiffError(f"artifact {shown}: path {rel!r} leaves the artifact folder", "export the model again")
     path = root / rel
-    resolved, inside = os.path.realpath(path), os.path.realpath(root)
+    for _ in range(3):  # realpath resolves names: a folder renamed during it (an --overwrite export) is resolved again
+        inside = os.path.realpath(root)
+        resolved = os.path.realpath(path)
+        if os.path.realpath(root) == inside:
+            break
     if not resolved.startswith(inside + os.sep):
         raise FastDiffError(
             f"artifact {shown}: {rel} links to {resolved}, outside the artifact folder",

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from fastdiff.runtime import FastDiffError, load_pipeline
 from fastdiff.runtime import loader as loader_module
 from fastdiff.runtime import packages as packages_module
-from fastdiff.runtime.format import MANIFEST_NAME, artifact_digest, describe_files
+from fastdiff.runtime.format import MANIFEST_NAME, artifact_digest, confined_path, describe_files
 from fastdiff.runtime.packages import EXTRACTION_PREFIX, process_start
 
 
@@ -329,6 +329,37 @@ def test_a_load_sees_one_artifact_whole(tiny_artifact: Path, tmp_path: Path, mon
     monkeypatch.setattr(loader_module, "shared_weights", rewriting)
     with pytest.raises(FastDiffError, match="changed while it was loading"):
         load_pipeline(target, device="cpu")
+
+
+@pytest.mark.fast
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="folders held through /proc/self/fd")
+def test_a_folder_renamed_while_its_paths_are_checked_stays_confined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder renamed between resolving the folder and resolving the file (a load's checks run on a thread while
+    an export renames): the file is still inside it. A link out of the folder is still refused."""
+    folder = tmp_path / "art"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "weights.safetensors").write_bytes(b"x")
+    (folder / "out").symlink_to(tmp_path)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    root, realpath, renamed = Path(f"/proc/self/fd/{fd}"), os.path.realpath, []
+
+    def renaming(path, *args, **kwargs):
+        resolved = realpath(path, *args, **kwargs)
+        if not renamed:
+            renamed.append(True)
+            folder.rename(tmp_path / "moved-aside")
+        return resolved
+
+    try:
+        monkeypatch.setattr(os.path, "realpath", renaming)
+        assert confined_path(root, "unet/weights.safetensors").read_bytes() == b"x"
+        assert renamed
+        with pytest.raises(FastDiffError, match="outside the artifact folder"):
+            confined_path(root, "out/x")
+    finally:
+        os.close(fd)
 
 
 def test_stale_extraction_folders_of_dead_processes_go(tiny_artifact: Path, tmp_path: Path) -> None:
