@@ -254,7 +254,10 @@ def _check_divisible(res: Resolution, facts: ModelFacts, patch_size: int) -> Non
     """Sides must be whole latents, and for a transformer denoiser whole patches of latents (PixArt-α: 2x2)."""
     f = facts.vae_scale_factor
     if res.width % f or res.height % f:
-        raise FastDiffError(f"resolution {res} is not a multiple of the VAE scale factor {f}")
+        raise FastDiffError(
+            f"resolution {res} is not a multiple of the VAE scale factor {f}",
+            f"give width and height as multiples of {f}",
+        )
     if res.width % (f * patch_size) or res.height % (f * patch_size):
         raise FastDiffError(
             f"resolution {res} is not a multiple of {f * patch_size}: the transformer takes {patch_size}x{patch_size}"

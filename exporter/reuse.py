@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from fastdiff.runtime.format import (
     FORMAT_VERSION,
+    SAFETENSORS_DTYPES,
     TEXT_PARTS,
     CompiledComponent,
     FastDiffError,
@@ -197,7 +198,7 @@ def _write_component(
         raise FastDiffError(f"{model} does not fit {art}'s packages: {e.problem}", FULL_EXPORT) from None
     for key in sorted(expected):
         shape, dtype = expected[key]
-        got = (tuple(weights[key].shape), SAFETENSORS_DTYPES.get(weights[key].dtype, str(weights[key].dtype)))
+        got = (tuple(weights[key].shape), STORED_DTYPE_NAMES.get(weights[key].dtype, str(weights[key].dtype)))
         if got != (shape, dtype):
             raise FastDiffError(
                 f"{model}'s {name} weight {key} is {list(got[0])} {got[1]}; {art}'s packages bind "
@@ -249,17 +250,7 @@ def _logical(stored_shape: list[int], key: str, component: CompiledComponent) ->
     return tuple(stored_shape)
 
 
-# torch dtype -> safetensors' name (https://github.com/huggingface/safetensors, "Format")
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.int8: "I8",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.bool: "BOOL",
-}
+STORED_DTYPE_NAMES = {getattr(torch, torch_name): name for name, torch_name in SAFETENSORS_DTYPES.items()}
 
 
 def _link(source: Path, target: Path) -> None:

@@ -238,4 +238,7 @@ def _check_supported(pipe, family: str, model: str, vae: str | None = None) -> N
             "export a standard SDXL or Stable Diffusion 1.x checkpoint",
         )
     if getattr(pipe.text_encoder.config, "use_attention_mask", False):
-        raise FastDiffError(f"{model}'s text encoder needs an attention mask, which this version does not export")
+        raise FastDiffError(
+            f"{model}'s text encoder needs an attention mask, which this version does not export",
+            "export a checkpoint whose text encoder runs without one (as SDXL's and Stable Diffusion 1.x's do)",
+        )

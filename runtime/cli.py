@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -226,14 +225,14 @@ def inspect_main(artifact: Path, verify: bool) -> None:
     click.echo("\n".join(lines))
     for problem in problems:
         click.echo(f"FAILED {problem}", err=True)
-    if damaged:
-        click.echo(f"error: {damaged}", err=True)
-    elif verify:
+    if verify and not damaged:
         click.echo(f"verified      all {len(manifest.files)} files match their sha256")
+    if damaged and incompatible:  # one error: both problems, the export that fixes both
+        raise FastDiffError(f"{damaged}, and it cannot load here: {incompatible.problem}", "export the model again")
+    if damaged:
+        raise FastDiffError(damaged, "export the model again (the FAILED lines name each file)")
     if incompatible:
-        click.echo(f"error: it cannot load here: {incompatible}", err=True)
-    if damaged or incompatible:
-        sys.exit(1)
+        raise FastDiffError(f"it cannot load here: {incompatible.problem}", incompatible.fix)
 
 
 def _device(recorded: dict) -> str:

@@ -104,6 +104,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name in DTYPES if torch_dtype(name) == dtype)
 
 
+# safetensors' dtype names -> torch's (https://github.com/huggingface/safetensors, "Format"): the weights files'
+# reader and --packages-from's checks
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
 # Each family's text parts: (tokenizer folder, text encoder name), in the order their hidden states are concatenated.
 TEXT_PARTS = {
     "sdxl": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],

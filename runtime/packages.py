@@ -216,6 +216,7 @@ def load_error(path: Path, error: Exception, library: str | None = None) -> Fast
 
 MODEL_FOLDER = ("data", "aotinductor", "model")  # where a package's model library and kernels lie, under its name
 MAX_EXTRACTED_BYTES = 4 << 30  # a package is tens of megabytes; more is not one
+PACKAGE_SIZE_FIX = "the artifact is damaged or was tampered with: export the model again"
 EXTRACTION_PREFIX = "fastdiff-package-"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
@@ -259,7 +260,9 @@ def model_members(data: bytes, path: Path) -> list[tuple[zipfile.ZipInfo, str]]:
         total += info.file_size
         members.append((info, "/".join(inner)))
     if total > MAX_EXTRACTED_BYTES:
-        raise FastDiffError(f"compiled package {path} unpacks to {total} bytes, more than a package holds")
+        raise FastDiffError(
+            f"compiled package {path} unpacks to {total} bytes, more than a package holds", PACKAGE_SIZE_FIX
+        )
     return members
 
 
@@ -275,7 +278,9 @@ def extract_model(data: bytes, path: Path, folder: str) -> list[str]:
                 while block := source.read(1 << 20):
                     total += len(block)
                     if total > MAX_EXTRACTED_BYTES:
-                        raise FastDiffError(f"compiled package {path} unpacks to more bytes than a package holds")
+                        raise FastDiffError(
+                            f"compiled package {path} unpacks to more bytes than a package holds", PACKAGE_SIZE_FIX
+                        )
                     out.write(block)
             written.append(target)
     return written

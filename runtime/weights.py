@@ -29,25 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import FastDiffError
+from .format import SAFETENSORS_DTYPES
 
 CHUNK_BYTES = 32 << 20
 STAGING_BUFFERS = 4  # also the number of reader threads
 
-# safetensors' dtype names (https://github.com/huggingface/safetensors, "Format")
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)

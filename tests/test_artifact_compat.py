@@ -66,7 +66,13 @@ def test_incompatible_torch(tiny_artifact: Path, tmp_path: Path) -> None:
     assert_clean_error(run(art, tmp_path), "compiled with torch 2.9.0", "install torch 2.9.x")
     with pytest.raises(FastDiffError, match="compiled with torch 2.9.0"):
         load_pipeline(art, device="cpu")
-    assert_clean_error(invoke_cli("fastdiff-inspect", str(art)), "cannot load here", "compiled with torch 2.9.0")
+    proc = invoke_cli("fastdiff-inspect", str(art))
+    assert_clean_error(proc, "cannot load here", "compiled with torch 2.9.0", "install torch 2.9.x")
+    with open(art / "unet" / "weights.safetensors", "ab") as f:  # damaged too: one error naming both
+        f.write(b"\0")
+    proc = invoke_cli("fastdiff-inspect", str(art))
+    assert_clean_error(proc, "do not match the manifest, and it cannot load here: ", "compiled with torch 2.9.0")
+    assert proc.stderr.count("error:") == 1, proc.stderr
 
 
 def test_same_torch_minor_is_compatible(tiny_artifact: Path) -> None:

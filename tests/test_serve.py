@@ -23,8 +23,8 @@ from serve_helpers import alone, assert_same_image, decode, loras_loaded, merged
 KEY = "test-key"
 # batch-wait: concurrent test clients start within it, so their requests share calls
 MAIN_ARGS = ["--api-key", KEY, "--batch-wait-ms", "300", "--max-steps", "100000"]
-# a server to fill and to time out: 2 requests may wait, each gets 3 s
-TIGHT_ARGS = ["--max-queue", "2", "--request-timeout", "3", "--batch-wait-ms", "0", "--max-steps", "100000"]
+# a server to fill and to time out: 2 requests may wait, each gets 6 s (time to fill the queue on a busy machine)
+TIGHT_ARGS = ["--max-queue", "2", "--request-timeout", "6", "--batch-wait-ms", "0", "--max-steps", "100000"]
 LONG = {"num_inference_steps": 100000}  # many minutes: a request that ends early was stopped
 PROMPT = "a photo of a cat"
 
@@ -168,6 +168,7 @@ def test_auth(server) -> None:
         ({"prompt": "a cat", "model": "pixel", "lora": "ink"}, "lora", "name different LoRAs"),
         ({"prompt": "a cat", "lora_scale": 0.5}, "lora_scale", "needs a LoRA"),
         ({"prompt": "a cat", "lora": "ink", "lora_scale": "strong"}, "lora_scale", "valid number"),
+        ({"prompt": "a cat", "lora": "ink", "lora_scale": 1e6}, "lora_scale", "between -10 and 10"),
     ],
 )
 def test_bad_requests_get_400_in_openais_shape(server, body: dict, param: str, phrase: str) -> None:

@@ -210,6 +210,21 @@ def test_readiness_follows_the_load_and_the_drain(model: ServedModel) -> None:
     asyncio.run(run())
 
 
+def test_the_apps_end_ends_its_service(model: ServedModel) -> None:
+    """A Ray Serve replica's app (its service started by the replica) ends the service's dispatch loop and pipeline
+    thread when Serve runs the app's lifespan shutdown, which it does when it stops the replica."""
+    service = ImageService(lambda: model)
+    app = create_app(service, start_service=False)
+
+    async def run() -> None:
+        await service.start()
+        async with app.router.lifespan_context(app):
+            assert service.healthy
+        assert not service.healthy and service._worker._shutdown
+
+    asyncio.run(run())
+
+
 def test_a_forced_stop_while_a_batch_waits_for_company_fails_its_requests() -> None:
     """A request waiting (--batch-wait-ms) for others to share its call when a forced stop empties the queue: it fails
     with Stopped, and the dispatch loop goes on (it once tried to take the gone request off the queue and died)."""

@@ -49,7 +49,7 @@ def create_app(
         yield
         if loading is not None:
             loading.cancel()
-            await service.close()
+        await service.close()  # the app's end (fastdiff-serve's exit; Ray Serve's replica shutdown, after its drain)
 
     app = FastAPI(title="fastdiff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 

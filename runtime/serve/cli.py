@@ -130,7 +130,11 @@ def main(
     server.run()
     if service.state == "failed":
         error = service.load_error
-        raise error if isinstance(error, FastDiffError) else FastDiffError(f"cannot load {artifact}: {error}")
+        raise (
+            error
+            if isinstance(error, FastDiffError)
+            else FastDiffError(f"cannot load {artifact}: {error}", "check the artifact with fastdiff-inspect --verify")
+        )
     if server.forced:
         click.echo("error: stopped before the requests in flight finished", err=True)
         sys.exit(1)
@@ -143,11 +147,15 @@ def parse_loras(values: Sequence[str]) -> dict[str, Path]:
     for value in values:
         name, equals, file = value.partition("=")
         if not (equals and name and file):
-            raise FastDiffError(f"--lora {value!r} is not NAME=FILE (e.g. --lora pixel=loras/pixel.safetensors)")
+            raise FastDiffError(f"--lora {value!r} is not NAME=FILE", "e.g. --lora pixel=loras/pixel.safetensors")
         if name in loras:
-            raise FastDiffError(f"--lora names {name!r} twice ({loras[name]} and {file})")
+            raise FastDiffError(
+                f"--lora names {name!r} twice ({loras[name]} and {file})", "give each LoRA its own name"
+            )
         path = Path(file).expanduser()
         if not path.exists():
-            raise FastDiffError(f"--lora {name}={file}: no such file")
+            raise FastDiffError(
+                f"--lora {name}={file}: no such file", "check the path (relative to where the server starts)"
+            )
         loras[name] = path
     return loras

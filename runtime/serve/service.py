@@ -27,6 +27,7 @@ log = logging.getLogger("fastdiff.serve")
 SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 RANDOM_SEEDS = 2**53  # drawn seeds stay exact in JavaScript's numbers
 MAX_GUIDANCE = 100.0
+MAX_LORA_SCALE = 10.0  # beyond it a LoRA swamps the weights (a black image); negative scales are used (sliders)
 
 
 class ImageService:
@@ -213,7 +214,11 @@ class ImageService:
                 message = "lora_scale needs a LoRA: give lora, or a LoRA's id as model"
                 raise ApiError(400, message, param="lora_scale")
             return None
-        return Adapter(name, 1.0 if request.lora_scale is None else request.lora_scale)
+        scale = 1.0 if request.lora_scale is None else request.lora_scale
+        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            message = f"lora_scale must be between {-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale:g}"
+            raise ApiError(400, message, param="lora_scale")
+        return Adapter(name, scale)
 
     def _resolution(self, size: str | None) -> Resolution:
         model = self.model
