@@ -5,6 +5,7 @@ deadlines, a full queue, disconnects, and SIGTERM's drain."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import signal
 import subprocess
@@ -179,13 +180,42 @@ def test_bad_requests_get_400_in_openais_shape(server, body: dict, param: str, p
     assert phrase in error["message"], error["message"]
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'{"prompt": "a", "guidance_scale": Infinity}', b"\xff"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"prompt": "a", "guidance_scale": Infinity}',
+        b"\xff",
+        b'{"prompt": "a", "user": ' + b"1" * 5000 + b"}",  # over Python's 4300 digits
+        b"[" * 100_000,  # nested past the parser's recursion limit
+    ],
+)
 def test_malformed_bodies_get_400(server, raw: bytes) -> None:
     response = httpx.post(
         f"{server.url}/v1/images/generations", content=raw, headers={"Authorization": f"Bearer {KEY}"}
     )
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_body_over_a_mib_gets_413(server) -> None:
+    body = json.dumps({"prompt": "a cat", "user": "x" * (1 << 20)}).encode()
+    for headers in ({}, {"Transfer-Encoding": "chunked"}):  # a declared length, and none (chunks counted)
+        content = body if not headers else iter([body[: 1 << 19], body[1 << 19 :]])
+        response = httpx.post(
+            f"{server.url}/v1/images/generations",
+            content=content,
+            headers={"Authorization": f"Bearer {KEY}", **headers},
+        )
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_null_n_and_output_format_take_their_defaults(server) -> None:
+    """As OpenAI's API: the openai client sends null for n=None."""
+    response = post(server, {"prompt": "a cat", "n": None, "output_format": None, "num_inference_steps": 2})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1 and response.json()["output_format"] == "png"
 
 
 def test_the_openai_client_raises_its_own_errors(client) -> None:
@@ -311,13 +341,16 @@ def test_sigterm_drains(tiny_artifact: Path, tmp_path: Path) -> None:
         assert server.proc.wait(30) == 0, server.output()[-2000:]
 
 
-def test_second_sigterm_exits_at_once(tiny_artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("back_to_back", [False, True])
+def test_second_sigterm_exits_at_once(tiny_artifact: Path, tmp_path: Path, back_to_back: bool) -> None:
+    """The second signal forces the stop, once the drain has begun or sent right after the first."""
     with serving(tiny_artifact, tmp_path / "server.log", "--max-steps", "100000") as server:
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(post, server, {"prompt": "a cat", **LONG}, None)
             wait_for(lambda: metric(server, "fastdiff_batch_images_count") == 1)
             sigterm(server)
-            wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, timeout=5)
+            if not back_to_back:
+                wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, timeout=5)
             start = time.monotonic()
             sigterm(server)
             assert server.proc.wait(15) == 1
@@ -389,7 +422,8 @@ def test_bad_command_lines(tiny_artifact: Path, tmp_path: Path) -> None:
         ):
             result = CliRunner().invoke(main, [str(tiny_artifact), *(a for v in loras for a in ("--lora", v))])
             assert result.exit_code == 2, result.output
-            assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+            assert result.stderr.startswith("error: ") and "\n  fix: " in result.stderr, result.stderr
+            assert result.stderr.count("\n") == 2, result.stderr  # the error and its fix, nothing else
             assert phrase in result.stderr, result.stderr
     finally:
         for signum, handler in handlers.items():

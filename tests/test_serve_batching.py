@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from serve_helpers import alone, assert_same_image, decode, loras_loaded, merged
 
+from fastdiff.runtime import FastDiffError
 from fastdiff.runtime.serve.api import ImageRequest
 from fastdiff.runtime.serve.app import create_app
 from fastdiff.runtime.serve.metrics import ServeMetrics
@@ -82,19 +83,20 @@ def test_requests_that_can_share_a_call_do_and_each_gets_its_own_images(model: S
         ["a tall tree"],
     ]
     for request, answer in zip(requests, answers, strict=True):
+        n = request.n or 1
         size = {"height": 64, "width": 96} if request.size == "96x64" else {"height": 64, "width": 64}
         expected = alone(
             tiny_pipeline,
             request.prompt,
             request.seed,
-            n=request.n,
+            n=n,
             steps=request.num_inference_steps,
             negative_prompt=request.negative_prompt,
             guidance_scale=request.guidance_scale,
             **size,
         )
         got = [decode(d["b64_json"]) for d in answer["data"]]
-        assert len(got) == request.n and answer["seed"] == request.seed
+        assert len(got) == n and answer["seed"] == request.seed
         for g, e in zip(got, expected, strict=True):
             assert_same_image(g, e)
     first, fourth = (decode(answers[i]["data"][0]["b64_json"]) for i in (0, 3))
@@ -205,6 +207,70 @@ def test_readiness_follows_the_load_and_the_drain(model: ServedModel) -> None:
             assert await service.drain(5)
             assert (await client.get("/readyz")).status_code == 503
             assert (await client.post("/v1/images/generations", json=body)).status_code == 503
+        await service.close()
+
+    asyncio.run(run())
+
+
+class Failing:
+    """A pipeline whose calls raise `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self, prompt, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "message", "traceback"),
+    [
+        (FastDiffError("the generation gave NaN", "check it"), "failed to generate the image: the generation", False),
+        (RuntimeError("a bug"), "failed to generate the image (RuntimeError)", True),
+    ],
+)
+def test_a_failed_generation_is_a_500_and_one_log_record(
+    model: ServedModel, caplog: pytest.LogCaptureFixture, error: Exception, message: str, traceback: bool
+) -> None:
+    """The pipeline's own error: a 500 naming it, one line in the log; anything else: a 500 naming its type, its
+    traceback in the log. Nothing escapes the app (the server would log a second traceback for each request)."""
+    service = ImageService(lambda: dataclasses.replace(model, pipe=Failing(error)))
+    app = create_app(service, start_service=False)
+
+    async def run() -> httpx.Response:
+        await service.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                return await client.post("/v1/images/generations", json={"prompt": "a cat", "num_inference_steps": 2})
+        finally:
+            await service.close()
+
+    response = asyncio.run(run())
+    assert response.status_code == 500 and message in response.json()["error"]["message"]
+    failed = [r for r in caplog.records if r.getMessage().startswith("request failed")]
+    assert len(failed) == 1 and (failed[0].exc_info is not None) == traceback
+
+
+def test_a_stop_while_loading_is_not_a_failed_load(model: ServedModel) -> None:
+    """The server stopped (its start cancelled) while the model loads: the service is stopped, not failed (the server
+    does not report a load error)."""
+    gate = threading.Event()
+
+    def slow_load() -> ServedModel:
+        gate.wait(30)
+        return model
+
+    service = ImageService(slow_load)
+
+    async def run() -> None:
+        loading = asyncio.create_task(service.start())
+        await asyncio.sleep(0.05)
+        loading.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        assert service.state == "stopped" and service.load_error is None
+        assert await service.wait_idle(0)  # nothing queued: idle at once, even with no time to wait
         await service.close()
 
     asyncio.run(run())

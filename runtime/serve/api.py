@@ -45,10 +45,10 @@ class ImageRequest(BaseModel):
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = None  # a LoRA's id (GET /v1/models) selects it; any other: accepted, no effect
-    n: int = Field(1, strict=True)
+    n: int | None = Field(None, strict=True)  # None (as the openai client sends n=None): 1
     size: str | None = None  # "WxH", one of the artifact's; None or "auto": the model's default
     response_format: Literal["b64_json", "url"] | None = None  # "url" is refused: the server keeps no images
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: Literal["png", "jpeg", "webp"] | None = None  # None: png
     output_compression: int | None = Field(None, ge=0, le=100, strict=True)  # jpeg and webp quality
     quality: str | None = None
     style: str | None = None

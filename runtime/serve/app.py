@@ -26,6 +26,7 @@ from .service import ImageService
 
 log = logging.getLogger("fastdiff.serve")
 
+MAX_BODY_BYTES = 1 << 20  # two prompts of MAX_PROMPT_CHARS (4 bytes a character at most) and the rest fit
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer; recorded, never sent
 
 
@@ -79,6 +80,8 @@ def create_app(
         except (ClientGone, asyncio.CancelledError):
             status = CLIENT_CLOSED
             raise
+        except Exception as e:  # answered here: an exception handler's answer would still log a traceback per request
+            raise _internal_error(e) from None
         finally:
             service.metrics.requests.labels(str(status)).inc()
 
@@ -119,17 +122,16 @@ def create_app(
         error = ApiError(e.status_code, f"{e.detail}: {request.method} {request.url.path}", kind)
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def internal(request: Request, e: Exception) -> JSONResponse:
-        if isinstance(e, FastDiffError):  # the pipeline's own word (a non-finite image, say): said, no traceback
-            log.error("request failed: %s", e.problem)
-            error = ApiError(500, f"The server failed to generate the image: {e.problem}", "server_error")
-        else:
-            log.error("request failed", exc_info=e)  # the traceback goes to the log, never to the client
-            error = ApiError(500, f"The server failed to generate the image ({type(e).__name__})", "server_error")
-        return JSONResponse(error.body(), status_code=500)
-
     return app
+
+
+def _internal_error(e: Exception) -> ApiError:
+    """A generation that failed in the server: a 500 for the client, the cause in the log."""
+    if isinstance(e, FastDiffError):  # the pipeline's own word (a non-finite image, say): one line, no traceback
+        log.error("request failed: %s", e.problem)
+        return ApiError(500, f"The server failed to generate the image: {e.problem}", "server_error")
+    log.error("request failed", exc_info=e)  # a bug: its traceback goes to the log, never to the client
+    return ApiError(500, f"The server failed to generate the image ({type(e).__name__})", "server_error")
 
 
 async def _start(service: ImageService) -> None:
@@ -140,10 +142,22 @@ async def _start(service: ImageService) -> None:
 
 
 async def _json(request: Request) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked body has no length to check first
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # ValueError: malformed, not UTF-8, or an integer of over 4300 digits
         raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
 
 
 async def _disconnected(request: Request) -> None:

@@ -32,6 +32,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout = drain_timeout
         self.forced = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._signals = 0  # counted in the handler itself: a second signal before the drain's task starts forces
         self._draining: asyncio.Task | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
@@ -41,7 +42,8 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None:
             return
-        if self._draining is None and not self.should_exit:
+        self._signals += 1
+        if self._signals == 1 and not self.should_exit:
             self._loop.call_soon_threadsafe(self._start_drain)
         else:
             self._loop.call_soon_threadsafe(self._force)

@@ -83,6 +83,9 @@ class ImageService:
         start = time.perf_counter()
         try:
             self.model = await asyncio.get_running_loop().run_in_executor(self._worker, self._load)
+        except asyncio.CancelledError:  # the server stopped while loading: not a failed load
+            self.state = "stopped"
+            raise
         except BaseException as e:
             self.state, self.load_error = "failed", e
             raise
@@ -126,7 +129,7 @@ class ImageService:
         except Stopped:
             message = "The server stopped before the request finished"
             raise ApiError(503, message, "server_error", None, "stopped") from None
-        fmt = request.output_format
+        fmt = request.output_format or "png"
         encoded = await asyncio.get_running_loop().run_in_executor(
             self._encoders, encode_images, images, fmt, request.output_compression
         )
@@ -149,8 +152,8 @@ class ImageService:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Whether no request is queued or running within `timeout` s."""
-        if self.batcher is None:
-            return True
+        if self.batcher is None or not self.batcher.busy:
+            return True  # (wait_for with a timeout of 0 would cancel even an idle wait)
         try:
             await asyncio.wait_for(self.batcher.wait_idle(), timeout)
         except asyncio.TimeoutError:
@@ -178,8 +181,9 @@ class ImageService:
         if request.response_format == "url":
             raise ApiError(400, "response_format 'url' is not supported: use b64_json", param="response_format")
         res = self._resolution(request.size)
-        if not 1 <= request.n <= self.max_images:
-            raise ApiError(400, f"n must be between 1 and {self.max_images}, got {request.n}", param="n")
+        n = 1 if request.n is None else request.n
+        if not 1 <= n <= self.max_images:
+            raise ApiError(400, f"n must be between 1 and {self.max_images}, got {n}", param="n")
         steps = self.default_steps if request.num_inference_steps is None else request.num_inference_steps
         if not 1 <= steps <= self.max_steps:
             message = f"num_inference_steps must be between 1 and {self.max_steps}, got {steps}"
@@ -193,7 +197,7 @@ class ImageService:
             key=BatchKey(res, steps, float(guidance), negative is not None, self._adapter(request)),
             prompt=request.prompt,
             negative_prompt=negative,
-            n=request.n,
+            n=n,
             seed=secrets.randbelow(RANDOM_SEEDS) if request.seed is None else request.seed,
             future=asyncio.get_running_loop().create_future(),
         )
