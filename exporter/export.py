@@ -32,7 +32,7 @@ from .compile import check_int8_rows, compile_package, export_program, package_c
 from .options import ExportOptions, check_options
 from .passes import QUANTIZATION_PASSES, apply_passes
 from .progress import log, phase
-from .source import Source, load_source
+from .source import Source, compiled_architecture, load_source
 from .wrappers import (
     T5_ENCODER_INPUTS,
     TEXT_ENCODER_INPUTS,
@@ -118,6 +118,7 @@ def export_artifact(options: ExportOptions) -> Path:
                 **_inductor_record(options),
                 "text_encoders": "compiled" if text_encoders else "stock",
                 "attention": attention,
+                "architecture": compiled_architecture(source, bool(text_encoders)),
             },
             device=device_record(options.device),
             versions=export_versions(options),

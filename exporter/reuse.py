@@ -14,6 +14,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -40,7 +41,7 @@ from .export import denoiser_and_decoder, export_versions, model_facts, save_sto
 from .options import ExportOptions, check_options
 from .passes import fused_away
 from .progress import log, phase
-from .source import load_source, model_family
+from .source import compiled_architecture, load_source, model_family
 
 # Model facts the packages have compiled in (the VAE decoder's unscaling, the denoiser's input shapes): a checkpoint
 # whose facts differ cannot use them, whatever its weights.
@@ -128,6 +129,7 @@ def export_reusing(options: ExportOptions, art: str | os.PathLike, manifest: Man
             )
         facts = model_facts(source)
         _check_facts(facts, manifest.model, options.model, art)
+        _check_architecture(compiled_architecture(source, bool(manifest.text_encoders)), manifest, options.model, art)
         with phase(f"applying passes {', '.join(options.passes) or '(none)'}"):
             unet, vae = denoiser_and_decoder(source, options)
         if unet.inputs != manifest.unet.inputs:  # PixArt-α's micro-conditioning is taken by the 1024² models only
@@ -180,6 +182,26 @@ def _check_facts(facts: ModelFacts, compiled: ModelFacts, model: str, art: Path)
                 "compiled in",
                 FULL_EXPORT,
             )
+
+
+def _check_architecture(configs: dict[str, dict[str, Any]], manifest: Manifest, model: str, art: Path) -> None:
+    """MODEL's compiled components configured as ART's packages were compiled: the keys both configs have agree (a
+    key one diffusers or transformers version has and another lacks cannot be compared)."""
+    compiled = manifest.options.get("architecture")
+    if compiled is None:
+        raise FastDiffError(
+            f"{art} does not record the configuration its packages were compiled for (an earlier fastdiff exported "
+            "it), so a checkpoint cannot be checked against it",
+            "export the source model again with this fastdiff, then reuse that artifact",
+        )
+    for name, recorded in compiled.items():
+        config = configs.get(name, {})
+        for key in sorted(recorded.keys() & config.keys()):
+            if config[key] != recorded[key]:
+                raise FastDiffError(
+                    f"{model}'s {name} has {key} {config[key]!r}; {art}'s packages were compiled for {recorded[key]!r}",
+                    FULL_EXPORT,
+                )
 
 
 def _write_component(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -21,7 +23,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from fastdiff.runtime.format import FastDiffError, Resolution, parse_resolution
+from fastdiff.runtime.format import TEXT_PARTS, FastDiffError, Resolution, parse_resolution
 
 from .presets import PRESETS, Preset, check_model, check_vae
 
@@ -30,6 +32,28 @@ FAMILIES = {"sdxl": StableDiffusionXLPipeline, "sd": StableDiffusionPipeline, "p
 # Components a checkpoint may list that no artifact uses (SD 1.x's safety checker and its image processor, IP-Adapter
 # image encoders): not loaded, so that a checkpoint folder without them (often deleted: 1.2 GB) exports too.
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+# Config keys that do not shape a component's compiled code: metadata, dtype hints, training-only settings, the
+# default sample size (the artifact's resolutions are its own), the VAE's upcast hint (its dtype is checked apart).
+UNCOMPILED_CONFIG_KEYS = {
+    "architectures",
+    "attention_dropout",
+    "dropout",
+    "dropout_rate",
+    "dtype",
+    "force_upcast",
+    "id2label",
+    "initializer_factor",
+    "initializer_range",
+    "label2id",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+    "sample_size",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+}
 # A denoiser's weight files: diffusion_pytorch_model.safetensors (or .bin); of a variant,
 # diffusion_pytorch_model.fp16.safetensors; sharded, diffusion_pytorch_model.fp16-00001-of-00002.safetensors (older
 # diffusers: diffusion_pytorch_model-00001-of-00002.fp16.safetensors).
@@ -47,6 +71,20 @@ class Source:
     def denoiser(self) -> torch.nn.Module:
         """The UNet, or PixArt-α's transformer."""
         return self.pipe.transformer if self.family == "pixart" else self.pipe.unet
+
+
+def compiled_architecture(source: Source, with_text_encoders: bool) -> dict[str, dict[str, Any]]:
+    """The configs of the components an export compiles (their code is compiled for them), as JSON: what
+    --packages-from holds a fine-tune's against."""
+    configs = {"unet": source.denoiser.config, "vae_decoder": source.pipe.vae.config}
+    if with_text_encoders:
+        configs |= {name: getattr(source.pipe, name).config for _, name in TEXT_PARTS[source.family]}
+    records = {}
+    for name, config in configs.items():
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' or diffusers'
+        kept = {k: v for k, v in items.items() if not k.startswith("_") and k not in UNCOMPILED_CONFIG_KEYS}
+        records[name] = json.loads(json.dumps(kept, default=str))
+    return records
 
 
 def load_source(

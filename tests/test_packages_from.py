@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,30 @@ def _older(tiny_artifact: Path, exports: Path) -> Path:
     return art
 
 
+def _unrecorded(tiny_artifact: Path, exports: Path) -> Path:
+    """An artifact exported before the manifest recorded its compiled components' configs."""
+    art = Path(shutil.copytree(tiny_artifact, exports.parent / "unrecorded"))
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    del manifest["options"]["architecture"]
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return art
+
+
+def _reconfigured(component: str, key: str, value: object) -> Callable[[Path, Path, Path], tuple[Path, Path]]:
+    """The tiny checkpoint with one config value changed: every weight fits the packages, but their code computes
+    with the old value."""
+
+    def make(art: Path, distilled: Path, exports: Path) -> tuple[Path, Path]:
+        from fastdiff.exporter.presets import PRESETS
+
+        checkpoint = Path(shutil.copytree(PRESETS["tiny-sdxl"].build(), exports.parent / f"{component}-{key}"))
+        config = checkpoint / component / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+        return checkpoint, art
+
+    return make
+
+
 REFUSALS = {  # case -> (MODEL and ART from the tiny artifact, the distilled checkpoint, the exports folder; phrases)
     "another family": (
         lambda art, distilled, exports: ("tiny-sd", art),
@@ -125,9 +150,24 @@ REFUSALS = {  # case -> (MODEL and ART from the tiny artifact, the distilled che
     ),
     "another architecture": (
         lambda art, distilled, exports: (distilled, art),
-        "does not fit",
-        "needs constant 'unet.",
+        "'s unet has mid_block_type 'UNetMidBlock2D'; ",
+        "packages were compiled for 'UNetMidBlock2DCrossAttn'",
         "a full export is needed",
+    ),
+    "another unet config": (
+        _reconfigured("unet", "norm_eps", 0.01),
+        "'s unet has norm_eps 0.01;",
+        "packages were compiled for 1e-05",
+        "a full export is needed",
+    ),
+    "another text encoder config": (
+        _reconfigured("text_encoder", "hidden_act", "gelu"),
+        "'s text_encoder has hidden_act 'gelu';",
+        "compiled for 'quick_gelu'",
+    ),
+    "an artifact that does not record its configuration": (
+        lambda art, distilled, exports: ("tiny-sdxl", _unrecorded(art, exports)),
+        "does not record the configuration its packages were compiled for",
     ),
     "not an artifact": (lambda art, distilled, exports: ("tiny-sdxl", exports), "is not a fastdiff artifact"),
     "an older artifact": (
