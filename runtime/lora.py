@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import re
 import threading
@@ -180,10 +181,12 @@ class LoraAdapters:
                 }
             )
             self.adapters[adapter_name] = [Update(u.target, u.rows, u.layer.to(self.device)) for u in updates]
+            previous = self.active
             try:
                 self._merge({adapter_name: dict.fromkeys(self.parts, weight)})
             except BaseException:
                 del self.adapters[adapter_name]
+                self._merge(previous)  # the merge left the base: the adapters active before, as they were
                 raise
             return adapter_name
 
@@ -335,7 +338,7 @@ def _fits(layer: tuple[int, ...], weight: torch.Size) -> bool:
 
 
 def _weight(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise FastDiffError(f"{what} must be a finite number, got {value!r}", "e.g. 1.0")
     return float(value)
 
@@ -391,7 +394,9 @@ def shared_adapters(pipe: Any) -> LoraAdapters:
     with _shared_lock:
         adapters = getattr(unet_weights, "lora_adapters", None)
         if adapters is None:
-            parts = {"unet": Part(unet_weights, torch_dtype(manifest.unet.dtype))}
+            # a proxy: the weights hold their adapters, and a reference back would keep both alive past the last
+            # pipeline, until the cyclic garbage collector happened to run (gigabytes of device and pinned memory)
+            parts = {"unet": Part(weakref.proxy(unet_weights), torch_dtype(manifest.unet.dtype))}
             names = [encoder for _, encoder in TEXT_PARTS[manifest.model.family]]
             if manifest.text_encoders:  # compiled ones: their packages bind weights
                 compiled = zip(names, manifest.text_encoders, pipe.conditioner.encoders, strict=True)

@@ -203,6 +203,11 @@ def split_parts(
         convert_unet_state_dict_to_peft,
     )
 
+    if metadata is not None and not isinstance(metadata, dict):
+        raise FastDiffError(
+            f"the LoRA's adapter metadata is a {type(metadata).__name__}, not the object diffusers writes",
+            "the LoRA is damaged",
+        )
     by_part: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         part, _, name = key.partition(".")
@@ -255,8 +260,12 @@ def _layers(
     common_alpha = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else None
     layers = {}
     for module, factors in pairs.items():
+        # a linear's factors are matrices; a conv's are a kernel (A) and a 1x1 conv (B), as PEFT makes them
         shapes_fit = set(factors) == {"A", "B"} and all(f.dim() in (2, 4) for f in factors.values())
-        if not shapes_fit or factors["A"].shape[0] != factors["B"].shape[1]:
+        if shapes_fit:
+            down, up = factors["A"], factors["B"]
+            shapes_fit = down.dim() == up.dim() and up.shape[2:] in ((), (1, 1)) and down.shape[0] == up.shape[1]
+        if not shapes_fit:
             raise FastDiffError(
                 f"LoRA layer {part}.{module} lacks one of its two factors, or their shapes or ranks do not fit",
                 "the LoRA is damaged",

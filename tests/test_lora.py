@@ -8,14 +8,18 @@ Pipelines of one process over the same artifact share its weights: every test un
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from helpers import copy_artifact
 from lora_helpers import UNET_TARGETS, make_lora
 from safetensors.torch import load_file, save_file
 
@@ -193,7 +197,7 @@ def _one_dimensional(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _with_metadata(path: Path, tmp: Path, metadata: dict) -> Path:
+def _with_metadata(path: Path, tmp: Path, metadata: dict | list) -> Path:
     from safetensors.torch import save_file
 
     from fastdiff.runtime.lora_files import METADATA_KEY
@@ -226,6 +230,17 @@ BAD_LORAS = {
         lambda loras, tmp: _with_metadata(loras["unet"], tmp, {"unet.lora_alpha": "eight", "unet.r": 4}),
         "the LoRA's metadata for unet gives alpha 'eight'",
     ),
+    "a conv factor of another kernel": (  # a conv's up factor is a 1x1 conv: a 3x3 one fits no merge
+        lambda loras, tmp: {
+            "unet.down_blocks.0.resnets.0.conv1.lora_A.weight": torch.randn(2, 32, 3, 3),
+            "unet.down_blocks.0.resnets.0.conv1.lora_B.weight": torch.randn(32, 2, 3, 3),
+        },
+        "shapes or ranks do not fit",
+    ),
+    "adapter metadata that is no object": (
+        lambda loras, tmp: _with_metadata(loras["unet"], tmp, [1, 2]),
+        "the LoRA's adapter metadata is a list",
+    ),
     "DoRA": (
         lambda loras, tmp: (
             load_file(loras["unet"]) | {"unet.mid_block.attentions.0.proj_in.lora_magnitude_vector": torch.ones(64)}
@@ -249,6 +264,23 @@ def test_a_refused_lora_changes_nothing(pipe, sdxl_loras: dict[str, Path], tmp_p
         pipe.load_lora_weights(make(sdxl_loras, tmp_path), adapter_name="x")
     assert_unchanged(pipe, before)
     assert pipe.get_active_adapters() == ["b"]
+
+
+def test_a_dropped_pipeline_with_a_lora_frees_its_weights(
+    tiny_artifact: Path, sdxl_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    """The weights hold their adapters and nothing holds the weights back: they (and the LoRA's pristine copies) go
+    with the last pipeline, without waiting for the cyclic garbage collector."""
+    pipe = load_pipeline(copy_artifact(tiny_artifact, tmp_path), device="cpu")  # weights of its own
+    pipe.load_lora_weights(sdxl_loras["a"], scale=np.float32(0.5))  # a numpy number, as a call's guidance may be
+    gone = weakref.ref(bound_weights(next(iter(pipe.unets.values()))))
+    gc.collect()
+    gc.disable()
+    try:
+        del pipe
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 BAD_CALLS = {
