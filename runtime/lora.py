@@ -197,11 +197,8 @@ class LoraAdapters:
     ) -> None:
         """Merge exactly these adapters, at these weights (one for all, or one per adapter; a weight may be a dict by
         part, e.g. {"unet": 0.8, "text_encoder": 1.0}, where a part left out gets 1.0, as in diffusers)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = self._loaded(adapter_names)
         with self._lock:
-            if unknown := [n for n in names if n not in self.adapters]:
-                loaded = ", ".join(map(repr, self.adapters)) or "none"
-                raise FastDiffError(f"no adapter named {unknown[0]!r} is loaded (loaded: {loaded})", "load it first")
             if len(set(names)) != len(names):
                 raise FastDiffError(f"adapter_names names an adapter twice: {names}")
             if adapter_weights is None or not isinstance(adapter_weights, Sequence) or isinstance(adapter_weights, str):
@@ -211,6 +208,21 @@ class LoraAdapters:
                     f"{len(adapter_weights)} adapter weights for {len(names)} adapters", "give one per adapter"
                 )
             self._merge({name: self._part_weights(w) for name, w in zip(names, adapter_weights, strict=True)})
+
+    def delete(self, adapter_names: str | Sequence[str]) -> None:
+        """Drop these adapters; those of them merged leave the weights, the other active ones stay as they were."""
+        names = set(self._loaded(adapter_names))
+        with self._lock:
+            self._merge({name: weights for name, weights in self.active.items() if name not in names})
+            for name in names:
+                del self.adapters[name]
+
+    def _loaded(self, adapter_names: str | Sequence[str]) -> list[str]:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if unknown := [n for n in names if n not in self.adapters]:
+            loaded = ", ".join(map(repr, self.adapters)) or "none"
+            raise FastDiffError(f"no adapter named {unknown[0]!r} is loaded (loaded: {loaded})", "load it first")
+        return names
 
     def unload(self) -> None:
         """The base weights back, bit for bit; every adapter and pristine copy dropped."""

@@ -248,6 +248,11 @@ class FastDiffPipeline:
         self._lora_adapters().set_adapters(adapter_names, adapter_weights)
 
     @_on_own_device
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """Drop these loaded adapters: those of them merged leave the weights (exactly), the other active ones stay."""
+        self._lora_adapters().delete(adapter_names)
+
+    @_on_own_device
     def unload_lora_weights(self) -> None:
         """Drop every adapter: the base weights are back, bit for bit, and the host copies freed."""
         self._lora_adapters().unload()

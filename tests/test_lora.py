@@ -163,7 +163,12 @@ def test_switching_and_unloading_are_exact(pipe, sdxl_loras: dict[str, Path]) ->
     assert torch.equal(latents(pipe), with_a)  # back to a alone: no drift from the switches between
     pipe.set_adapters([])
     assert torch.equal(latents(pipe), base)
-    pipe.set_adapters("b")
+    pipe.set_adapters(["a", "b"], [1.0, 0.7])
+    pipe.delete_adapters("b")  # a merged one goes: a stays as it was
+    assert pipe.get_active_adapters() == ["a"]
+    assert torch.equal(latents(pipe), with_a)
+    pipe.set_adapters("a")
+    assert torch.equal(latents(pipe), with_a)
     pipe.unload_lora_weights()
     assert pipe.get_active_adapters() == []
     assert_unchanged(pipe, before)
@@ -289,6 +294,7 @@ BAD_CALLS = {
     "unknown adapter": (lambda p, loras: p.set_adapters(["b", "c"]), "no adapter named 'c' is loaded"),
     "weights per adapter": (lambda p, loras: p.set_adapters(["b"], [1.0, 2.0]), "2 adapter weights for 1 adapters"),
     "unknown part": (lambda p, loras: p.set_adapters("b", {"vae": 1.0}), "name 'vae', which is no part"),
+    "delete an unknown adapter": (lambda p, loras: p.delete_adapters(["b", "c"]), "no adapter named 'c' is loaded"),
 }
 
 
