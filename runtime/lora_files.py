@@ -133,13 +133,41 @@ def _download(repo_id: str, weight_name: str | None, subfolder: str | None, revi
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, weight_name or LORA_FILE, subfolder=subfolder, revision=revision))
+        name = weight_name or _hub_file_name(repo_id, subfolder, revision)
+        return Path(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision))
+    except FastDiffError:
+        raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FastDiffError(
             f"cannot fetch LoRA {repo_id} from the Hugging Face hub: {first}",
             "check the path or hub id (and weight_name); without network a hub LoRA must already be in the cache",
         ) from None
+
+
+def _hub_file_name(repo_id: str, subfolder: str | None, revision: str | None) -> str:
+    """As diffusers guesses a hub LoRA's file: pytorch_lora_weights.safetensors, else the repository's one
+    .safetensors file (in `subfolder`); where the repository cannot be listed (offline), the former."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        files = list_repo_files(repo_id, revision=revision)
+    except Exception:
+        return LORA_FILE  # the download then says what is wrong, or finds the file in the cache
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    found = sorted(
+        name
+        for f in files
+        if f.startswith(prefix) and (name := f.removeprefix(prefix)).endswith(".safetensors") and "/" not in name
+    )
+    if LORA_FILE in found or not found:
+        return LORA_FILE
+    if len(found) > 1:
+        raise FastDiffError(
+            f"hub LoRA {repo_id} holds {len(found)} .safetensors files ({', '.join(found[:4])}) and no {LORA_FILE}",
+            "name the LoRA file: load_lora_weights(hub_id, weight_name=...)",
+        )
+    return found[0]
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -128,6 +128,38 @@ def test_matches_diffusers(pipe, reference, sdxl_loras: dict[str, Path], lora: s
     assert pipe.get_active_adapters() == ["x"]
 
 
+def test_a_hub_loras_file_is_guessed_as_diffusers_guesses(sdxl_loras: dict[str, Path], monkeypatch) -> None:
+    """Without weight_name: pytorch_lora_weights.safetensors, else the repository's one .safetensors file; several
+    others are refused; a repository that cannot be listed (offline) is asked for the former."""
+    asked = []
+
+    def download(repo_id, filename, subfolder=None, revision=None):
+        asked.append(filename)
+        return str(sdxl_loras["a"])
+
+    def listing(files):
+        def list_repo_files(repo_id, revision=None):
+            if files is None:
+                raise OSError("offline")
+            return files
+
+        return list_repo_files
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    for files, expected in [
+        (["README.md", "pixel-art-xl.safetensors", "images/a.png"], "pixel-art-xl.safetensors"),
+        (["pytorch_lora_weights.safetensors", "other.safetensors"], "pytorch_lora_weights.safetensors"),
+        (["README.md"], "pytorch_lora_weights.safetensors"),
+        (None, "pytorch_lora_weights.safetensors"),
+    ]:
+        monkeypatch.setattr("huggingface_hub.list_repo_files", listing(files))
+        fetch("org/lora")
+        assert asked[-1] == expected
+    monkeypatch.setattr("huggingface_hub.list_repo_files", listing(["a.safetensors", "b.safetensors"]))
+    with pytest.raises(FastDiffError, match="holds 2 .safetensors files"):
+        fetch("org/lora")
+
+
 def test_normalised_as_diffusers_lora_state_dict(reference, sdxl_loras: dict[str, Path]) -> None:
     """The lines of lora_state_dict that fastdiff mirrors (instead of importing its module) give what it gives."""
     for lora in ("a", "kohya"):
