@@ -121,8 +121,12 @@ class ImageService:
         try:
             images = await asyncio.wait_for(asyncio.shield(job.future), timeout)
         except asyncio.TimeoutError:
-            self.batcher.cancel(job, "deadline")
-            raise ApiError(504, f"The request took longer than {self.request_timeout_s:g} s", "timeout") from None
+            future = job.future
+            if future.done() and not future.cancelled() and future.exception() is None:  # done as the deadline passed
+                images = future.result()
+            else:
+                self.batcher.cancel(job, "deadline")
+                raise ApiError(504, f"The request took longer than {self.request_timeout_s:g} s", "timeout") from None
         except asyncio.CancelledError:  # the client went away (or the server is stopping)
             self.batcher.cancel(job, "disconnected")
             raise
