@@ -514,12 +514,34 @@ def confined_path(root: Path, rel: str, shown: Path | None = None) -> Path:
 
 
 HASH_THREADS = 4  # hashlib lets go of the GIL: files hash in parallel, at the disk's speed rather than one core's
+# Files up to this size are hashed on every check (tokenizers, configs: a few MB, milliseconds), so that what a load
+# parses is what was built; packages are hashed as they are read; only weights wait for full_hash.
+ALWAYS_HASHED_BYTES = 16 << 20
+
+
+def _unlisted(root: Path, folder: str, files: dict[str, Any]) -> list[str]:
+    """What a stock folder (read by transformers' and diffusers' from_pretrained, which pick their own files) holds
+    beyond the files the manifest lists: links, and files no hash vouches for."""
+    problems = []
+    base = root / folder
+    for dirpath, dirnames, filenames in os.walk(base):  # links are listed, not followed
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = Path(folder, os.path.relpath(path, base)).as_posix()
+            if os.path.islink(path):
+                problems.append(f"{rel}: a link (an artifact holds its own files)")
+            elif name in filenames and rel not in files:
+                problems.append(f"{rel}: not listed in the manifest")
+    return problems
 
 
 def check_files(root: Path, manifest: Manifest, full_hash: bool = False, shown: Path | None = None) -> list[str]:
-    """Every listed file present inside `root` as a regular file of its recorded size; with `full_hash`, its content
-    hashed too (files in parallel). One line per problem; none: the artifact is intact."""
+    """Every listed file present inside `root` as a regular file of its recorded size, those up to
+    ALWAYS_HASHED_BYTES (but packages) hashed, and with `full_hash` every one (files in parallel); nothing in a stock
+    folder beyond its listed files. One line per problem; none: the artifact is intact."""
     problems, to_hash = [], []
+    for folder in manifest.stock.values():
+        problems += _unlisted(root, folder, manifest.files)
     for rel, entry in manifest.files.items():
         try:
             path = confined_path(root, rel, shown)
@@ -535,7 +557,7 @@ def check_files(root: Path, manifest: Manifest, full_hash: bool = False, shown: 
             problems.append(f"{rel}: not a regular file")
         elif info.st_size != entry["size"]:
             problems.append(f"{rel}: size {info.st_size} bytes, manifest says {entry['size']} (truncated or replaced)")
-        elif full_hash:
+        elif full_hash or (entry["size"] <= ALWAYS_HASHED_BYTES and not rel.endswith(".pt2")):
             to_hash.append((rel, path, entry))
     with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="fastdiff-hash") as pool:
         for (rel, _, entry), digest in zip(to_hash, pool.map(lambda job: sha256_file(job[1]), to_hash), strict=True):

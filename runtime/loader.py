@@ -19,6 +19,7 @@ from .format import (
     PENULTIMATE_CLIP_FAMILIES,
     TEXT_PARTS,
     CompiledComponent,
+    Manifest,
     Resolution,
     parse_resolution,
     resolve_device,
@@ -198,7 +199,7 @@ def _load_conditioner(
         for c in manifest.text_encoders:
             module = next(iter(_load_packages(folder, c, list(c.packages), device, weights).values()))
             encoders.append(CompiledTextEncoder(module, masked="attention_mask" in c.inputs))
-            rows.append(embedding_rows(weights[c.weights], folder.root / c.weights))
+            rows.append(embedding_rows(weights[c.weights], folder.root / c.weights, _recorded_vocabulary(manifest, c)))
     else:
         dtype = torch_dtype(manifest.dtype)
         penultimate = manifest.model.family in PENULTIMATE_CLIP_FAMILIES
@@ -215,8 +216,17 @@ def _load_conditioner(
         max_batch=min([c.max_batch for c in manifest.text_encoders], default=manifest.batch_size),
         pooled="text_embeds" in manifest.unet.inputs,
         masked="encoder_attention_mask" in manifest.unet.inputs,
+        vocab_rows=rows,
         lowercase=manifest.model.lowercase_prompts,
     )
+
+
+def _recorded_vocabulary(manifest: Manifest, component: CompiledComponent) -> int | None:
+    """The vocabulary the text encoder's package was compiled for, as the manifest (which a digest pins) records it;
+    None for artifacts exported before it recorded the compiled components' configs."""
+    name = component.weights.split("/")[0]
+    size = (manifest.options.get("architecture") or {}).get(name, {}).get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _resolution_keys(component: CompiledComponent, wanted: Iterable | None) -> list[str]:

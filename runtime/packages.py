@@ -102,8 +102,9 @@ _loaded: weakref.WeakSet[CompiledModule] = weakref.WeakSet()
 @atexit.register
 def _release_loaded() -> None:
     for module in list(_loaded):
-        with contextlib.suppress(Exception):  # one that fails to close leaves the others' folders to clean
-            module.close()
+        if module.owner == os.getpid():
+            with contextlib.suppress(Exception):  # one that fails to close leaves the others' folders to clean
+                module.close()
 
 
 class CompiledModule:
@@ -118,6 +119,7 @@ class CompiledModule:
         self.weights = weights  # user-managed: the package uses these tensors in place
         self.device_index = device_index(device)  # -1: the CPU
         self._lock = threading.Lock()
+        self.owner = os.getpid()  # a forked child inherits the module: its exit leaves the parent's files alone
         _loaded.add(self)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -135,8 +137,9 @@ class CompiledModule:
         raise NotImplementedError
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        if getattr(self, "owner", None) == os.getpid():
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class TorchModule(CompiledModule):

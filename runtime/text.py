@@ -55,12 +55,20 @@ def check_vocabulary(tokenizer: Tokenizer, embedding_rows: int, path: Path) -> N
 EMBEDDING_SUFFIXES = ("token_embedding.weight", "embed_tokens.weight", "shared.weight")  # CLIP's; T5's (two names)
 
 
-def embedding_rows(weights: dict[str, torch.Tensor], path: Path) -> int:
-    """How many token ids a compiled text encoder embeds: the rows of its token embedding among its weights."""
+def embedding_rows(weights: dict[str, torch.Tensor], path: Path, recorded: int | None = None) -> int:
+    """How many token ids a compiled text encoder embeds: the rows of its token embedding among its weights, which
+    must be the vocabulary its package was compiled for where the manifest records it (a weights header reshaped
+    at the same byte size would otherwise pass)."""
     rows = {t.shape[0] for name, t in weights.items() if name.endswith(EMBEDDING_SUFFIXES) and t.dim() == 2}
     if len(rows) != 1:
         raise FastDiffError(f"cannot tell the vocabulary of text encoder {path}", "export the model again")
-    return rows.pop()
+    found = rows.pop()
+    if recorded is not None and found != recorded:
+        raise FastDiffError(
+            f"text encoder {path} embeds {found} tokens; its package was compiled for {recorded}",
+            "the artifact is damaged or was tampered with: export the model again",
+        )
+    return found
 
 
 def load_stock_text_encoder(
@@ -122,6 +130,7 @@ class TextConditioner:
     device: torch.device
     max_batch: int  # most prompts per encoder call (compiled encoders have a bounded batch)
     pooled: bool  # whether the denoiser takes the last encoder's pooled embedding (SDXL)
+    vocab_rows: list[int]  # token ids each encoder embeds: a larger id would be read out of bounds
     masked: bool = False  # whether the denoiser takes the text's attention mask (PixArt-α)
     lowercase: bool = False  # prompts lowercased and stripped first (PixArt-α)
 
@@ -129,12 +138,17 @@ class TextConditioner:
         if self.lowercase:
             prompts = [p.lower().strip() for p in prompts]
         hidden, cond, truncated = [], {}, {}
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
+        for tokenizer, encoder, rows in zip(self.tokenizers, self.encoders, self.vocab_rows, strict=True):
             encodings = tokenizer.encode_batch(prompts)
             for prompt, encoding in zip(prompts, encodings, strict=True):
                 if encoding.overflowing:
                     truncated[prompt] = tokenizer.truncation["max_length"]
             ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+            if int(ids.max()) >= rows:  # on the host, before the ids reach compiled code (padding and special ids too)
+                raise FastDiffError(
+                    f"the tokenizer gave token id {int(ids.max())}; its text encoder embeds {rows}",
+                    "the artifact's files do not belong together: export the model again",
+                )
             mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
             outs = [
                 encoder(i.to(self.device), m.to(self.device))

@@ -135,6 +135,10 @@ def test_a_member_that_leaves_the_package_runs_no_code(tiny_artifact: Path, tmp_
         ("dtype-relabelled", "the weight file holds torch.int32"),
         ("tensor-shrunk", "the weight file holds torch.float32 of"),
         ("tokens-beyond-vocabulary", "its text encoder embeds only 526"),
+        ("pad-id-beyond-vocabulary", "the tokenizer gave token id 999; its text encoder embeds 526"),
+        ("embedding-reshaped", "embeds 1052 tokens; its package was compiled for 526"),
+        ("unlisted-tokenizer-file", "tokenizer/added_tokens.json: not listed in the manifest"),
+        ("scheduler-config-rewritten", "scheduler/scheduler_config.json: sha256 differs from the manifest"),
         ("vae-scale-factor-0", "vae_scale_factor 0 is not a power of two"),
         ("negative-latent-channels", "latent_channels -4 is not positive"),
         ("max-batch-0", "max_batch 0 does not fit batch_size 2"),
@@ -181,6 +185,19 @@ def test_tampered_and_nonsense_artifacts_are_refused(
         tokenizer.add_tokens([f"<extra{i}>" for i in range(8)])
         tokenizer.save(str(path))
         reseal(art)
+    elif tamper == "pad-id-beyond-vocabulary":  # the same vocabulary, an id past it
+        path = art / "tokenizer" / "tokenizer.json"
+        path.write_text(path.read_text().replace('"pad_id": 525', '"pad_id": 999'))
+        reseal(art)
+    elif tamper == "embedding-reshaped":  # the same bytes read as twice the rows: only the manifest's record tells
+        key = "encoder.embeddings.token_embedding.weight"
+        rewrite_weights(art / "text_encoder" / "weights.safetensors", lambda t: t.update({key: t[key].view(1052, 16)}))
+        reseal(art)
+    elif tamper == "unlisted-tokenizer-file":  # a file the manifest does not vouch for, which transformers would read
+        (art / "tokenizer" / "added_tokens.json").write_text('{"<x>": 600}')
+    elif tamper == "scheduler-config-rewritten":  # not resealed: small files are hashed on every load
+        path = art / "scheduler" / "scheduler_config.json"
+        path.write_text(path.read_text().replace('"epsilon"', '"abcdefg"'))
     elif tamper == "vae-scale-factor-0":
         reseal(art, lambda m: m["model"].update(vae_scale_factor=0))
     elif tamper == "negative-latent-channels":
@@ -360,6 +377,30 @@ def test_a_folder_renamed_while_its_paths_are_checked_stays_confined(
             confined_path(root, "out/x")
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_childs_exit_leaves_the_parents_packages(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A child forked after a load (a pre-fork server's worker) that exits: the parent's extracted packages stay."""
+    script = f"""
+import os, sys, tempfile
+from fastdiff.runtime import load_pipeline
+pipe = load_pipeline({str(tiny_artifact)!r}, device="cpu")
+prefix = "{EXTRACTION_PREFIX}{{}}-".format(os.getpid())
+mine = lambda: sorted(n for n in os.listdir(tempfile.gettempdir()) if n.startswith(prefix))
+before = mine()
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # runs the exit handlers it inherited
+os.waitpid(child, 0)
+pipe("a cat", num_inference_steps=2)
+print(len(before), len(mine()))
+"""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = map(int, proc.stdout.split()[-2:])
+    assert before > 0 and after == before
 
 
 def test_stale_extraction_folders_of_dead_processes_go(tiny_artifact: Path, tmp_path: Path) -> None:
