@@ -18,7 +18,7 @@ from typing import Any
 
 from conftest import invoke_cli, run_cli
 
-from fastdiff.runtime.format import MANIFEST_NAME
+from fastdiff.runtime.format import MANIFEST_NAME, describe_files
 
 INVALID_RES = [  # --res values every command refuses, and the phrase its error names
     ("100", "not a multiple of 8"),
@@ -81,3 +81,15 @@ def assert_export_refused(proc: subprocess.CompletedProcess, seconds: float, fol
     assert seconds < 120, f"took {seconds:.0f} s to fail"
     leftovers = [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
     assert leftovers == [], leftovers
+
+
+def reseal(root: Path, edit: Callable[[dict], object] | None = None) -> None:
+    """Rewrite the manifest to match the folder's files (sizes and hashes), after `edit` changed it: a consistent
+    tamper, as whoever can write the artifact can make it."""
+    path = root / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    if edit is not None:
+        edit(manifest)
+    listed = describe_files(root)
+    manifest["files"] = {**{k: v for k, v in manifest["files"].items() if k not in listed}, **listed}
+    path.write_text(json.dumps(manifest, indent=2))

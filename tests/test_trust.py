@@ -19,26 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from helpers import assert_clean_error, copy_artifact
+from helpers import assert_clean_error, copy_artifact, reseal
 from safetensors.torch import load_file, save_file
 
 from fastdiff.runtime import FastDiffError, load_pipeline
 from fastdiff.runtime import loader as loader_module
 from fastdiff.runtime import packages as packages_module
-from fastdiff.runtime.format import MANIFEST_NAME, artifact_digest, confined_path, describe_files
+from fastdiff.runtime.format import artifact_digest, confined_path
 from fastdiff.runtime.packages import EXTRACTION_PREFIX, process_start
-
-
-def reseal(root: Path, edit: Callable[[dict], object] | None = None) -> None:
-    """Rewrite the manifest to match the folder's files (sizes and hashes), after `edit` changed it: a consistent
-    tamper, as whoever can write the artifact can make it."""
-    path = root / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    if edit is not None:
-        edit(manifest)
-    listed = describe_files(root)
-    manifest["files"] = {**{k: v for k, v in manifest["files"].items() if k not in listed}, **listed}
-    path.write_text(json.dumps(manifest, indent=2))
 
 
 def refused(artifact: Path, tmp_path: Path, *phrases: str, env: dict | None = None) -> subprocess.CompletedProcess:
