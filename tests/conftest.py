@@ -304,6 +304,17 @@ def pixart_stock_t5_artifact(request: pytest.FixtureRequest) -> Path:
     return exported(request, "pixart_stock_t5_artifact")
 
 
+@pytest.fixture(scope="module")
+def exact_float32():
+    """fp32 without TF32 on a GPU, so that two pipelines can be compared as tightly as on the CPU."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_artifact: Path):
     from fastdiff.runtime import load_pipeline

@@ -22,15 +22,6 @@ from fastdiff.runtime.packages import CUDAGraphModule
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.slow]  # exports
 
 
-@pytest.fixture(scope="module")
-def exact_float32():
-    """fp32 without TF32 in both pipelines, so that they can be compared as tightly as on the CPU."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd"])
 def cuda_pipelines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, exact_float32):
     """The SDXL and SD 1.x families (Euler and PNDM schedulers), exported for CUDA in fp32, beside diffusers'."""

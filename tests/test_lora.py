@@ -92,10 +92,9 @@ def sdxl_loras(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) 
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_artifact: Path):
-    pipe = load_pipeline(tiny_artifact, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny_pipeline):
+    """The session's tiny pipeline (any pipeline of the artifact shares its weights, and so its adapters)."""
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
 pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def exact_float32():
-    """fp32 without TF32 in both pipelines, so that they can be compared as tightly as on the CPU."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _export(out: Path, *args: str) -> Path:
     proc = run_cli("fastdiff-export", "tiny-sdxl", "--res", "64", "--device", "cuda", "--out", str(out), *args)
     assert proc.returncode == 0, proc.stderr
