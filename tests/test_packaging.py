@@ -23,11 +23,16 @@ def test_every_data_file_of_the_packages_is_package_data() -> None:
             ["git", "ls-files", folder], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.split()
         for rel in tracked:
-            inside = Path(rel).relative_to(folder).as_posix()
-            if inside.endswith(".py"):
+            inside = Path(rel).relative_to(folder)
+            if inside.suffix == ".py":
                 continue
-            patterns = data.get(package, [])
-            assert any(fnmatch.fnmatch(inside, p) for p in patterns), f"{rel} is not in {package}'s package-data"
+            # the file belongs to the deepest listed package that holds it; its package-data is relative to that one
+            parts = inside.parent.parts
+            depth = max(n for n in range(len(parts) + 1) if ".".join((package, *parts[:n])) in config["packages"])
+            owner = ".".join((package, *parts[:depth]))
+            name = Path(*inside.parts[depth:]).as_posix()
+            patterns = data.get(owner, [])
+            assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{rel} is not in {owner}'s package-data"
 
 
 def test_a_file_the_package_should_ship_is_reported_as_a_bug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
