@@ -15,10 +15,6 @@ stamp() { echo "=== $(date +%T) $*"; }
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --target "$1" "${@:2}" || exit 1; }
 export_cli() { python3 -c "import sys; from fastdiff.exporter.cli import main; sys.argv[0] = 'fastdiff-export'; main()" "$@"; }
 install /tmp/site .whl/*.whl
-# The HTTP client's stack comes with the image's huggingface_hub; its wheels in .whl/extra fill in what is missing.
-for module in httpx httpcore anyio sniffio idna certifi; do
-  python3 -c "import $module" 2>/dev/null || install /tmp/site .whl/extra/$module-*.whl
-done
 install /tmp/site-old .whl-old/*.whl
 export PYTHONPATH=/tmp/site
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
