@@ -2,9 +2,9 @@
 # The runtime's checks on a GPU, from the built wheels in .whl/ (and a previous build in .whl-old/): the GPU test
 # files beside an SDXL export (sdxl-random, 1024², --batch-size 4, the exporter's defaults but VAE max-autotune);
 # then, on an otherwise idle GPU: SDXL's load with this build's always-on artifact checks against the previous
-# build's (and this build's load timeline), a fine-tune's export with --packages-from, the serving load test
-# (fastdiff-serve and a diffusers server against the pipeline's offline numbers), a LoRA switch, replica start,
-# and the LoRA switch beside torch.compile last (its recompiles take minutes).
+# build's (and this build's load timeline), a fine-tune's export with --packages-from, a LoRA switch beside
+# diffusers' eager reload, the serving load test (fastdiff-serve and a diffusers server against the pipeline's offline
+# numbers), replica start, and the LoRA switch beside torch.compile last (its recompiles take minutes).
 #   mkdir -p /tmp/r && (setsid nohup bash bench/gpu_checks.sh > /tmp/r/log 2>&1 < /dev/null &)
 set -u
 R=${R:-/tmp/r}
@@ -20,7 +20,7 @@ export PYTHONPATH=/tmp/site
 stamp "environment"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, diffusers; print(torch.__version__, torch.version.cuda, triton.__version__, diffusers.__version__)'
 
-timeout "${TESTS_DEADLINE:-360}" python3 -m pytest -q -p no:cacheprovider -rs \
+timeout "${TESTS_DEADLINE:-300}" python3 -m pytest -q -p no:cacheprovider -rs \
   tests/test_gpu.py tests/test_weights.py tests/test_lora_gpu.py > "$R/gpu-tests.log" 2>&1 &
 tests=$!
 stamp "export sdxl-random"
@@ -58,13 +58,13 @@ a, b = (latents(p) for p in sys.argv[1:])
 print("fine-tune artifact's latents equal the source artifact's:", torch.equal(a, b))
 PY
 
-stamp "serving"
-python3 bench/serve_compare.py --artifact "$ART" --model "$MODEL" --res 1024x1024 --steps 20 --concurrency 1,8 \
-  --requests 16 --out "$R/serve-load" > "$R/serve-load.log" 2>&1; tail -16 "$R/serve-load.log"
 # The LoRA switch against diffusers' eager reload first, torch.compile's (minutes of recompiling) last.
 stamp "LoRA"
 python3 bench/lora_switch.py --model "$MODEL" --artifact "$ART" --baselines eager \
   --out "$R/lora-switch" > "$R/lora-switch.log" 2>&1; tail -20 "$R/lora-switch.log"
+stamp "serving"
+python3 bench/serve_compare.py --artifact "$ART" --model "$MODEL" --res 1024x1024 --steps 20 --concurrency 1,8 \
+  --requests 16 --out "$R/serve-load" > "$R/serve-load.log" 2>&1; tail -16 "$R/serve-load.log"
 stamp "replica start"
 python3 bench/serve_start.py --artifact "$ART" --model "$MODEL" --res 1024 --runs 2 --out "$R/serve-start" \
   > "$R/serve-start.log" 2>&1; tail -8 "$R/serve-start.log"
