@@ -131,6 +131,15 @@ def auto_quantization(model: str, revision: str | None, dtype: str, capability: 
     "attention shapes (torch's choice on cpu); or one backend by name, used wherever it can run the attention (not "
     "flash or cudnn at the VAE's head size of 512: torch's choice there, noted in the log).",
 )
+@click.option(
+    "--jobs",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Packages to compile at once, each in a worker process when N > 1: a compile is mostly single-threaded, so "
+    "several resolutions and components compile in about the time of the slowest. Each worker holds its program's "
+    "weights (on the export device too). auto: one per four cores, at most four.",
+)
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--vae", help="A VAE (hub id or folder) that replaces the checkpoint's own.")
 @click.option(
@@ -161,6 +170,7 @@ def main(
     seed_flags: bool,
     text_encoders: str,
     attention: str,
+    jobs: str,
     revision: str | None,
     vae: str | None,
     variant: str | None,
@@ -228,11 +238,24 @@ def main(
         overwrite=overwrite,
         compile_text_encoders=text_encoders == "compiled",
         attention=attention,
+        jobs=_jobs(jobs),
     )
     check_options(options)  # bad options refused in a second or two, before the export machinery is imported
     from .export import export_artifact  # imports diffusers' and transformers' models (seconds)
 
     export_artifact(options)
+
+
+def _jobs(option: str) -> int:
+    """--jobs N or auto."""
+    if option.strip() == "auto":
+        from .jobs import default_jobs
+
+        return default_jobs()
+    try:
+        return int(option)
+    except ValueError:
+        raise FastDiffError(f"--jobs must be a number or auto, got {option!r}", "e.g. --jobs 4") from None
 
 
 # The options that shape the compiled packages: --packages-from takes them from the artifact whose packages it reuses.

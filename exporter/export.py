@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ from fastdiff.runtime.format import (
 
 from .artifact import ArtifactWriter
 from .attention import attention_backend, choose_backend
-from .compile import check_int8_rows, compile_package, export_program, package_constant_names, plain_constants
+from .compile import check_int8_rows, export_program, package_constant_names, plain_constants
+from .jobs import PackageCompiler, package_of
 from .options import ExportOptions, check_options
 from .passes import QUANTIZATION_PASSES, apply_passes
 from .progress import log, phase
@@ -86,23 +90,26 @@ def export_artifact(options: ExportOptions) -> Path:
             for res in options.resolutions
         }
         attention: dict[str, str] = {}  # package -> the SDPA backend compiled into it
-        components = {
-            "unet": _export_component(writer, "unet", unet, unet_cases, unet.inputs, 2 * n, options, attention),
-            "vae_decoder": _export_component(
-                writer, "vae_decoder", vae, vae_cases, VAE_DECODER_INPUTS, n, options, attention, dtype=vae_dtype
-            ),
-        }
-        text_encoders = []
-        if options.compile_text_encoders:
-            ids = torch.zeros(n, facts.text_max_length, dtype=torch.long, device=dev)
-            for _, name in TEXT_PARTS[source.family]:
-                encoder = text_encoder(source, name, options)
-                if source.family == "pixart":
-                    inputs, example = T5_ENCODER_INPUTS, (ids, torch.ones_like(ids))
-                else:
-                    inputs, example = TEXT_ENCODER_INPUTS, (ids,)
-                cases = {str(facts.text_max_length): example}
-                text_encoders.append(_export_component(writer, name, encoder, cases, inputs, n, options, attention))
+        # Each package compiles as soon as its program is exported (inline, or in a worker with --jobs > 1); the
+        # weights are written once a component's packages are done, which says which constants they bind.
+        with PackageCompiler(options.jobs, writer.root / "programs.tmp") as compiler:
+            submit = functools.partial(_export_component, compiler, writer, options=options, attention=attention)
+            pending = [
+                submit("unet", unet, unet_cases, unet.inputs, 2 * n),
+                submit("vae_decoder", vae, vae_cases, VAE_DECODER_INPUTS, n, dtype=vae_dtype),
+            ]
+            if options.compile_text_encoders:
+                ids = torch.zeros(n, facts.text_max_length, dtype=torch.long, device=dev)
+                for _, name in TEXT_PARTS[source.family]:
+                    encoder = text_encoder(source, name, options)
+                    if source.family == "pixart":
+                        inputs, example = T5_ENCODER_INPUTS, (ids, torch.ones_like(ids))
+                    else:
+                        inputs, example = TEXT_ENCODER_INPUTS, (ids,)
+                    pending.append(submit(name, encoder, {str(facts.text_max_length): example}, inputs, n))
+            unet_component, vae_component, *text_encoders = (
+                _finish_component(writer, component, options.device) for component in pending
+            )
 
         with phase("writing tokenizers, scheduler" + ("" if text_encoders else " and stock text encoders")):
             stock = save_stock(writer, pipe, facts, with_text_encoders=not text_encoders)
@@ -123,8 +130,8 @@ def export_artifact(options: ExportOptions) -> Path:
             device=device_record(options.device),
             versions=export_versions(options),
             model=facts,
-            unet=components["unet"],
-            vae_decoder=components["vae_decoder"],
+            unet=unet_component,
+            vae_decoder=vae_component,
             text_encoders=text_encoders,
             stock=stock,
         )
@@ -170,7 +177,19 @@ def text_encoder(source: Source, name: str, options: ExportOptions) -> torch.nn.
     return CLIPTextEncode(model, penultimate=source.family in PENULTIMATE_CLIP_FAMILIES)
 
 
+@dataclass
+class PendingComponent:
+    """A component whose packages are compiling, and what its weights and manifest entry need once they are done."""
+
+    name: str
+    packages: dict[str, tuple[str, torch.export.ExportedProgram, Future[Path]]]  # case -> (package, program, compile)
+    inputs: list[str]
+    max_batch: int
+    dtype: torch.dtype
+
+
 def _export_component(
+    compiler: PackageCompiler,
     writer: ArtifactWriter,
     name: str,
     module: torch.nn.Module,
@@ -180,11 +199,11 @@ def _export_component(
     options: ExportOptions,
     attention: dict[str, str],
     dtype: torch.dtype | None = None,
-) -> CompiledComponent:
-    """Compile `module` once per case (a resolution or a sequence length, examples at the largest batch), with a
-    dynamic batch dimension up to `max_batch`; write the weights all its packages bind to one safetensors file.
-    Records in `attention` the SDPA backend each package was compiled with."""
-    packages, weights = {}, {}
+) -> PendingComponent:
+    """Export `module` once per case (a resolution or a sequence length, examples at the largest batch), with a
+    dynamic batch dimension up to `max_batch`, and hand each program to the compiler. Records in `attention` the SDPA
+    backend each package is compiled with."""
+    packages = {}
     dynamic = _batch_dims(input_names, max_batch, skip={"timestep"})
     for key, inputs in cases.items():
         rel = package_path(name, key)
@@ -198,18 +217,26 @@ def _export_component(
         with phase(f"torch.export {rel}"), attention_backend(backend):
             program = export_program(module, inputs, dynamic)
         check_int8_rows(program, options.device, rel)
-        with phase(f"AOTInductor compile {rel}"), attention_backend(backend):
-            path = compile_package(program, writer.path(rel), options.inductor_configs(name), options.device)
-        weights |= plain_constants(program, package_constant_names(path, options.device))
-        packages[key] = rel
-    weights_rel = weights_path(name)
+        compiling = compiler.compile(
+            program, writer.path(rel), options.inductor_configs(name), options.device, backend, label=rel
+        )
+        packages[key] = (rel, program, compiling)
+    return PendingComponent(name, packages, input_names, max_batch, dtype or torch_dtype(options.dtype))
+
+
+def _finish_component(writer: ArtifactWriter, component: PendingComponent, device: torch.device) -> CompiledComponent:
+    """Once its packages are compiled: the weights they all bind, written to one safetensors file."""
+    weights = {}
+    for rel, program, compiling in component.packages.values():
+        weights |= plain_constants(program, package_constant_names(package_of(compiling, rel), device))
+    weights_rel = weights_path(component.name)
     nhwc = writer.save_weights(weights_rel, weights)
     return CompiledComponent(
-        dtype=dtype_name(dtype or torch_dtype(options.dtype)),
+        dtype=dtype_name(component.dtype),
         weights=weights_rel,
-        inputs=input_names,
-        max_batch=max_batch,
-        packages=packages,
+        inputs=component.inputs,
+        max_batch=component.max_batch,
+        packages={key: rel for key, (rel, _, _) in component.packages.items()},
         channels_last=nhwc,
     )
 

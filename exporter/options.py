@@ -63,6 +63,7 @@ class ExportOptions:
     overwrite: bool = False
     compile_text_encoders: bool = True  # False: ship the stock transformers encoders instead
     attention: str = "default"  # SDPA backend compiled in: torch's choice, auto (fastest on the export GPU), or a name
+    jobs: int = 1  # packages compiled at once, in worker processes when more than one (exporter/jobs.py)
 
     def __post_init__(self) -> None:  # paths may be given as Path objects (the CLI passes strings)
         self.model = os.fspath(self.model)
@@ -97,6 +98,8 @@ def check_options(options: ExportOptions) -> None:
     backend's device, the --out target."""
     if options.batch_size < 1:
         raise FastDiffError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.jobs < 1:
+        raise FastDiffError(f"--jobs must be at least 1, got {options.jobs}", "e.g. --jobs 4, or --jobs auto")
     if not options.resolutions:
         raise FastDiffError("no resolution given", "pass --res, e.g. --res 1024")
     check_backend_device(options.attention, options.device)

@@ -19,6 +19,9 @@ class FastDiffError(Exception):
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
 
+    def __reduce__(self) -> tuple:  # whole, from a worker process
+        return type(self), (self.problem, self.fix)
+
 
 def import_torch() -> None:
     """Import torch so that a Ctrl-C or a termination signal during the import (seconds) stops the command: torch's C

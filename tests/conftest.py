@@ -160,10 +160,11 @@ def distilled_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The session's exports: fixture -> (the checkpoint fixture it exports, fastdiff-export's arguments but --out;
 # "{checkpoint}" stands for the checkpoint's folder).
 SESSION_EXPORTS = {
-    # fp32 CPU artifact of the tiny model at two resolutions, batch size 2 (UNet batch up to 4)
+    # fp32 CPU artifact of the tiny model at two resolutions, batch size 2 (UNet batch up to 4), its packages compiled
+    # in two worker processes
     "tiny_artifact": (
         "tiny_checkpoint",
-        ["tiny-sdxl", *(a for r in EXPORT_RESOLUTIONS for a in ("--res", r)), "--batch-size", "2"],
+        ["tiny-sdxl", *(a for r in EXPORT_RESOLUTIONS for a in ("--res", r)), "--batch-size", "2", "--jobs", "2"],
     ),
     # also a local diffusers checkpoint folder given as MODEL (not a preset), and transformers' text encoders shipped
     "int8_artifact": (
