@@ -217,9 +217,8 @@ def _export_component(
         with phase(f"torch.export {rel}"), attention_backend(backend):
             program = export_program(module, inputs, dynamic)
         check_int8_rows(program, options.device, rel)
-        compiling = compiler.compile(
-            program, writer.path(rel), options.inductor_configs(name), options.device, backend, label=rel
-        )
+        configs = options.inductor_configs(name)
+        compiling = compiler.compile(program, writer.path(rel), configs, options.device, backend, rel, dynamic)
         packages[key] = (rel, program, compiling)
     return PendingComponent(name, packages, input_names, max_batch, dtype or torch_dtype(options.dtype))
 

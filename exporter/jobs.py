@@ -3,7 +3,8 @@ processes (--jobs N). A compile is mostly single-threaded (lowering, code genera
 the packages of several resolutions and components compile in about the time of the slowest one.
 
 A worker gets its program through a file (torch.export.save: the graph and its constants), saved just before a
-worker is free to take it and deleted once loaded, so that at most N programs' weights are on disk at a time.
+worker is free to take it and deleted once loaded, so that at most N programs' weights are on disk at a time; the
+worker exports it again from its graph (with the same dynamic batch) and compiles that.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from fastdiff.runtime.format import FastDiffError
 
 from .attention import attention_backend
-from .compile import compile_package
+from .compile import compile_package, export_program
 from .progress import log, phase
 
 
@@ -59,6 +60,7 @@ class PackageCompiler:
         device: torch.device,
         attention: str,
         label: str,
+        dynamic_shapes: dict[str, Any] | None,
     ) -> Future[Path]:
         if self._pool is None:
             done: Future[Path] = Future()
@@ -71,7 +73,9 @@ class PackageCompiler:
             saved = self._scratch / f"program-{self._saved}.pt2"
             torch.export.save(program, saved)
             start = time.perf_counter()
-            future = self._pool.submit(_compile_saved, str(saved), str(path), configs, str(device), attention)
+            future = self._pool.submit(
+                _compile_saved, str(saved), str(path), configs, str(device), attention, dynamic_shapes
+            )
         except BaseException:
             self._slots.release()
             raise
@@ -124,8 +128,14 @@ def _start_worker(threads: int) -> None:
     torch._inductor.config.compile_threads = threads  # the workers share the cores
 
 
-def _compile_saved(saved: str, path: str, configs: dict[str, Any], device: str, attention: str) -> Path:
-    program = torch.export.load(saved)
+def _compile_saved(
+    saved: str, path: str, configs: dict[str, Any], device: str, attention: str, dynamic_shapes: dict[str, Any] | None
+) -> Path:
+    loaded = torch.export.load(saved)
     os.unlink(saved)
+    args, _ = loaded.example_inputs
     with attention_backend(attention):
+        # Compiled as loaded, a program can come out specialized to its example batch (CLIP's text encoder, torch
+        # 2.13: the batch became a constant in its kernels); exported again from its graph, the batch stays dynamic.
+        program = export_program(loaded.module(), args, dynamic_shapes)
         return compile_package(program, Path(path), configs, torch.device(device))

@@ -60,7 +60,7 @@ def test_a_dead_worker_is_one_clear_error(tmp_path: Path) -> None:
     scratch = tmp_path / "programs.tmp"
     with pytest.raises(FastDiffError) as raised:
         with PackageCompiler(2, scratch) as compiler:
-            compiling = compiler.compile(program, tmp_path / "a.pt2", {}, torch.device("cpu"), "default", "a.pt2")
+            compiling = compiler.compile(program, tmp_path / "a.pt2", {}, torch.device("cpu"), "default", "a.pt2", None)
             for worker in multiprocessing.active_children():
                 os.kill(worker.pid, signal.SIGKILL)
             package_of(compiling, "a.pt2")
