@@ -166,10 +166,11 @@ SESSION_EXPORTS = {
         "tiny_checkpoint",
         ["tiny-sdxl", *(a for r in EXPORT_RESOLUTIONS for a in ("--res", r)), "--batch-size", "2", "--jobs", "2"],
     ),
-    # also a local diffusers checkpoint folder given as MODEL (not a preset), and transformers' text encoders shipped
+    # also a local diffusers checkpoint folder given as MODEL (not a preset), and transformers' text encoders shipped;
+    # torchao's quantized program through the compile workers
     "int8_artifact": (
         "tiny_checkpoint",
-        ["{checkpoint}", "--res", "64", "--quantize", "int8", "--text-encoders", "stock"],
+        ["{checkpoint}", "--res", "64", "--quantize", "int8", "--text-encoders", "stock", "--jobs", "2"],
     ),
     # a setting for one component (that leaves its numerics alone: no template kernels on the CPU to fuse into)
     "sd_artifact": (
