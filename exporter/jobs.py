@@ -15,8 +15,10 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,10 @@ class PackageCompiler:
             saved = self._scratch / f"program-{self._saved}.pt2"
             torch.export.save(program, saved)
             start = time.perf_counter()
-            future = self._pool.submit(
-                _compile_saved, str(saved), str(path), configs, str(device), attention, dynamic_shapes
-            )
+            with _sigint_held():  # the pool starts its workers in submit
+                future = self._pool.submit(
+                    _compile_saved, str(saved), str(path), configs, str(device), attention, dynamic_shapes
+                )
         except BaseException:
             self._slots.release()
             raise
@@ -122,9 +125,20 @@ def package_of(future: Future[Path], label: str) -> Path:
         ) from None
 
 
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT blocked while workers start. A terminal's Ctrl-C reaches the whole process group: a worker, which
+    inherits the mask, never sees it (not even in its imports, before _start_worker runs); the exporting process gets
+    it once the mask is restored, and ends the workers."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _start_worker(threads: int) -> None:
-    # A terminal's Ctrl-C reaches the whole process group: the exporting process alone handles it, and ends the workers
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # and a Ctrl-C held back meanwhile is dropped
     torch._inductor.config.compile_threads = threads  # the workers share the cores
 
 
