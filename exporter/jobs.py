@@ -64,27 +64,42 @@ class PackageCompiler:
         label: str,
         dynamic_shapes: dict[str, Any] | None,
     ) -> Future[Path]:
-        if self._pool is None:
-            done: Future[Path] = Future()
-            with phase(f"AOTInductor compile {label}"), attention_backend(attention):
-                done.set_result(compile_package(program, path, configs, device))
-            return done
-        self._slots.acquire()  # a worker is free (or about to be): only then is the program written out
-        try:
-            self._saved += 1
-            saved = self._scratch / f"program-{self._saved}.pt2"
-            torch.export.save(program, saved)
-            start = time.perf_counter()
-            with _sigint_held():  # the pool starts its workers in submit
-                future = self._pool.submit(
-                    _compile_saved, str(saved), str(path), configs, str(device), attention, dynamic_shapes
-                )
-        except BaseException:
+        """Compile `program` to the package `path` with Inductor's `configs` and the SDPA backend `attention`; in a
+        worker, from its graph exported again with `dynamic_shapes` (the batch dimension the program has)."""
+        if self._pool is not None:
+            self._slots.acquire()  # a worker is free (or about to be): only then is the program written out
+            try:
+                saved = self._save(program, label)
+                if saved is not None:
+                    start = time.perf_counter()
+                    with _sigint_held():  # the pool starts its workers in submit
+                        future = self._pool.submit(
+                            _compile_saved, str(saved), str(path), configs, str(device), attention, dynamic_shapes
+                        )
+                    log(f"AOTInductor compile {label} ... (in a worker process)")
+                    future.add_done_callback(lambda f: self._finished(f, label, start))
+                    return future
+            except BaseException:
+                self._slots.release()
+                raise
             self._slots.release()
-            raise
-        log(f"AOTInductor compile {label} ... (in a worker process)")
-        future.add_done_callback(lambda f: self._finished(f, label, start))
-        return future
+        done: Future[Path] = Future()
+        with phase(f"AOTInductor compile {label}"), attention_backend(attention):
+            done.set_result(compile_package(program, path, configs, device))
+        return done
+
+    def _save(self, program: torch.export.ExportedProgram, label: str) -> Path | None:
+        """The program in a file for a worker; None (said in the log) where torch.export cannot save it: then it
+        compiles in this process, as with --jobs 1."""
+        self._saved += 1
+        saved = self._scratch / f"program-{self._saved}.pt2"
+        try:
+            torch.export.save(program, saved)
+        except Exception as e:  # whatever torch's serializer cannot take, the compile still can (a full disk: there)
+            saved.unlink(missing_ok=True)
+            log(f"{label}: torch.export.save cannot write its program ({type(e).__name__}: {e}); compiled here")
+            return None
+        return saved
 
     def _finished(self, future: Future[Path], label: str, start: float) -> None:
         self._slots.release()

@@ -69,6 +69,29 @@ def test_a_dead_worker_is_one_clear_error(tmp_path: Path) -> None:
     assert not scratch.exists() and not (tmp_path / "a.pt2").exists()
 
 
+def test_a_program_torch_cannot_save_compiles_in_the_exporting_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from fastdiff.exporter.compile import export_program
+    from fastdiff.exporter.jobs import PackageCompiler, package_of
+
+    def refuse(program: torch.export.ExportedProgram, path: Path) -> None:
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("cannot serialize a tensor subclass")
+
+    monkeypatch.setattr(torch.export, "save", refuse)
+    model, example = TwoLayers(), torch.randn(2, 8)
+    with PackageCompiler(2, tmp_path / "programs.tmp") as compiler:
+        program = export_program(model, (example,), None)
+        compiling = compiler.compile(program, tmp_path / "a.pt2", {}, torch.device("cpu"), "default", "a.pt2", None)
+        assert compiling.done() and not multiprocessing.active_children()  # no worker was started for it
+        assert list((tmp_path / "programs.tmp").iterdir()) == []
+    assert "a.pt2: torch.export.save cannot write its program (RuntimeError" in capsys.readouterr().err
+    package = torch._inductor.aoti_load_package(str(package_of(compiling, "a.pt2")))
+    package.load_constants(dict(model.state_dict()), check_full_update=True)
+    assert torch.allclose(package(example), model(example))
+
+
 def children(pid: int) -> set[int]:
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
