@@ -94,7 +94,8 @@ class FastDiffDeployment:
             raise RuntimeError(f"fastdiff replica unhealthy ({self.service.state})")
 
     def replica_info(self) -> dict[str, Any]:
-        return {"replica": self.replica, "pid": os.getpid()}
+        batcher = self.service.batcher
+        return {"replica": self.replica, "pid": os.getpid(), "busy": batcher is not None and batcher.busy}
 
 
 def app(args: AppArgs) -> Application:
