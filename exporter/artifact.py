@@ -31,6 +31,7 @@ from fastdiff.runtime.format import (
     Manifest,
     describe_files,
     is_artifact,
+    raise_if_stopped,
     set_default_mode,
     to_storage_layout,
 )
@@ -134,6 +135,7 @@ class ArtifactWriter:
         return sorted(nhwc)
 
     def commit(self, manifest: Manifest) -> Path:
+        raise_if_stopped()  # never put in place an artifact whose export was told to stop
         manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest.files = describe_files(self.root)
         manifest.write(self.root)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from fastdiff.runtime.format import raise_if_stopped
+
 
 def log(message: str) -> None:
     print(f"[fastdiff-export] {message}", file=sys.stderr, flush=True)
@@ -17,6 +19,7 @@ def log(message: str) -> None:
 def phase(message: str, heartbeat_s: float = 30.0) -> Iterator[None]:
     """Log a phase's start and duration on stderr, and how long it has run every `heartbeat_s` (compiles of large
     models take minutes)."""
+    raise_if_stopped()
     log(f"{message} ...")
     start = time.perf_counter()
     done = threading.Event()
@@ -32,4 +35,5 @@ def phase(message: str, heartbeat_s: float = 30.0) -> Iterator[None]:
     finally:
         done.set()
         ticker.join()
+    raise_if_stopped()
     log(f"{message}: done in {time.perf_counter() - start:.1f} s")

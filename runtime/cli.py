@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import FastDiffError, clean_errors, import_torch
+from .errors import FastDiffError, clean_errors, import_torch, raise_if_stopped
 from .folder import ArtifactFolder
 from .format import Manifest, check_digest_format, parse_resolution, set_default_mode
 from .readahead import prefetch
@@ -181,6 +181,7 @@ def run_main(
         num_images_per_prompt=num_images,
     ).images
     done = time.perf_counter()
+    raise_if_stopped()  # a Ctrl-C swallowed during the generation writes no image
     for image, path in zip(images, paths, strict=True):
         _save_atomically(image, path, overwrite)
         click.echo(f"wrote {path}", err=True)

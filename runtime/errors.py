@@ -47,8 +47,21 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def _terminate(signum: int, frame) -> None:
-    raise Terminated(signum)
+_stop_signal: int | None = None  # the Ctrl-C or termination signal received, if any
+
+
+def _stop(signum: int, frame) -> None:
+    global _stop_signal
+    _stop_signal = signum
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise again a Ctrl-C or termination signal that was swallowed where it landed: Python ignores an exception
+    raised in a finalizer (`__del__`; seen in torch.export), and some C code drops them, so a command could finish
+    and write its output after being told to stop. Called before each step that writes or takes long."""
+    if _stop_signal is not None:
+        raise KeyboardInterrupt if _stop_signal == signal.SIGINT else Terminated(_stop_signal)
 
 
 def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
@@ -60,8 +73,10 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
     def decorate(fn: Callable) -> Callable:
         @wraps(fn)
         def wrapper(*args, **kwargs):
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                signal.signal(signum, _terminate)
+            stopping = [signal.SIGTERM, signal.SIGHUP]
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+                stopping.append(signal.SIGINT)
+            previous = {signum: signal.signal(signum, _stop) for signum in stopping}
             try:
                 return fn(*args, **kwargs)
             except FastDiffError as e:
@@ -76,6 +91,9 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
                     raise
                 print(f"error: {error}", file=sys.stderr)
                 sys.exit(2)
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
         return wrapper
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import FastDiffError, clean_errors, exit_interrupted, import_torch
+from .errors import FastDiffError, clean_errors, exit_interrupted, import_torch, raise_if_stopped
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,7 @@ __all__ = [  # the names the exporter uses besides the manifest's own
     "clean_errors",
     "exit_interrupted",
     "import_torch",
+    "raise_if_stopped",
 ]
 
 # Resolutions ----------------------------------------------------------------------------------------------------

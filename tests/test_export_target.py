@@ -86,6 +86,33 @@ def test_export_stopped_midway_leaves_nothing(exports: Path, signum: int) -> Non
     assert list(exports.iterdir()) == []
 
 
+def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_export(
+    tiny_artifact: Path, exports: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python drops an exception raised in a finalizer (a KeyboardInterrupt landing in `__del__`, seen once in
+    torch.export): the export went on and put its artifact in place, exit 0. The signal is remembered, and the next
+    phase or the commit stops the export."""
+    from fastdiff.exporter.artifact import ArtifactWriter
+    from fastdiff.exporter.progress import phase
+    from fastdiff.runtime import errors
+
+    monkeypatch.setattr(errors, "_stop_signal", None)
+
+    class Finalized:
+        def __del__(self) -> None:
+            errors._stop(signal.SIGINT, None)  # as the handler runs when Ctrl-C arrives here
+
+    Finalized()  # the KeyboardInterrupt raised in __del__ is printed and dropped
+    with pytest.raises(KeyboardInterrupt):
+        with phase("the next phase"):
+            pass
+    with pytest.raises(KeyboardInterrupt):
+        with ArtifactWriter(exports / "a") as writer:
+            writer.path("unet/weights.safetensors").write_bytes(b"new")
+            writer.commit(read_manifest(tiny_artifact))
+    assert list(exports.iterdir()) == []
+
+
 def test_overwrite_keeps_what_the_user_put_in_an_artifact(tiny_artifact: Path, exports: Path) -> None:
     """An artifact folder that holds files its manifest does not list (an image rendered into it, notes) is not
     replaced, even with --overwrite: before the export starts, nor when the artifact is put in place."""
