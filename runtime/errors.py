@@ -64,11 +64,18 @@ def raise_if_stopped() -> None:
         raise KeyboardInterrupt if _stop_signal == signal.SIGINT else Terminated(_stop_signal)
 
 
+def _exit_stopped(interrupted: str, signum: int) -> NoReturn:
+    """Ctrl-C -> exit 130; SIGTERM, SIGHUP -> 128 + the signal's number, the signal named."""
+    if signum == signal.SIGINT:
+        exit_interrupted(interrupted)
+    exit_interrupted(f"{interrupted} ({signal.Signals(signum).name})", 128 + signum)
+
+
 def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
     """FastDiffError -> its message on stderr and exit code 2 (a device out of memory, or a file that cannot be read or
-    written, too); Ctrl-C -> `interrupted`
-    and exit 130, SIGTERM and SIGHUP the same with exit 128 + the signal's number. Bad input never shows a traceback
-    (the fastdiff-export command uses this too)."""
+    written, too); Ctrl-C -> `interrupted` and exit 130, SIGTERM and SIGHUP the same with exit 128 + the signal's
+    number, whatever error the signal turned into on its way out. Bad input never shows a traceback (the
+    fastdiff-export command uses this too)."""
 
     def decorate(fn: Callable) -> Callable:
         @wraps(fn)
@@ -76,17 +83,23 @@ def clean_errors(interrupted: str = "interrupted") -> Callable[[Callable], Calla
             stopping = [signal.SIGTERM, signal.SIGHUP]
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
                 stopping.append(signal.SIGINT)
+            global _stop_signal
+            _stop_signal = None  # a stop belongs to one command (tests run several in one process)
             previous = {signum: signal.signal(signum, _stop) for signum in stopping}
             try:
                 return fn(*args, **kwargs)
-            except FastDiffError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
             except KeyboardInterrupt:
-                exit_interrupted(interrupted)
+                _exit_stopped(interrupted, signal.SIGINT)
             except Terminated as e:
-                exit_interrupted(f"{interrupted} ({e})", 128 + e.signum)
+                _exit_stopped(interrupted, e.signum)
             except Exception as e:
+                # torch can turn the stop into an error of its own (a signal landing in its tracing came out as one in
+                # CI, exit 1 with a traceback); once told to stop, whatever ends the command is that stop
+                if _stop_signal is not None:
+                    _exit_stopped(interrupted, _stop_signal)
+                if isinstance(e, FastDiffError):
+                    print(f"error: {e}", file=sys.stderr)
+                    sys.exit(2)
                 if (error := _environment_error(e)) is None:
                     raise
                 print(f"error: {error}", file=sys.stderr)

@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +348,40 @@ def test_out_of_device_memory_is_a_clear_error(capsys: pytest.CaptureFixture) ->
 
     with pytest.raises(RuntimeError, match="not a memory problem"):  # real bugs keep their traceback
         other_bug()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
+def test_a_stop_turned_into_another_error_still_stops(signum: int, code: int, capsys: pytest.CaptureFixture) -> None:
+    """A signal landing inside torch's tracing came out as an error of torch's own (exit 1 and a traceback in CI): once
+    the command was told to stop, whatever error ends it ends it as that stop. The next command starts unstopped."""
+    from fastdiff.runtime.errors import FastDiffError, clean_errors
+
+    @clean_errors()
+    def traced(wrap_as: type[Exception]) -> None:
+        try:
+            signal.raise_signal(signum)
+            time.sleep(5)  # the handler raises here
+        except BaseException as e:
+            raise wrap_as("while executing the traced graph") from e
+
+    # Ctrl-C as a terminal's foreground process gets it (a shell's background job, as CI may be, ignores SIGINT)
+    ctrl_c = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for wrap_as in (RuntimeError, FastDiffError):
+            with pytest.raises(SystemExit) as exit_info:
+                traced(wrap_as)
+            assert exit_info.value.code == code
+            assert capsys.readouterr().err.startswith("interrupted")
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+
+    @clean_errors()
+    def fails() -> None:
+        raise FastDiffError("bad input")
+
+    with pytest.raises(SystemExit) as exit_info:
+        fails()
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
 
 
 def _fails_with(error: Exception, cause: BaseException | None = None) -> None:
