@@ -329,9 +329,10 @@ def test_sigterm_drains(tiny_artifact: Path, tmp_path: Path) -> None:
     with serving(tiny_artifact, tmp_path / "server.log", "--max-steps", "100000") as server:
         with ThreadPoolExecutor(2) as pool:
             body = {"prompt": "a cat", "num_inference_steps": 500, "size": "64x64"}  # seconds each
-            running = pool.submit(post, server, body, None)
+            # a generous deadline: on a busy 2-core machine the pair took over a minute
+            running = pool.submit(post, server, body, None, 300)
             wait_for(lambda: metric(server, "fastdiff_batch_images_count") == 1)
-            queued = pool.submit(post, server, {**body, "size": "96x64"}, None)
+            queued = pool.submit(post, server, {**body, "size": "96x64"}, None, 300)
             wait_for(lambda: metric(server, "fastdiff_queue_depth") == 1)
             sigterm(server)
             wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, timeout=5)
