@@ -34,7 +34,7 @@ import torch
 from .errors import FastDiffError
 from .format import TEXT_PARTS, torch_dtype
 from .lora_files import PARTS, LoraLayer, read_lora
-from .packages import CompiledModule
+from .packages import bound_weights
 from .requantize import dequantize, requantize
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class LoraAdapters:
         self.device = device
         self.adapters: dict[str, list[Update]] = {}
         self.active: dict[str, dict[str, float]] = {}  # adapter -> part -> weight
+        self.fused: dict[str, frozenset[str]] = {}  # adapter -> the parts fuse_lora fused it into
+        self.call_scale = 1.0  # the LoRA scale of the call merged now, for the adapters not fused
         self._base = HostCopies(device)
         self._dirty: set[Target] = set()  # the targets that differ from their pristine base now
         self._lock = threading.Lock()
@@ -181,12 +183,10 @@ class LoraAdapters:
                 }
             )
             self.adapters[adapter_name] = [Update(u.target, u.rows, u.layer.to(self.device)) for u in updates]
-            previous = self.active
-            try:
-                self._merge({adapter_name: dict.fromkeys(self.parts, weight)})
+            try:  # the new adapter alone; fused ones are unfused, as PEFT unmerges to add an adapter
+                self._switch({adapter_name: dict.fromkeys(self.parts, weight)})
             except BaseException:
                 del self.adapters[adapter_name]
-                self._merge(previous)  # the merge left the base: the adapters active before, as they were
                 raise
             return adapter_name
 
@@ -199,6 +199,11 @@ class LoraAdapters:
         part, e.g. {"unet": 0.8, "text_encoder": 1.0}, where a part left out gets 1.0, as in diffusers)."""
         names = self._loaded(adapter_names)
         with self._lock:
+            if self.fused:  # diffusers ignores the call then, and unfuses with the new weights: they drift
+                raise FastDiffError(
+                    f"adapters {', '.join(map(repr, self.fused))} are fused (fuse_lora): their weights are set",
+                    "unfuse_lora() first, or unload_lora_weights() to keep them fused without their adapters",
+                )
             if len(set(names)) != len(names):
                 raise FastDiffError(f"adapter_names names an adapter twice: {names}")
             if adapter_weights is None or not isinstance(adapter_weights, Sequence) or isinstance(adapter_weights, str):
@@ -207,15 +212,71 @@ class LoraAdapters:
                 raise FastDiffError(
                     f"{len(adapter_weights)} adapter weights for {len(names)} adapters", "give one per adapter"
                 )
-            self._merge({name: self._part_weights(w) for name, w in zip(names, adapter_weights, strict=True)})
+            self._switch({name: self._part_weights(w) for name, w in zip(names, adapter_weights, strict=True)})
 
     def delete(self, adapter_names: str | Sequence[str]) -> None:
-        """Drop these adapters; those of them merged leave the weights, the other active ones stay as they were."""
+        """Drop these adapters; those of them merged leave the weights, the other active ones stay as they were. An
+        adapter fused (fuse_lora) stays in the weights it was fused into, as in diffusers."""
         names = set(self._loaded(adapter_names))
         with self._lock:
-            self._merge({name: weights for name, weights in self.active.items() if name not in names})
+            active = {name: weights for name, weights in self.active.items() if name not in names}
+            fused = {name: parts for name, parts in self.fused.items() if name not in names}
+            call_scale = self.call_scale
+            if baked := {name: parts for name, parts in self.fused.items() if name in names}:
+                self._bake(baked)
+            self._switch(active, fused, call_scale)
             for name in names:
                 del self.adapters[name]
+
+    def fuse(
+        self,
+        components: str | Sequence[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: str | Sequence[str] | None = None,
+    ) -> None:
+        """Fuse the active adapters (or those named, which must be active) into the parts `components` (default:
+        all), at `lora_scale` times their weights: the scale stays with them, unfused too, as in diffusers. A call's
+        LoRA scale does not apply to fused parts. `safe_fusing` refuses weights that would not be finite."""
+        scale = _weight(lora_scale, "lora_scale")
+        parts = self._parts_named(components)
+        names = list(self.active) if adapter_names is None else self._loaded(adapter_names)
+        with self._lock:
+            if inactive := [name for name in names if name not in self.active]:
+                raise FastDiffError(
+                    f"adapter {inactive[0]!r} is not active: there is nothing of it to fuse",
+                    "make it active with set_adapters first",
+                )
+            active = {name: dict(weights) for name, weights in self.active.items()}
+            fused = dict(self.fused)
+            for name in names:
+                for part in parts - fused.get(name, frozenset()):  # a part fused already keeps its weight
+                    active[name][part] *= scale
+                fused[name] = fused.get(name, frozenset()) | parts
+            self._switch(active, fused, check_finite=safe_fusing)
+
+    def unfuse(self, components: str | Sequence[str] | None = None) -> None:
+        """The fused adapters' parts `components` (default: all) back to adapters a call's LoRA scale applies to, at
+        the weights they were fused with (the images do not change)."""
+        parts = self._parts_named(components)
+        with self._lock:
+            fused = {name: fused - parts for name, fused in self.fused.items() if fused - parts}
+            self._switch(self.active, fused)
+
+    def scale_for_call(self, scale: float) -> None:
+        """Merge the active adapters' parts that are not fused at `scale` times their weights: a call's LoRA scale
+        (diffusers' cross_attention_kwargs={"scale": ...}), kept until a call asks for another."""
+        with self._lock:
+            if scale == self.call_scale:
+                return
+            if all(
+                part in self.fused.get(name, ()) or not weight
+                for name, weights in self.active.items()
+                for part, weight in weights.items()
+            ):  # nothing merged would change
+                self.call_scale = scale
+                return
+            self._switch(self.active, self.fused, scale)
 
     def _loaded(self, adapter_names: str | Sequence[str]) -> list[str]:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -225,15 +286,50 @@ class LoraAdapters:
         return names
 
     def unload(self) -> None:
-        """The base weights back, bit for bit; every adapter and pristine copy dropped."""
+        """The base weights back, bit for bit; every adapter and pristine copy dropped. Fused adapters stay in the
+        weights (as in diffusers: fuse_lora and unload_lora_weights make a LoRA the pipeline's own)."""
         with self._lock:
-            for target in self._dirty:
-                self._restore(target)
+            if self.fused:
+                self._merge(*self._fused_only(self.fused))
+            else:
+                for target in self._dirty:
+                    self._restore(target)
             self._dirty.clear()
             self.adapters.clear()
             self.active.clear()
+            self.fused.clear()
+            self.call_scale = 1.0
             self._base.close()
             self._base = HostCopies(self.device)
+
+    def _fused_only(self, fused: dict[str, frozenset[str]]) -> tuple[dict[str, dict[str, float]], dict]:
+        """What _merge takes to merge only these adapters' fused parts."""
+        active = {
+            name: {part: weight if part in parts else 0.0 for part, weight in self.active[name].items()}
+            for name, parts in fused.items()
+        }
+        return active, fused
+
+    def _bake(self, fused: dict[str, frozenset[str]]) -> None:
+        """Make these adapters' fused parts part of the base: the weights with only them merged become the
+        pristine copies that every later merge starts from."""
+        self._merge(*self._fused_only(fused))
+        for target in self._dirty:
+            for name in _tensors(target):
+                self._base[target.part, name].copy_(self.parts[target.part].weights[name])
+        self._dirty, self.active, self.fused, self.call_scale = set(), {}, {}, 1.0  # the weights are the base now
+
+    def _parts_named(self, components: str | Sequence[str] | None) -> frozenset[str]:
+        """The parts of the artifact among `components` (diffusers' part names; None: all of them)."""
+        if components is None:
+            return frozenset(self.parts)
+        names = [components] if isinstance(components, str) else list(components)
+        if unknown := [c for c in names if c not in PARTS[self.family]]:
+            raise FastDiffError(
+                f"components names {unknown[0]!r}, which is no part of a {self.family} model",
+                f"name some of {', '.join(PARTS[self.family])}",
+            )
+        return frozenset(c for c in names if c in self.parts)
 
     def _part_weights(self, weight: float | Mapping[str, float] | None) -> dict[str, float]:
         if not isinstance(weight, Mapping):
@@ -284,27 +380,50 @@ class LoraAdapters:
                 updates.append(Update(target, rows, layer))
         return updates
 
-    def _merge(self, active: dict[str, dict[str, float]]) -> None:
-        """Write base + the weighted updates of `active` into every target they touch, and the base back into those
-        that only earlier adapters touched."""
+    def _switch(
+        self,
+        active: dict[str, dict[str, float]],
+        fused: dict[str, frozenset[str]] | None = None,
+        call_scale: float = 1.0,
+        check_finite: bool = False,
+    ) -> None:
+        """_merge; if it fails, the adapters merged before it, as they were."""
+        previous = (self.active, self.fused, self.call_scale)
+        try:
+            self._merge(active, fused, call_scale, check_finite)
+        except BaseException:
+            self._merge(*previous)
+            raise
+
+    def _merge(
+        self,
+        active: dict[str, dict[str, float]],
+        fused: dict[str, frozenset[str]] | None = None,
+        call_scale: float = 1.0,
+        check_finite: bool = False,
+    ) -> None:
+        """Write base + the weighted updates of `active` (times `call_scale` in the parts not `fused`) into every
+        target they touch, and the base back into those that only earlier adapters touched."""
+        fused = fused or {}
         updates: dict[Target, list[tuple[Update, float]]] = {}
         for name, weights in active.items():
             for update in self.adapters[name]:
-                if weights[update.target.part]:
-                    updates.setdefault(update.target, []).append((update, weights[update.target.part]))
+                part = update.target.part
+                if weight := weights[part] * (1.0 if part in fused.get(name, ()) else call_scale):
+                    updates.setdefault(update.target, []).append((update, weight))
         try:
             for target in self._dirty - updates.keys():
                 self._restore(target)
             for target, weighted in updates.items():
-                self._write(target, weighted)
+                self._write(target, weighted, check_finite)
         except BaseException:  # never leave weights half merged: the base everywhere, no adapter active
             for target in self._dirty | updates.keys():
                 self._restore(target)
-            self._dirty, self.active = set(), {}
+            self._dirty, self.active, self.fused, self.call_scale = set(), {}, {}, 1.0
             raise
-        self._dirty, self.active = set(updates), active
+        self._dirty, self.active, self.fused, self.call_scale = set(updates), active, fused, call_scale
 
-    def _write(self, target: Target, weighted: list[tuple[Update, float]]) -> None:
+    def _write(self, target: Target, weighted: list[tuple[Update, float]], check_finite: bool = False) -> None:
         weights = self.parts[target.part].weights
         tensor = weights[target.tensor]
         if target.scale is None:
@@ -313,6 +432,7 @@ class LoraAdapters:
             merged = self._base[target.part, target.tensor].to(tensor.device, non_blocking=True, copy=True).float()
             for update, weight in weighted:
                 _add(merged, update, weight)
+            _check_finite(merged, target, check_finite)
             tensor.copy_(merged)
             return
         scale = weights[target.scale]
@@ -320,6 +440,7 @@ class LoraAdapters:
         merged = dequantize(tensor, scale)
         for update, weight in weighted:
             _add(merged, update, weight)
+        _check_finite(merged, target, check_finite)
         dtype = self.parts[target.part].dtype
         for start, stop in sorted({u.rows or (0, tensor.shape[0]) for u, _ in weighted}):
             requantize(tensor[start:stop], scale[start:stop], merged[start:stop].to(dtype))
@@ -340,6 +461,14 @@ def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
 def _add(merged: torch.Tensor, update: Update, weight: float) -> None:
     view = _rows(merged, update.rows)
     view.add_(update.layer.delta().reshape(view.shape), alpha=weight)
+
+
+def _check_finite(merged: torch.Tensor, target: Target, check: bool) -> None:
+    if check and not bool(torch.isfinite(merged).all()):
+        raise FastDiffError(
+            f"fusing gives NaN or infinite weights in {target.part} {target.tensor}",
+            "fuse at a smaller lora_scale or adapter weight, or check the LoRA file",
+        )
 
 
 def _fits(layer: tuple[int, ...], weight: torch.Size) -> bool:
@@ -386,13 +515,6 @@ def _stored(weights: Mapping[str, torch.Tensor], module: str) -> tuple[str, str 
     if f"{module}.{QDATA}" in weights and f"{module}.{SCALE}" in weights:
         return f"{module}.{QDATA}", f"{module}.{SCALE}"
     return None
-
-
-def bound_weights(module: Any) -> Mapping[str, torch.Tensor]:
-    """The weights a compiled package binds, under its CUDA-graph replay or text-encoder wrapper."""
-    while not isinstance(module, CompiledModule):
-        module = module.module
-    return module.weights
 
 
 _shared_lock = threading.Lock()

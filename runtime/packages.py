@@ -417,3 +417,10 @@ class CUDAGraphModule:
         with torch.cuda.graph(graph, pool=self.pool):
             static_output = self.module(*static_inputs)
         return static_inputs, graph, static_output
+
+
+def bound_weights(module: Any) -> Mapping[str, torch.Tensor]:
+    """The weights a compiled package binds, under its CUDA-graph replay or text-encoder wrapper."""
+    while not isinstance(module, CompiledModule):
+        module = module.module
+    return module.weights

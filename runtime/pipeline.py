@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from .compat import on_device
 from .errors import FastDiffError
 from .format import Manifest, Resolution, micro_conditioning, parse_resolution, torch_dtype
-from .packages import CompiledModule, CUDAGraphModule
+from .packages import CompiledModule, CUDAGraphModule, bound_weights
 from .text import TextConditioner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+LORA_FAMILIES = ("sdxl", "sd")  # whose diffusers pipelines take cross_attention_kwargs (and load LoRAs)
 # What callback_on_step_end can be given and return (diffusers' pipelines offer their conditioning tensors too).
 CALLBACK_TENSOR_INPUTS = ("latents",)
 # What a call does, in order, each under torch.profiler.record_function("fastdiff::" + phase): a profile of a call
@@ -119,13 +120,15 @@ class FastDiffPipeline:
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         latents: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> FastDiffPipelineOutput:
         """As diffusers' pipelines: `latents` are the initial noise (one row per image, before the scheduler's
-        scaling), `callback_on_step_end(pipe, step, timestep, {name: tensor})` is called after each step with the
-        tensors named in `callback_on_step_end_tensor_inputs` (default and only: latents) and may return replacements;
-        setting `pipe._interrupt = True` skips the remaining steps."""
+        scaling), `cross_attention_kwargs={"scale": s}` scales the LoRA adapters that are not fused by s for this call
+        (SDXL and SD; its only key here), `callback_on_step_end(pipe, step, timestep, {name: tensor})` is called after
+        each step with the tensors named in `callback_on_step_end_tensor_inputs` (default and only: latents) and may
+        return replacements; setting `pipe._interrupt = True` skips the remaining steps."""
         # Deferred so that load_pipeline can overlap diffusers' slow import with loading; loaded by now.
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -135,6 +138,7 @@ class FastDiffPipeline:
         prompts = _prompt_list(prompt, "prompt")
         negatives = _negative_prompts(negative_prompt, len(prompts))
         _check_call(num_inference_steps, guidance_scale, num_images_per_prompt, generator, output_type)
+        lora_scale = _lora_scale(cross_attention_kwargs, facts.family)
         guidance_scale = float(guidance_scale)  # a numpy number or a 0-d tensor too, as diffusers takes them
         res = self._resolution(height, width)
         guidance = guidance_scale > 1.0
@@ -158,6 +162,10 @@ class FastDiffPipeline:
             raise FastDiffError(
                 f"{type(self.scheduler).__name__} cannot run {num_inference_steps} steps: {e}", "choose fewer steps"
             ) from None
+        unet, vae = self.unets[res.key], self.vae_decoders[res.key]
+        adapters = getattr(bound_weights(unet), "lora_adapters", None)  # none until a LoRA is loaded (lora.py)
+        if adapters is not None:
+            adapters.scale_for_call(lora_scale)  # before the text encoders, which LoRAs change too
         with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
             chunks = denoiser_conditioning(
                 self.conditioner, self.manifest, self.device, prompts, negatives, guidance, res, num_images_per_prompt
@@ -170,7 +178,6 @@ class FastDiffPipeline:
         latents = latents * self.scheduler.init_noise_sigma
         self._num_timesteps = len(self.scheduler.timesteps)
 
-        unet, vae = self.unets[res.key], self.vae_decoders[res.key]
         step_kwargs = self._step_kwargs(generator)
         with record_function("fastdiff::denoise"):
             latents = self._denoise(
@@ -246,6 +253,28 @@ class FastDiffPipeline:
         adapter, 1.0 by default, or a dict by part such as {"unet": 0.8, "text_encoder": 1.0}); [] leaves the base.
         Exact: every switch starts from the pristine base."""
         self._lora_adapters().set_adapters(adapter_names, adapter_weights)
+
+    @_on_own_device
+    def fuse_lora(
+        self,
+        components: Sequence[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> None:
+        """As diffusers: the active adapters (or those named) are fused into the parts `components` (default: all),
+        at `lora_scale` times their weights, a scale they keep once unfused, as in diffusers. A call's
+        cross_attention_kwargs scale skips fused parts; set_adapters is refused until unfuse_lora; unload_lora_weights
+        and delete_adapters leave fused adapters in the weights (fuse_lora + unload_lora_weights makes a LoRA the
+        pipeline's own until it is loaded again). `safe_fusing` refuses NaN or infinite weights, changing nothing.
+        fastdiff merges every adapter anyway: fusing gains no speed."""
+        self._lora_adapters().fuse(components, lora_scale, safe_fusing, adapter_names)
+
+    @_on_own_device
+    def unfuse_lora(self, components: Sequence[str] | None = None) -> None:
+        """The fused adapters' parts `components` (default: all) back to adapters that set_adapters and a call's
+        scale change, at the weights they were fused with (the images stay the same)."""
+        self._lora_adapters().unfuse(components)
 
     @_on_own_device
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
@@ -472,6 +501,25 @@ def _check_call(steps: Any, guidance_scale: Any, per_prompt: Any, generator: Any
         raise FastDiffError(f"generator must be a torch.Generator or a list of them, got {generator!r:.80}")
     if output_type not in OUTPUT_TYPES:
         raise FastDiffError(f"output_type {output_type!r} is not supported", f"use one of {', '.join(OUTPUT_TYPES)}")
+
+
+def _lora_scale(kwargs: Any, family: str) -> float:
+    """The LoRA scale a call asks for with diffusers' cross_attention_kwargs={"scale": s} (its only key here)."""
+    if kwargs is None:
+        return 1.0
+    if family not in LORA_FAMILIES:  # diffusers' pipeline for it has no such argument
+        raise FastDiffError(f"a {family} pipeline takes no cross_attention_kwargs", "leave it out")
+    if not isinstance(kwargs, Mapping):
+        raise FastDiffError(f"cross_attention_kwargs must be a dict, got {kwargs!r:.80}", 'e.g. {"scale": 0.8}')
+    if unknown := [key for key in kwargs if key != "scale"]:
+        raise FastDiffError(
+            f"cross_attention_kwargs {unknown[0]!r:.80} is not supported: fastdiff takes only 'scale' (the LoRA scale)",
+            "leave the other keys out",
+        )
+    scale = kwargs.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise FastDiffError(f"cross_attention_kwargs' scale must be a finite number, got {scale!r:.80}", "e.g. 0.8")
+    return float(scale)
 
 
 def _callback_inputs(callback: Any, names: list[str] | None) -> list[str]:

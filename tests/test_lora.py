@@ -183,6 +183,99 @@ def test_scales_and_two_adapters_match_diffusers(pipe, reference, sdxl_loras: di
     assert pipe.get_active_adapters() == ["a", "b"]
 
 
+def test_a_calls_lora_scale_matches_diffusers(pipe, reference, sdxl_loras: dict[str, Path]) -> None:
+    """cross_attention_kwargs={"scale": s} scales the active adapters by s for that call (the UNet's layers and the
+    text encoders'), as in diffusers; the next call without it is at full weight again, exactly."""
+    for p in (pipe, reference):
+        p.load_lora_weights(sdxl_loras["a"], adapter_name="a")
+        p.load_lora_weights(sdxl_loras["b"], adapter_name="b")
+        p.set_adapters(["a", "b"], [0.5, {"unet": 1.5, "text_encoder": 0.0}])
+    full = latents(pipe)
+    for scale in (0.3, -1.0, 0.0):  # 0 last: diffusers' unscaling after it resets the adapters' weights to 1
+        call = {"cross_attention_kwargs": {"scale": scale}}
+        assert relative(latents(pipe, **call), latents(reference, **call)) < 1e-4, scale
+    assert torch.equal(latents(pipe), full)
+    assert torch.equal(latents(pipe, cross_attention_kwargs={}), full)
+
+
+def _load(name: str, **kwargs):
+    return lambda p, loras: p.load_lora_weights(loras[name], adapter_name=name, **kwargs)
+
+
+# What users do with diffusers' fuse_lora, done the same to diffusers' pipeline and fastdiff's: the images then, and
+# with a call's LoRA scale (which fused adapters ignore), match diffusers'.
+FUSINGS = {
+    "fused at a scale": [_load("a"), lambda p, _: p.fuse_lora(lora_scale=0.5)],
+    "unfused, keeping the scale": [_load("a"), lambda p, _: p.fuse_lora(lora_scale=0.5), lambda p, _: p.unfuse_lora()],
+    "unloaded: the LoRA stays fused": [
+        _load("a"),
+        lambda p, _: p.fuse_lora(lora_scale=0.5),
+        lambda p, _: p.unload_lora_weights(),
+        _load("b"),  # over the fused weights
+    ],
+    "deleted: the LoRA stays fused": [
+        _load("a"),
+        _load("b"),
+        lambda p, _: p.set_adapters(["a", "b"], [0.7, 1.0]),
+        lambda p, _: p.fuse_lora(),
+        lambda p, _: p.delete_adapters("a"),
+    ],
+    "the UNet alone": [_load("a"), lambda p, _: p.fuse_lora(components=["unet"]), lambda p, _: p.unload_lora_weights()],
+    "a new LoRA unfuses": [_load("a"), lambda p, _: p.fuse_lora(lora_scale=0.5), _load("b")],
+}
+
+
+@pytest.mark.parametrize("case", FUSINGS)
+def test_fuse_lora_as_diffusers(tiny_artifact: Path, tiny_checkpoint: Path, sdxl_loras, tmp_path: Path, case) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    mine = load_pipeline(copy_artifact(tiny_artifact, tmp_path), device="cpu")  # weights of its own: fusing stays
+    theirs = StableDiffusionXLPipeline.from_pretrained(tiny_checkpoint)
+    theirs.set_progress_bar_config(disable=True)
+    base = latents(mine)
+    for step in FUSINGS[case]:
+        step(mine, sdxl_loras)
+        step(theirs, sdxl_loras)
+    assert mine.get_active_adapters() == theirs.get_active_adapters()
+    for call in ({}, {"cross_attention_kwargs": {"scale": 2.0}}):
+        assert relative(latents(mine, **call), latents(theirs, **call)) < 1e-4, call
+    assert relative(latents(mine), base) > 0.05
+
+
+def test_fused_adapters_refuse_new_weights(pipe, sdxl_loras: dict[str, Path]) -> None:
+    """While an adapter is fused, set_adapters is refused (diffusers ignores it, and drifts when it unfuses); fusing
+    an adapter that is not active, or parts the model lacks, too; each refusal changes nothing."""
+    pipe.load_lora_weights(sdxl_loras["a"], adapter_name="a")
+    pipe.load_lora_weights(sdxl_loras["b"], adapter_name="b")
+    with pytest.raises(FastDiffError, match="adapter 'a' is not active"):
+        pipe.fuse_lora(adapter_names=["a"])
+    with pytest.raises(FastDiffError, match="components names 'vae', which is no part of a sdxl model"):
+        pipe.fuse_lora(components=["unet", "vae"])
+    with pytest.raises(FastDiffError, match="lora_scale must be a finite number"):
+        pipe.fuse_lora(lora_scale=float("nan"))
+    pipe.fuse_lora(lora_scale=0.5)
+    before = snapshot(pipe)
+    with pytest.raises(FastDiffError, match=r"adapters 'b' are fused \(fuse_lora\).*\n.*unfuse_lora\(\) first"):
+        pipe.set_adapters(["a", "b"])
+    assert_unchanged(pipe, before)
+    fused = latents(pipe)
+    pipe.unfuse_lora()
+    assert torch.equal(latents(pipe), fused)  # unfused at the weight it was fused with
+    pipe.unload_lora_weights()
+
+
+def test_safe_fusing_refuses_weights_that_are_not_finite(pipe, sdxl_loras: dict[str, Path]) -> None:
+    lora = load_file(sdxl_loras["b"])
+    key = next(k for k in sorted(lora) if k.startswith("unet.") and "lora_B" in k)
+    lora[key][0, 0] = float("nan")
+    pipe.load_lora_weights(lora, adapter_name="nan")
+    before = snapshot(pipe)
+    with pytest.raises(FastDiffError, match="fusing gives NaN or infinite weights in unet unet.down_blocks"):
+        pipe.fuse_lora(safe_fusing=True)
+    assert_unchanged(pipe, before)
+    pipe.set_adapters("nan", 0.5)  # still unfused
+
+
 def test_switching_and_unloading_are_exact(pipe, sdxl_loras: dict[str, Path]) -> None:
     before = snapshot(pipe)
     base = latents(pipe)

@@ -93,6 +93,10 @@ def test_bad_call_arguments_api(tiny_pipeline) -> None:
             "callback_on_step_end (its tensor_inputs) asks for 'prompt_embeds'",
         ),
         ({"callback_on_step_end": lambda *a: {"latents": None}}, "the latents callback_on_step_end returned must be"),
+        ({"cross_attention_kwargs": {"scale": 0.5, "ip_adapter_masks": 1}}, "'ip_adapter_masks' is not supported"),
+        ({"cross_attention_kwargs": {"scale": float("inf")}}, "cross_attention_kwargs' scale must be a finite number"),
+        ({"cross_attention_kwargs": {"scale": "0.5"}}, "cross_attention_kwargs' scale must be a finite number"),
+        ({"cross_attention_kwargs": 0.5}, "cross_attention_kwargs must be a dict, got 0.5"),
     ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
 )
