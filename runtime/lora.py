@@ -184,7 +184,7 @@ class LoraAdapters:
             )
             self.adapters[adapter_name] = [Update(u.target, u.rows, u.layer.to(self.device)) for u in updates]
             try:  # the new adapter alone; fused ones are unfused, as PEFT unmerges to add an adapter
-                self._switch({adapter_name: dict.fromkeys(self.parts, weight)})
+                self._merge({adapter_name: dict.fromkeys(self.parts, weight)})
             except BaseException:
                 del self.adapters[adapter_name]
                 raise
@@ -212,7 +212,7 @@ class LoraAdapters:
                 raise FastDiffError(
                     f"{len(adapter_weights)} adapter weights for {len(names)} adapters", "give one per adapter"
                 )
-            self._switch({name: self._part_weights(w) for name, w in zip(names, adapter_weights, strict=True)})
+            self._merge({name: self._part_weights(w) for name, w in zip(names, adapter_weights, strict=True)})
 
     def delete(self, adapter_names: str | Sequence[str]) -> None:
         """Drop these adapters; those of them merged leave the weights, the other active ones stay as they were. An
@@ -224,7 +224,7 @@ class LoraAdapters:
             call_scale = self.call_scale
             if baked := {name: parts for name, parts in self.fused.items() if name in names}:
                 self._bake(baked)
-            self._switch(active, fused, call_scale)
+            self._merge(active, fused, call_scale)
             for name in names:
                 del self.adapters[name]
 
@@ -253,7 +253,7 @@ class LoraAdapters:
                 for part in parts - fused.get(name, frozenset()):  # a part fused already keeps its weight
                     active[name][part] *= scale
                 fused[name] = fused.get(name, frozenset()) | parts
-            self._switch(active, fused, check_finite=safe_fusing)
+            self._merge(active, fused, check_finite=safe_fusing)
 
     def unfuse(self, components: str | Sequence[str] | None = None) -> None:
         """The fused adapters' parts `components` (default: all) back to adapters a call's LoRA scale applies to, at
@@ -261,7 +261,7 @@ class LoraAdapters:
         parts = self._parts_named(components)
         with self._lock:
             fused = {name: fused - parts for name, fused in self.fused.items() if fused - parts}
-            self._switch(self.active, fused)
+            self._merge(self.active, fused)
 
     def scale_for_call(self, scale: float) -> None:
         """Merge the active adapters' parts that are not fused at `scale` times their weights: a call's LoRA scale
@@ -276,7 +276,7 @@ class LoraAdapters:
             ):  # nothing merged would change
                 self.call_scale = scale
                 return
-            self._switch(self.active, self.fused, scale)
+            self._merge(self.active, self.fused, scale)
 
     def _loaded(self, adapter_names: str | Sequence[str]) -> list[str]:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -380,30 +380,18 @@ class LoraAdapters:
                 updates.append(Update(target, rows, layer))
         return updates
 
-    def _switch(
-        self,
-        active: dict[str, dict[str, float]],
-        fused: dict[str, frozenset[str]] | None = None,
-        call_scale: float = 1.0,
-        check_finite: bool = False,
-    ) -> None:
-        """_merge; if it fails, the adapters merged before it, as they were."""
-        previous = (self.active, self.fused, self.call_scale)
-        try:
-            self._merge(active, fused, call_scale, check_finite)
-        except BaseException:
-            self._merge(*previous)
-            raise
-
     def _merge(
         self,
         active: dict[str, dict[str, float]],
         fused: dict[str, frozenset[str]] | None = None,
         call_scale: float = 1.0,
         check_finite: bool = False,
+        rollback: bool = True,
     ) -> None:
         """Write base + the weighted updates of `active` (times `call_scale` in the parts not `fused`) into every
-        target they touch, and the base back into those that only earlier adapters touched."""
+        target they touch, and the base back into those that only earlier adapters touched. If that fails, the
+        adapters merged before are merged again (`rollback`), else the base stays."""
+        previous = (self.active, self.fused, self.call_scale)
         fused = fused or {}
         updates: dict[Target, list[tuple[Update, float]]] = {}
         for name, weights in active.items():
@@ -420,6 +408,8 @@ class LoraAdapters:
             for target in self._dirty | updates.keys():
                 self._restore(target)
             self._dirty, self.active, self.fused, self.call_scale = set(), {}, {}, 1.0
+            if rollback:
+                self._merge(*previous, rollback=False)
             raise
         self._dirty, self.active, self.fused, self.call_scale = set(updates), active, fused, call_scale
 
