@@ -186,6 +186,8 @@ class PendingComponent:
     inputs: list[str]
     max_batch: int
     dtype: torch.dtype
+    input_shapes: dict[str, list[list[int | None]]]  # case -> each input's shape, None for the dynamic batch
+    input_dtypes: list[str]
 
 
 def _export_component(
@@ -203,9 +205,13 @@ def _export_component(
     """Export `module` once per case (a resolution or a sequence length, examples at the largest batch), with a
     dynamic batch dimension up to `max_batch`, and hand each program to the compiler. Records in `attention` the SDPA
     backend each package is compiled with."""
-    packages = {}
+    packages, shapes = {}, {}
     dynamic = _batch_dims(input_names, max_batch, skip={"timestep"})
     for key, inputs in cases.items():
+        shapes[key] = [
+            [None if dynamic and dynamic[name] and dim == 0 else size for dim, size in enumerate(t.shape)]
+            for name, t in zip(input_names, inputs, strict=True)
+        ]
         rel = package_path(name, key)
         backend, seconds, note = choose_backend(options.attention, module, inputs, options.device)
         if seconds:
@@ -220,7 +226,8 @@ def _export_component(
         configs = options.inductor_configs(name)
         compiling = compiler.compile(program, writer.path(rel), configs, options.device, backend, rel, dynamic)
         packages[key] = (rel, program, compiling)
-    return PendingComponent(name, packages, input_names, max_batch, dtype or torch_dtype(options.dtype))
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in next(iter(cases.values()))]
+    return PendingComponent(name, packages, input_names, max_batch, dtype or torch_dtype(options.dtype), shapes, dtypes)
 
 
 def _finish_component(writer: ArtifactWriter, component: PendingComponent, device: torch.device) -> CompiledComponent:
@@ -237,6 +244,8 @@ def _finish_component(writer: ArtifactWriter, component: PendingComponent, devic
         max_batch=component.max_batch,
         packages={key: rel for key, (rel, _, _) in component.packages.items()},
         channels_last=nhwc,
+        input_shapes=component.input_shapes,
+        input_dtypes=component.input_dtypes,
     )
 
 

@@ -27,6 +27,7 @@ from .errors import FastDiffError
 from .format import device_index, make_libstdcxx_global
 from .packages import (
     CompiledModule,
+    PackageInputs,
     RunnerUnavailable,
     check_constants,
     extract_model,
@@ -218,8 +219,15 @@ class CapiModule(CompiledModule):
 
     runner = "capi"
 
-    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes) -> None:
-        super().__init__(path, weights, device)
+    def __init__(
+        self,
+        path: Path,
+        weights: Mapping[str, torch.Tensor],
+        device: torch.device,
+        data: bytes,
+        expects: PackageInputs | None = None,
+    ) -> None:
+        super().__init__(path, weights, device, expects)
         self._weight_handles: list[int] = []
         self._library = None
         self._library = PackageLibrary(path, data, device)

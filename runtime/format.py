@@ -173,6 +173,11 @@ class CompiledComponent:
     packages: dict[str, str]  # case key ("WxH", or the token count for text encoders) -> relative .pt2 path
     # Weights whose compiled code expects channels_last strides are stored physically NHWC (see runtime.weights).
     channels_last: list[str] = field(default_factory=list)
+    # What each package was exported with: per case key, each input's shape (None: the batch, 1 to max_batch), and
+    # each input's torch dtype name (float32, int64...). The runtime checks the model facts and every call against
+    # them (a call that does not fit would make the compiled code read out of bounds). Empty in artifacts from before.
+    input_shapes: dict[str, list[list[int | None]]] = field(default_factory=dict)
+    input_dtypes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -382,11 +387,57 @@ def _meaning_problems(manifest: Manifest) -> list[str]:
             problems.append(
                 f"{name}.max_batch {comp.max_batch} does not fit batch_size {n} (expected {expected_batch[name]})"
             )
+    if not problems:  # the facts have their meaning: the inputs they make can be checked
+        for name, comp in _named_components(manifest):
+            problems += _input_problems(name, comp, manifest)
     paths = [*manifest.files, *manifest.stock.values(), *_referenced_files(manifest)]
     outside = [rel for rel in paths if not is_relative_inside(rel)]
     if outside:
         problems.append(f"path {outside[0]!r} leaves the artifact folder")
     return problems
+
+
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")  # what packages are exported to take
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # without importing torch
+
+
+def _input_problems(name: str, comp: CompiledComponent, manifest: Manifest) -> list[str]:
+    """A component's recorded inputs, well formed and agreeing with the model facts that the runtime makes its inputs
+    from (the latents' shape, the text length, the pooled width, the time ids, the dtypes)."""
+    if not comp.input_shapes and not comp.input_dtypes:
+        return []  # exported before fastdiff recorded them
+    if set(comp.input_shapes) != set(comp.packages):
+        return [f"{name}.input_shapes does not list the shapes of each of its packages"]
+    if len(comp.input_dtypes) != len(comp.inputs) or not set(comp.input_dtypes) <= set(INPUT_DTYPES):
+        return [f"{name}.input_dtypes is not one of {', '.join(INPUT_DTYPES)} per input"]
+    model = manifest.model
+    for key, shapes in comp.input_shapes.items():
+        if len(shapes) != len(comp.inputs) or not all(_is_shape(shape) for shape in shapes):
+            return [f"{name}.input_shapes[{key!r}] is not a shape per input"]
+        facts = {"text_embeds": [model.pooled_dim], "time_ids": [len(model.time_ids or ())]}
+        if name in ("unet", "vae_decoder"):
+            res = parse_resolution(key)
+            facts |= {"sample": list(model.latent_shape(res)), "latents": list(model.latent_shape(res))}
+        else:
+            facts |= {"input_ids": [model.text_max_length], "attention_mask": [model.text_max_length]}
+        for input_name, shape in zip(comp.inputs, shapes, strict=True):
+            if input_name in facts and shape[1:] != facts[input_name]:
+                return [
+                    f"{name}'s package for {key} takes {input_name} of shape {shape[1:]} per row; the model facts "
+                    f"make it {facts[input_name]}"
+                ]
+    first = {"unet": manifest.dtype, "vae_decoder": comp.dtype}.get(name)
+    if first is not None and comp.input_dtypes[0] != TORCH_DTYPE_NAMES[first]:
+        return [f"{name} takes {comp.input_dtypes[0]} {comp.inputs[0]}; the manifest's dtype makes them {first}"]
+    return []
+
+
+def _is_shape(shape: Any) -> bool:
+    """A list of positive sizes, the first of which may be None (the batch)."""
+    return isinstance(shape, list) and all(
+        (isinstance(size, int) and not isinstance(size, bool) and size >= 1) or (size is None and i == 0)
+        for i, size in enumerate(shape)
+    )
 
 
 def _type_problems(record: Any, prefix: str) -> list[str]:

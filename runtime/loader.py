@@ -25,7 +25,7 @@ from .format import (
     resolve_device,
     torch_dtype,
 )
-from .packages import CompiledModule, CUDAGraphModule, load_module
+from .packages import CompiledModule, CUDAGraphModule, PackageInputs, load_module
 from .pipeline import (
     FastDiffPipeline,
     default_resolution,
@@ -261,7 +261,8 @@ def _load_packages(
     for key in keys:
         rel = component.packages[key]
         data = folder.read_verified(rel)
-        modules[key] = load_module(folder.root / rel, weights[component.weights], device, data)
+        expects = PackageInputs.recorded(component, key)
+        modules[key] = load_module(folder.root / rel, weights[component.weights], device, data, expects)
     for key, module in modules.items():
         if module.num_inputs != len(component.inputs):
             raise FastDiffError(

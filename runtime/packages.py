@@ -29,13 +29,14 @@ import threading
 import weakref
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import FastDiffError
-from .format import device_index, make_libstdcxx_global
+from .format import CompiledComponent, device_index, make_libstdcxx_global
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +108,62 @@ def _release_loaded() -> None:
                 module.close()
 
 
+@dataclass(frozen=True)
+class PackageInputs:
+    """What a package was exported to take (the manifest records it): each input's name, dtype and shape, None for
+    the batch (1 to max_batch), contiguous, on the package's device. The compiled code trusts its inputs: one of
+    another shape, dtype or device makes it read out of bounds (a crash on a GPU)."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[tuple[int | None, ...], ...]
+    max_batch: int
+
+    @classmethod
+    def recorded(cls, component: CompiledComponent, key: str) -> PackageInputs | None:
+        """The inputs of `component`'s package for case `key`; None in artifacts from before they were recorded."""
+        if not component.input_shapes:
+            return None
+        dtypes = tuple(getattr(torch, name) for name in component.input_dtypes)
+        shapes = tuple(tuple(shape) for shape in component.input_shapes[key])
+        return cls(tuple(component.inputs), dtypes, shapes, component.max_batch)
+
+    def check(self, path: Path, inputs: tuple[torch.Tensor, ...], index: int) -> None:
+        """Refuse inputs the package was not exported to take (`index`: its device's, -1 for the CPU)."""
+        for name, dtype, shape, t in zip(self.names, self.dtypes, self.shapes, inputs, strict=True):
+            on_device = t.device.type == "cpu" if index < 0 else (t.device.type, t.device.index) == ("cuda", index)
+            sizes = t.dim() == len(shape) and all(
+                size == want if want is not None else 1 <= size <= self.max_batch
+                for size, want in zip(t.shape, shape, strict=True)
+            )
+            if not (t.dtype == dtype and sizes and on_device and t.is_contiguous()):
+                wanted = ", ".join(f"1..{self.max_batch}" if s is None else str(s) for s in shape)
+                raise FastDiffError(
+                    f"{path} takes {name} as {dtype} [{wanted}]; this call gives {t.dtype} {list(t.shape)} on "
+                    f"{t.device}{'' if t.is_contiguous() else ', not contiguous'}",
+                    "the artifact's files do not belong together, or this is a fastdiff bug: export the model again, "
+                    "and report it if the new artifact fails the same way",
+                )
+
+
 class CompiledModule:
-    """One AOTInductor package bound to weights. A call takes the flat tensor inputs the package was exported with;
-    calls to one module from several threads run one at a time."""
+    """One AOTInductor package bound to weights. A call takes the flat tensor inputs the package was exported with
+    (checked against `expects`, when the manifest records them); calls to one module from several threads run one at
+    a time."""
 
     runner: str  # "capi" or "torch"
     num_inputs: int
 
-    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self,
+        path: Path,
+        weights: Mapping[str, torch.Tensor],
+        device: torch.device,
+        expects: PackageInputs | None = None,
+    ) -> None:
         self.path = path
         self.weights = weights  # user-managed: the package uses these tensors in place
+        self.expects = expects
         self.device_index = device_index(device)  # -1: the CPU
         self._lock = threading.Lock()
         self.owner = os.getpid()  # a forked child inherits the module: its exit leaves the parent's files alone
@@ -125,6 +172,8 @@ class CompiledModule:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if len(inputs) != self.num_inputs:  # the library's own check ends the process
             raise TypeError(f"{self.path} takes {self.num_inputs} inputs, got {len(inputs)}")
+        if self.expects is not None:
+            self.expects.check(self.path, inputs, self.device_index)
         with self._lock:
             outputs = self._run(inputs)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -147,8 +196,15 @@ class TorchModule(CompiledModule):
 
     runner = "torch"
 
-    def __init__(self, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes) -> None:
-        super().__init__(path, weights, device)
+    def __init__(
+        self,
+        path: Path,
+        weights: Mapping[str, torch.Tensor],
+        device: torch.device,
+        data: bytes,
+        expects: PackageInputs | None = None,
+    ) -> None:
+        super().__init__(path, weights, device, expects)
         from torch._inductor.package import load_package
         from torch.utils import _pytree
 
@@ -353,20 +409,25 @@ def chosen_runner() -> str | None:
 
 
 def load_module(
-    path: Path, weights: Mapping[str, torch.Tensor], device: torch.device, data: bytes | None = None
+    path: Path,
+    weights: Mapping[str, torch.Tensor],
+    device: torch.device,
+    data: bytes | None = None,
+    expects: PackageInputs | None = None,
 ) -> CompiledModule:
     """The package at `path` (or its bytes `data`, as the loader read and verified them; `path` then names it),
-    bound to `weights`, on `device`, through the runner chosen (see the module's doc)."""
+    bound to `weights`, on `device`, through the runner chosen (see the module's doc), its calls checked against
+    `expects`."""
     from . import capi
 
     data = read_package(path) if data is None else data
     runner = chosen_runner()
     if runner == "torch":
-        return TorchModule(path, weights, device, data)
+        return TorchModule(path, weights, device, data, expects)
     problem = capi.self_check()
     if problem is None:
         try:
-            return capi.CapiModule(path, weights, device, data)
+            return capi.CapiModule(path, weights, device, data, expects)
         except RunnerUnavailable as e:
             problem = f"{path}: {e}"
     if runner == "capi":
@@ -374,7 +435,7 @@ def load_module(
             f"the C-interface package runner cannot run here: {problem}", f"unset {RUNNER_VARIABLE}, or set it to torch"
         )
     log.info("package runner: torch's loader (the C interface cannot run it: %s)", problem)
-    return TorchModule(path, weights, device, data)
+    return TorchModule(path, weights, device, data, expects)
 
 
 class CUDAGraphModule:

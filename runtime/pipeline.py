@@ -80,6 +80,7 @@ class FastDiffPipeline:
         self.scheduler = scheduler
         self.unets = unets
         self.vae_decoders = vae_decoders
+        self._unet_weights = bound_weights(next(iter(unets.values())))  # one weight file for every resolution
         self._progress: dict[str, Any] = {}
         self._interrupt = False
         self._num_timesteps = 0
@@ -163,7 +164,7 @@ class FastDiffPipeline:
                 f"{type(self.scheduler).__name__} cannot run {num_inference_steps} steps: {e}", "choose fewer steps"
             ) from None
         unet, vae = self.unets[res.key], self.vae_decoders[res.key]
-        adapters = getattr(bound_weights(unet), "lora_adapters", None)  # none until a LoRA is loaded (lora.py)
+        adapters = getattr(self._unet_weights, "lora_adapters", None)  # none until a LoRA is loaded (lora.py)
         if adapters is not None:
             adapters.scale_for_call(lora_scale)  # before the text encoders, which LoRAs change too
         with record_function("fastdiff::encode_prompt"):  # the phases, named in profiles (PHASES)
@@ -546,7 +547,7 @@ def _as_latents(
     if not isinstance(given, torch.Tensor) or tuple(given.shape) != tuple(shape):
         got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
         raise FastDiffError(f"{what} must be a tensor of shape {tuple(shape)} for this call, got {got}")
-    return given.to(device, dtype)
+    return given.to(device, dtype).contiguous()  # as the compiled code reads them
 
 
 def _per_image(t: torch.Tensor, per_prompt: int, device: torch.device) -> torch.Tensor:

@@ -4,6 +4,7 @@ on close; the runner is chosen automatically, or by FASTDIFF_PACKAGE_RUNNER."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -12,10 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.runtime import FastDiffError, load_pipeline
+from fastdiff.runtime import FastDiffError, load_pipeline, read_manifest
 from fastdiff.runtime import capi as capi_module
 from fastdiff.runtime.capi import CapiModule
-from fastdiff.runtime.packages import RUNNER_VARIABLE, CompiledModule, RunnerUnavailable, TorchModule, load_module
+from fastdiff.runtime.packages import (
+    RUNNER_VARIABLE,
+    CompiledModule,
+    PackageInputs,
+    RunnerUnavailable,
+    TorchModule,
+    load_module,
+)
 
 RUNNERS = {"capi": CapiModule, "torch": TorchModule}
 CPU = torch.device("cpu")
@@ -139,6 +147,31 @@ def test_closed_module_is_unloaded(tiny_artifact: Path, unet_inputs, runner: str
     with pytest.raises(RuntimeError, match="64x64.pt2 was closed"):
         module(*inputs)
     module.close()  # again: nothing left to do
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_a_call_the_package_was_not_exported_for_is_refused(tiny_artifact: Path, unet_inputs, runner: str) -> None:
+    """The compiled code trusts its inputs (another shape makes it read out of bounds): each call is checked against
+    what the manifest records the package was exported to take, before the package runs."""
+    (loaded, inputs), path = unet_inputs, tiny_artifact / "unet" / "64x64.pt2"
+    assert loaded.expects is not None  # load_pipeline's modules are checked too
+    expects = PackageInputs.recorded(read_manifest(tiny_artifact).unet, "64x64")
+    assert expects.shapes[0] == (None, 4, 8, 8) and expects.max_batch == 4  # the session's artifacts: batch size 2
+    module = RUNNERS[runner](path, loaded.weights, CPU, path.read_bytes(), expects)
+    sample, timestep, *conditioning = inputs
+    wrong = {
+        "channels": ((torch.cat([sample, sample], 1), timestep, *conditioning), "[1..4, 4, 8, 8]; this call gives"),
+        "batch": ((*(torch.cat([t] * 3) if t.dim() else t for t in inputs),), "torch.float32 [6, 4, 8, 8]"),
+        "dtype": ((sample.double(), timestep, *conditioning), "this call gives torch.float64"),
+        "strides": ((sample.transpose(2, 3), timestep, *conditioning), "on cpu, not contiguous"),
+        "timestep": ((sample, timestep[None], *conditioning), "takes timestep as torch.float32 []"),
+    }
+    for name, (call, phrase) in wrong.items():
+        with pytest.raises(FastDiffError, match=re.escape(phrase)) as raised:
+            module(*call)
+        assert "do not belong together" in raised.value.fix, name
+    torch.testing.assert_close(module(*inputs), loaded(*inputs), rtol=0, atol=0)
+    module.close()
 
 
 @pytest.mark.parametrize(

@@ -165,9 +165,9 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
         record["reads"].append(Path(os.path.realpath(path)))  # through the load's folder handle: the file itself
         return load_weights(path, *args, **kwargs)
 
-    def recording_load_module(path, weights, device, data=None):
+    def recording_load_module(path, weights, device, data=None, expects=None):
         record["packages"].append((Path(path), weights))
-        return load_module(path, weights, device, data)
+        return load_module(path, weights, device, data, expects)
 
     monkeypatch.setattr(loader_module, "shared_weights", recording_shared_weights)
     monkeypatch.setattr(weights_module, "load_weights", recording_load_weights)

@@ -133,6 +133,10 @@ def test_a_member_that_leaves_the_package_runs_no_code(tiny_artifact: Path, tmp_
         ("scheduler-class-a-list", "which is no diffusers scheduler"),
         ("package-byte-flipped", "does not match the sha256 in its manifest"),
         ("nan-weights", "NaN or infinite values"),
+        ("latent-channels-rewritten", "takes sample of shape [4, 8, 8] per row; the model facts make it [8, 8, 8]"),
+        ("dtype-rewritten", "unet takes float32 sample; the manifest's dtype makes them bf16"),
+        ("input-shapes-malformed", "unet.input_shapes['64x64'] is not a shape per input"),
+        ("pooled-width-rewritten-with-its-shape", "takes text_embeds as torch.float32 [1..4, 64]; this call gives"),
     ],
 )
 def test_tampered_and_nonsense_artifacts_are_refused(
@@ -204,6 +208,20 @@ def test_tampered_and_nonsense_artifacts_are_refused(
     elif tamper == "nan-weights":
         rewrite_weights(vae_weights, lambda t: t["post_quant_conv.weight"].fill_(float("nan")))
         reseal(art)
+    elif tamper == "latent-channels-rewritten":  # the packages take 4: latents of 8 would be read as 4
+        reseal(art, lambda m: m["model"].update(latent_channels=8))
+    elif tamper == "dtype-rewritten":  # float32 read as bf16: half the bytes the compiled code reads
+        reseal(art, lambda m: m.update(dtype="bf16"))
+    elif tamper == "input-shapes-malformed":
+        reseal(art, lambda m: m["unet"]["input_shapes"].update({"64x64": [[0]]}))
+    elif tamper == "pooled-width-rewritten-with-its-shape":  # the record agrees; the text encoder's output does not
+
+        def pooled(m: dict) -> None:
+            m["model"]["pooled_dim"] = 64
+            for shapes in m["unet"]["input_shapes"].values():
+                shapes[3] = [None, 64]
+
+        reseal(art, pooled)
     refused(art, tmp_path, phrase)
 
 
