@@ -387,9 +387,6 @@ def _meaning_problems(manifest: Manifest) -> list[str]:
             problems.append(
                 f"{name}.max_batch {comp.max_batch} does not fit batch_size {n} (expected {expected_batch[name]})"
             )
-    if not problems:  # the facts have their meaning: the inputs they make can be checked
-        for name, comp in _named_components(manifest):
-            problems += _input_problems(name, comp, manifest)
     paths = [*manifest.files, *manifest.stock.values(), *_referenced_files(manifest)]
     outside = [rel for rel in paths if not is_relative_inside(rel)]
     if outside:
@@ -407,9 +404,12 @@ def _input_problems(name: str, comp: CompiledComponent, manifest: Manifest) -> l
     if not comp.input_shapes and not comp.input_dtypes:
         return []  # exported before fastdiff recorded them
     if set(comp.input_shapes) != set(comp.packages):
-        return [f"{name}.input_shapes does not list the shapes of each of its packages"]
-    if len(comp.input_dtypes) != len(comp.inputs) or not set(comp.input_dtypes) <= set(INPUT_DTYPES):
-        return [f"{name}.input_dtypes is not one of {', '.join(INPUT_DTYPES)} per input"]
+        listed, packages = ", ".join(sorted(comp.input_shapes)), ", ".join(sorted(comp.packages))
+        return [f"{name}.input_shapes lists {listed or 'none'}; its packages are {packages}"]
+    if len(comp.input_dtypes) != len(comp.inputs):
+        return [f"{name} records {len(comp.input_dtypes)} input dtypes for its {len(comp.inputs)} inputs"]
+    if not set(comp.input_dtypes) <= set(INPUT_DTYPES):
+        return [f"{name}.input_dtypes are not each one of {', '.join(INPUT_DTYPES)}"]
     model = manifest.model
     for key, shapes in comp.input_shapes.items():
         if len(shapes) != len(comp.inputs) or not all(_is_shape(shape) for shape in shapes):
@@ -505,6 +505,9 @@ def _check_consistency(manifest: Manifest, path: Path) -> None:
             parse_resolution(key)
         except FastDiffError as e:
             problems.append(f"package {key!r}: {e.problem}")
+    if not problems:  # every fact means something now: the inputs they make can be checked
+        for name, comp in _named_components(manifest):
+            problems += _input_problems(name, comp, manifest)
     if problems:
         raise FastDiffError(f"{path} is inconsistent: {'; '.join(problems)}", "export the model again")
 
