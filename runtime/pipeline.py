@@ -267,8 +267,9 @@ class FastDiffPipeline:
         at `lora_scale` times their weights, a scale they keep once unfused, as in diffusers. A call's
         cross_attention_kwargs scale skips fused parts; set_adapters is refused until unfuse_lora; unload_lora_weights
         and delete_adapters leave fused adapters in the weights (fuse_lora + unload_lora_weights makes a LoRA the
-        pipeline's own until it is loaded again). `safe_fusing` refuses NaN or infinite weights, changing nothing.
-        fastdiff merges every adapter anyway: fusing gains no speed."""
+        base of every pipeline sharing these weights, until none is left and the artifact loads again). `safe_fusing`
+        refuses NaN or infinite weights, changing nothing. fastdiff merges every adapter anyway: fusing gains no
+        speed."""
         self._lora_adapters().fuse(components, lora_scale, safe_fusing, adapter_names)
 
     @_on_own_device
