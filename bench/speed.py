@@ -40,6 +40,20 @@ def denoiser_name(pipe) -> str:
     return "transformer" if hasattr(pipe, "transformer") else "unet"
 
 
+def step_shape(pipe) -> dict:
+    """What step_inputs needs to know of a diffusers pipeline's denoiser and text encoders."""
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    denoiser = getattr(pipe, denoiser_name(pipe))
+    pixart = denoiser_name(pipe) == "transformer"
+    return {
+        "family": "pixart" if pixart else "unet",
+        "vae_scale_factor": pipe.vae_scale_factor,
+        "text_length": 120 if pixart else 77,
+        "text_dim": denoiser.config.caption_channels if pixart else denoiser.config.cross_attention_dim,
+        "pooled_dim": text_encoder_2.config.projection_dim if text_encoder_2 is not None else None,
+    }
+
+
 def step_inputs(shape: dict, res: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Fixed random denoiser inputs in fp32 (batch 2 = CFG), cast per variant, in the order of the artifact's
     inputs: SDXL adds pooled embeds and time ids; PixArt-α the text mask, resolution and aspect ratio."""
@@ -333,16 +347,7 @@ def main() -> None:
     from diffusers import DiffusionPipeline
 
     config_pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
-    text_encoder_2 = getattr(config_pipe, "text_encoder_2", None)
-    denoiser = getattr(config_pipe, denoiser_name(config_pipe))
-    pixart = denoiser_name(config_pipe) == "transformer"
-    shape = {
-        "family": "pixart" if pixart else "unet",
-        "vae_scale_factor": config_pipe.vae_scale_factor,
-        "text_length": 120 if pixart else 77,
-        "text_dim": denoiser.config.caption_channels if pixart else denoiser.config.cross_attention_dim,
-        "pooled_dim": text_encoder_2.config.projection_dim if text_encoder_2 is not None else None,
-    }
+    shape = step_shape(config_pipe)
     record_model = type(config_pipe).__name__
     inputs = step_inputs(shape, args.res, device)
     f = shape["vae_scale_factor"]

@@ -3,9 +3,13 @@ torch.compile (reduce-overhead, fused QKV, channels_last) on the artifact's sour
 
     python bench/throughput.py --artifact ART [--batches 1,2,4] [--steps 20,30] --out bench/results/NAME/fp8
     python bench/throughput.py --diffusers CHECKPOINT --mode compile --out bench/results/NAME/compile
+    python bench/throughput.py --diffusers CHECKPOINT --make-reference REF.pt --out bench/results/NAME/reference
 
 For each (steps, batch): the median wall time of a whole call (prompts -> PIL images) after warm-up, ms per image,
-images per second, and the peak device memory. Writes OUT.json and prints a table.
+images per second, and the peak device memory; with two step counts, the time of a step at each batch (the
+difference of the two calls' times over the difference of their steps). With --reference (made by --make-reference:
+diffusers eager fp32 on fixed inputs), one denoiser step's relative error against it. Writes OUT.json and prints a
+table. bench/modes.py runs it once per mode and puts the results side by side.
 """
 
 from __future__ import annotations
@@ -18,18 +22,19 @@ from pathlib import Path
 
 import torch
 from common import environment, sync
+from speed import cast, denoiser_name, diffusers_step, rel_err, step_inputs, step_shape
 
 PROMPT = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 
 
-def load(args: argparse.Namespace, device: torch.device):
+def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     if args.artifact:
         from fastdiff.runtime import load_pipeline
 
         return load_pipeline(args.artifact, device=device)
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(args.diffusers, torch_dtype=torch.bfloat16).to(device)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(args.diffusers, torch_dtype=dtype).to(device)
     if args.mode == "compile":
         pipe.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
@@ -72,6 +77,38 @@ def measure(pipe, batch: int, steps: int, args: argparse.Namespace, device: torc
     }
 
 
+def step_error(pipe, reference: dict, device: torch.device) -> float:
+    """One denoiser step of `pipe` (a fastdiff pipeline or a diffusers one) on the reference's inputs, against its
+    output."""
+    inputs = tuple(t.to(device) for t in reference["inputs"])
+    with torch.no_grad():
+        if hasattr(pipe, "unets"):
+            out = pipe.unets[f"{reference['res']}x{reference['res']}"](*cast(inputs, pipe.dtype))
+        else:
+            out = diffusers_step(getattr(pipe, denoiser_name(pipe)), cast(inputs, pipe.dtype))
+    return rel_err(out.float().cpu(), reference["output"])
+
+
+def make_reference(args: argparse.Namespace, device: torch.device) -> None:
+    """diffusers eager fp32: one denoiser step on fixed inputs, saved with them."""
+    pipe = load(args, device, torch.float32)
+    inputs = step_inputs(step_shape(pipe), args.res, device)
+    with torch.no_grad():
+        output = diffusers_step(getattr(pipe, denoiser_name(pipe)), inputs).float().cpu()
+    torch.save({"inputs": [t.cpu() for t in inputs], "output": output, "res": args.res}, args.make_reference)
+
+
+def step_times(rows: list[dict]) -> None:
+    """Each row's step time at its batch, from the calls at the fewest and the most steps (fixed costs cancel)."""
+    for batch in {r["batch"] for r in rows}:
+        same = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["steps"])
+        low, high = same[0], same[-1]
+        if high["steps"] > low["steps"]:
+            step_ms = 1e3 * (high["seconds"] - low["seconds"]) / (high["steps"] - low["steps"])
+            for r in same:
+                r["step_ms"] = step_ms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -85,8 +122,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True, type=Path, help="results path without suffix (.json)")
+    parser.add_argument("--reference", type=Path, help="measure one step's error against this --make-reference file")
+    parser.add_argument("--make-reference", type=Path, help="with --diffusers: write the fp32 reference step here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.make_reference:
+        if not args.diffusers:
+            parser.error("--make-reference needs --diffusers")
+        return make_reference(args, device)
     start = time.perf_counter()
     pipe = load(args, device)
     pipe.set_progress_bar_config(disable=True)
@@ -102,8 +145,12 @@ def main() -> None:
                 flush=True,
             )
             gc.collect()
+    step_times(rows)
     label = str(args.artifact) if args.artifact else f"diffusers {args.mode} ({args.diffusers})"
     record = {"label": label, "load_s": loaded, "res": args.res, "rows": rows, "environment": environment(device)}
+    if args.reference:
+        record["step_error"] = step_error(pipe, torch.load(args.reference), device)
+        print(f"one step against eager fp32: {100 * record['step_error']:.2f} % relative error", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
 

@@ -56,3 +56,34 @@ def test_timeline_attributes_gpu_work_to_the_phase_that_launched_it() -> None:
         (0.03, 0.03, 0.02, 0.05)
     )
     assert (denoise["gpu_ms"], denoise["gpu_from_ms"], denoise["gpu_to_ms"]) == pytest.approx((0.025, 0.06, 0.08))
+
+
+@pytest.mark.slow  # three processes, each importing torch and diffusers
+def test_modes_puts_every_mode_side_by_side(tiny_artifact: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """bench/modes.py: a process per mode, a row per mode, batch and step count, each mode's step time from its two
+    step counts, and one step's error against eager fp32 (an fp32 artifact: none to speak of)."""
+    import json
+    import subprocess
+
+    out = tmp_path / "modes"
+    command = [
+        sys.executable,
+        str(Path(__file__).parents[1] / "bench" / "modes.py"),
+        "--checkpoint",
+        str(tiny_checkpoint),
+    ]
+    command += ["--artifact", f"fp32={tiny_artifact}", "--baselines", "eager", "--batches", "1,2", "--steps", "1,3"]
+    command += ["--res", "64", "--runs", "1", "--warmup", "1", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = json.loads((out / "modes.json").read_text())["modes"]
+    assert list(modes) == ["diffusers eager", "fastdiff fp32"]
+    for record in modes.values():
+        assert [(r["batch"], r["steps"]) for r in record["rows"]] == [(1, 1), (2, 1), (1, 3), (2, 3)]
+        # the same step time on both rows of a batch (a difference of one run each: its sign is noise on 2 cores)
+        assert all(isinstance(r["step_ms"], float) and r["images_per_s"] > 0 for r in record["rows"])
+        assert record["rows"][0]["step_ms"] == record["rows"][2]["step_ms"]
+    assert modes["fastdiff fp32"]["step_error"] < 1e-4
+    assert 1e-4 < modes["diffusers eager"]["step_error"] < 0.05  # the baseline runs in bf16
+    table = (out / "modes.md").read_text()
+    assert table.count("| fastdiff fp32 |") == 4 and "bench/modes.py" in table
