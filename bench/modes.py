@@ -74,8 +74,6 @@ def main() -> None:
             args.checkpoint,
             "--make-reference",
             str(reference),
-            "--out",
-            str(args.out / "reference"),
             *common,
         ]
     )

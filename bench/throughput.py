@@ -3,7 +3,7 @@ torch.compile (reduce-overhead, fused QKV, channels_last) on the artifact's sour
 
     python bench/throughput.py --artifact ART [--batches 1,2,4] [--steps 20,30] --out bench/results/NAME/fp8
     python bench/throughput.py --diffusers CHECKPOINT --mode compile --out bench/results/NAME/compile
-    python bench/throughput.py --diffusers CHECKPOINT --make-reference REF.pt --out bench/results/NAME/reference
+    python bench/throughput.py --diffusers CHECKPOINT --make-reference bench/results/NAME/reference.pt
 
 For each (steps, batch): the median wall time of a whole call (prompts -> PIL images) after warm-up, ms per image,
 images per second, and the peak device memory; with two step counts, the time of a step at each batch (the
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", required=True, type=Path, help="results path without suffix (.json)")
+    parser.add_argument("--out", type=Path, help="results path without suffix (.json); not with --make-reference")
     parser.add_argument("--reference", type=Path, help="measure one step's error against this --make-reference file")
     parser.add_argument("--make-reference", type=Path, help="with --diffusers: write the fp32 reference step here")
     args = parser.parse_args()
@@ -130,6 +130,8 @@ def main() -> None:
         if not args.diffusers:
             parser.error("--make-reference needs --diffusers")
         return make_reference(args, device)
+    if args.out is None:
+        parser.error("--out is required")
     start = time.perf_counter()
     pipe = load(args, device)
     pipe.set_progress_bar_config(disable=True)
